@@ -1,0 +1,17 @@
+"""`vramplan preflight` (placeholder until its issue lands)."""
+
+import click
+
+from vramplan.errors import VramplanError
+from vramplan.output import run_command
+
+
+@click.command("preflight")
+@click.option("--json", "json_mode", is_flag=True, help="Print the versioned JSON envelope on stdout.")
+def command(json_mode: bool) -> None:
+    """Not built yet."""
+
+    def body():
+        raise VramplanError("`vramplan preflight` is not built yet")
+
+    run_command("preflight", json_mode, body)

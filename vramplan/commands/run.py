@@ -1,0 +1,17 @@
+"""`vramplan run` (placeholder until its issue lands)."""
+
+import click
+
+from vramplan.errors import VramplanError
+from vramplan.output import run_command
+
+
+@click.command("run")
+@click.option("--json", "json_mode", is_flag=True, help="Print the versioned JSON envelope on stdout.")
+def command(json_mode: bool) -> None:
+    """Not built yet."""
+
+    def body():
+        raise VramplanError("`vramplan run` is not built yet")
+
+    run_command("run", json_mode, body)

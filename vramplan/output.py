@@ -1,0 +1,159 @@
+"""Output discipline shared by every command.
+
+Results go to stdout, messages to stderr. `--json` prints one versioned envelope on stdout,
+also on failure. Rich markup is never interpreted in user-supplied text; NO_COLOR (and
+`--no-color`) turn colour off. Tracebacks appear only with VRAMPLAN_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import click
+
+from vramplan.errors import ExitCode, VramplanError
+
+SCHEMA = "vramplan/1"
+ENVELOPE_KEYS = ("schema", "command", "status", "exit_code", "data", "warnings", "errors")
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("VRAMPLAN_DEBUG", "") not in ("", "0")
+
+
+def _no_color() -> bool:
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("VRAMPLAN_NO_COLOR", "") not in ("", "0")
+
+
+def _width(stream) -> int | None:
+    if os.environ.get("COLUMNS"):
+        return None  # rich reads COLUMNS itself
+    try:
+        return None if stream.isatty() else 160
+    except (AttributeError, ValueError):
+        return 160
+
+
+def stdout_console():
+    """The console for results (tables). Imported lazily: rich is not free to import."""
+    from rich.console import Console
+
+    return Console(file=sys.stdout, no_color=_no_color(), highlight=False, width=_width(sys.stdout))
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(file=sys.stderr, no_color=_no_color(), highlight=False, width=_width(sys.stderr))
+
+
+def message(text: str) -> None:
+    """A progress/info message for humans: stderr, never interpreted as markup."""
+    click.echo(text, err=True)
+
+
+def warn(text: str) -> None:
+    click.echo(f"vramplan: warning: {text}", err=True)
+
+
+def envelope(
+    command: str,
+    status: str,
+    exit_code: int,
+    data: dict | None = None,
+    warnings: list[str] | None = None,
+    errors: list[dict] | None = None,
+) -> dict:
+    """The `--json` envelope. Keys are pinned by tests/test_json_contract.py."""
+    return {
+        "schema": SCHEMA,
+        "command": command,
+        "status": status,
+        "exit_code": int(exit_code),
+        "data": data if data is not None else {},
+        "warnings": list(warnings or []),
+        "errors": list(errors or []),
+    }
+
+
+def emit_json(env: dict) -> None:
+    click.echo(json.dumps(env, indent=2, sort_keys=True, default=str))
+
+
+@dataclass
+class CommandResult:
+    """What a command returns to the CLI boundary.
+
+    Args:
+        status: "ok", "no_fit", "fail", "error", ... (command-specific, documented in README).
+        exit_code: the process exit code.
+        data: JSON-serialisable payload (the envelope's `data`).
+        render: draws the human output on a stdout console; None prints nothing.
+        warnings: one-line warnings (stderr in human mode, `warnings` in JSON).
+    """
+
+    status: str
+    exit_code: ExitCode
+    data: dict = field(default_factory=dict)
+    render: Callable[[Any], None] | None = None
+    warnings: list[str] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+
+
+def print_error(err: VramplanError | str, hint: str = "") -> None:
+    if isinstance(err, VramplanError):
+        msg, hint = err.message, err.hint
+    else:
+        msg = err
+    click.echo(f"vramplan: error: {msg}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+def run_command(command: str, json_mode: bool, fn: Callable[[], CommandResult]) -> None:
+    """Run a command body and turn its result or error into output and an exit code."""
+    try:
+        result = fn()
+    except VramplanError as e:
+        if debug_enabled():
+            traceback.print_exc()
+        if json_mode:
+            emit_json(envelope(command, "error", e.exit_code, errors=[e.to_dict()]))
+        else:
+            print_error(e)
+        sys.exit(int(e.exit_code))
+    except KeyboardInterrupt:
+        if json_mode:
+            emit_json(envelope(command, "interrupted", ExitCode.INTERRUPTED,
+                               errors=[{"code": "interrupted", "message": "interrupted", "hint": ""}]))
+        else:
+            print_error("interrupted")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as e:  # noqa: BLE001 - the boundary: one line, traceback only on request
+        if debug_enabled():
+            traceback.print_exc()
+        msg = f"internal error: {type(e).__name__}: {e}"
+        hint = "rerun with VRAMPLAN_DEBUG=1 for a traceback and report it"
+        if json_mode:
+            emit_json(envelope(command, "error", ExitCode.ERROR,
+                               errors=[{"code": "internal", "message": msg, "hint": hint}]))
+        else:
+            print_error(msg, hint)
+        sys.exit(int(ExitCode.ERROR))
+
+    if json_mode:
+        emit_json(envelope(command, result.status, result.exit_code, result.data,
+                           result.warnings, result.errors))
+    else:
+        for w in result.warnings:
+            warn(w)
+        if result.render is not None:
+            result.render(stdout_console())
+        for e in result.errors:
+            print_error(e.get("message", ""), e.get("hint", ""))
+    sys.exit(int(result.exit_code))

@@ -1,0 +1,159 @@
+"""Typed, frozen descriptions of what the estimate needs: model, hardware, recipe.
+
+These are filled from profile TOML files (`vramplan.profiles`) or from a local Hugging Face
+model dir (`vramplan.hf_model`). Sizes are element counts; bytes are computed by the
+estimate modules. Keys carry their unit where they have one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """A Llama-family decoder (Llama-2/3, Vicuna): RMSNorm, SwiGLU MLP, GQA attention."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 4096
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.d_head
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.d_head
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """A CLIP ViT vision tower (CLIPVisionModel: pre-LN, quick-GELU MLP, biases everywhere)."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    feature_layer: int = -2  # LLaVA takes hidden_states[-2]; all layers still hold weights
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1  # + CLS
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """LLaVA's projector. `mlp2x_gelu`: Linear(d_v, h) -> GELU -> Linear(h, h), with biases."""
+
+    kind: str  # "mlp2x_gelu" | "linear"
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A LLaVA model: LLM + (optional) vision tower + projector.
+
+    `stored_bytes_by_dtype` and `stored_total_bytes` are exact when read from safetensors
+    headers of a local dir; for built-in profiles they are derived from parameter counts.
+    """
+
+    name: str
+    source: str
+    text: TextSpec
+    vision: VisionSpec | None
+    projector: ProjectorSpec | None
+    stored_dtype: str = "bf16"  # dtype of the weights on disk / in the HF cache
+    chat_template: str = "llama3"  # "llama3" | "vicuna_v1"
+    hf_ids: dict = field(default_factory=dict)  # {"llm": ..., "vision": ...}
+    path: str | None = None  # local HF dir, when estimated from one
+    stored_total_bytes: int | None = None  # exact, from safetensors headers, when known
+    stored_bytes_by_dtype: dict = field(default_factory=dict)
+    image_token_added: bool = True  # an <image> token is added to the vocab (HF LLaVA); XTuner adds none
+
+    @property
+    def image_tokens(self) -> int:
+        return self.vision.num_patches if self.vision else 0
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One accelerator SKU. Memory is what the device reports as total, in GiB (2**30 B)."""
+
+    name: str
+    source: str
+    vendor: str  # "nvidia" | "ascend"
+    display_name: str
+    memory_gib: float  # total device memory as reported by nvidia-smi / npu-smi
+    marketed_memory_gb: int  # the "24 GB" on the box; what `--gpus 1x24G` matches
+    bf16_tflops: float  # dense peak, tensor cores
+    fp16_tflops: float
+    bf16_supported: bool
+    hbm_bandwidth_gbps: float  # GB/s (1e9)
+    host_link_gbps: float  # GB/s one direction (PCIe / host link), bounds offload traffic
+    interconnect: str  # "pcie4" | "nvlink3" | "hccs" ...
+    interconnect_gbps: float  # GB/s one direction, GPU-to-GPU
+    compute_capability: str = ""  # "8.0"; "" for non-NVIDIA
+    bnb_4bit_supported: bool = True  # bitsandbytes NF4 kernels exist for this device
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int
+    alpha: int
+    dropout: float
+    targets: tuple[str, ...]  # module-name suffixes; ("all-linear",) = every Linear except lm_head
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """A training recipe (profiles/recipes/*.toml); every field is overridable by a flag."""
+
+    name: str
+    source: str
+    description: str
+    quant: str  # "nf4" | "int8" | "none"
+    double_quant: bool
+    compute_dtype: str  # "bf16" | "fp16"
+    llm_lora: LoraSpec | None
+    vision_lora: LoraSpec | None
+    train_projector: bool
+    train_llm_full: bool
+    learning_rate: float
+    epochs: int
+    micro_batch: int
+    global_batch: int  # per optimizer step, over all GPUs (micro x accum x gpus)
+    max_length: int  # LLM tokens incl. image tokens
+    text_tokens: int  # text tokens per sample the recipe assumes (<= max_length - image tokens)
+    gradient_checkpointing: bool
+    save_steps: int
+    keep_checkpoints: int
+    optimizer: str = "adamw_torch"
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    samples: int = 0  # default dataset size when no --dataset/--samples
+    dataset_bytes: int = 0  # default dataset size on disk (JSON + images)
