@@ -1,0 +1,247 @@
+"""Enumerate every ZeRO stage x offload x GPU count x micro-batch x checkpointing candidate,
+estimate each, mark what fits, rank by time and pick one, saying why faster options lost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from vramplan.activations import activation_bytes
+from vramplan.ds_config import buckets_for, make_ds_config
+from vramplan.memory import Strategy, gpu_memory
+from vramplan.param_groups import ParamGroups, param_groups
+from vramplan.resources import host_needs
+from vramplan.specs import HardwareSpec, ModelSpec, RecipeSpec
+from vramplan.timing import estimate_time
+from vramplan.units import gib
+
+OFFLOADS = {0: ("none",), 1: ("none", "optimizer"), 2: ("none", "optimizer"), 3: ("none", "optimizer", "optimizer+params")}
+ZERO3_4BIT_NOTE = ("ZeRO-3 with 4-bit weights needs bnb_4bit_quant_storage = the compute dtype (set in this plan) and "
+                   "bitsandbytes>=0.43.3, accelerate>=1.0.1, transformers>4.44.2, peft>0.13.0 (PEFT DeepSpeed docs); "
+                   "`vramplan preflight` checks the versions")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything about the run except the parallel strategy."""
+
+    model: ModelSpec
+    recipe: RecipeSpec
+    hardware: HardwareSpec
+    nodes: int
+    gpus_per_node: int
+    seq_len: int  # LLM tokens per sample incl. image tokens
+    images_per_sample: float
+    samples: int
+    epochs: int
+    compute_dtype: str
+    quant: str
+    headroom: float  # fraction of device memory kept free
+    device: str = "cuda"
+    attn: str = "sdpa"
+    cpu_ram_bytes: int | None = None  # per node, when known
+    disk_free_bytes: int | None = None
+    dataset_bytes: int = 0
+    base_weights_on_disk: bool = False
+    workers: int = 0
+    micro_batches: tuple[int, ...] = ()  # fixed by --micro-batch, else searched
+    grad_accum: int | None = None  # fixed by --grad-accum
+    grad_ckpt: tuple[bool, ...] = (True, False)
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+params")
+    gpu_counts: tuple[int, ...] = ()
+    merge_export: bool = False
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Candidate:
+    strategy: Strategy
+    fits: bool
+    reasons: list[str]
+    notes: list[str]
+    vram_per_gpu_bytes: int
+    vram_allocated_per_gpu_bytes: int
+    vram_breakdown: dict
+    vram_formulas: dict
+    peak_phase: str
+    cpu_ram_bytes: int
+    cpu_breakdown: dict
+    pinned_bytes: int
+    disk_bytes: int
+    disk_breakdown: dict
+    checkpoint_bytes: int
+    checkpoint_breakdown: dict
+    time_seconds: float
+    time_detail: dict
+    ds_config: dict | None
+    compatible: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        s = self.strategy
+        return {
+            "zero_stage": s.zero_stage, "offload": s.offload, "gpus": s.gpus, "nodes": s.nodes,
+            "micro_batch": s.micro_batch, "grad_accum": s.grad_accum, "global_batch": s.micro_batch * s.grad_accum * s.gpus,
+            "grad_checkpointing": s.grad_ckpt, "fits": self.fits, "compatible": self.compatible,
+            "reasons": list(self.reasons), "notes": list(self.notes),
+            "vram_per_gpu_bytes": self.vram_per_gpu_bytes, "vram_allocated_per_gpu_bytes": self.vram_allocated_per_gpu_bytes,
+            "vram_breakdown": dict(self.vram_breakdown), "vram_formulas": dict(self.vram_formulas),
+            "peak_phase": self.peak_phase, "cpu_ram_bytes": self.cpu_ram_bytes, "cpu_breakdown": dict(self.cpu_breakdown),
+            "pinned_cpu_bytes": self.pinned_bytes, "disk_bytes": self.disk_bytes, "disk_breakdown": dict(self.disk_breakdown),
+            "checkpoint_bytes": self.checkpoint_bytes, "checkpoint_breakdown": dict(self.checkpoint_breakdown),
+            "time_seconds": self.time_seconds, "time_detail": dict(self.time_detail), "ds_config": self.ds_config,
+        }
+
+
+def gpu_counts_for(job: Job) -> list[int]:
+    if job.gpu_counts:
+        return sorted(set(job.gpu_counts))
+    g = job.gpus_per_node
+    counts = {g}
+    k = 1
+    while k < g:
+        counts.add(k)
+        k *= 2
+    n = 2
+    while n <= job.nodes:
+        counts.add(n * g)
+        n *= 2
+    counts.add(job.total_gpus)
+    return sorted(counts)
+
+
+def _micro_batches(job: Job, gpus: int) -> list[int]:
+    if job.micro_batches:
+        return list(job.micro_batches)
+    gb = job.recipe.global_batch
+    out, m = [], 1
+    while m <= max(1, gb // gpus) and m <= 64:
+        out.append(m)
+        m *= 2
+    return out or [1]
+
+
+def _grad_accum(job: Job, micro: int, gpus: int) -> int:
+    if job.grad_accum is not None:
+        return job.grad_accum
+    return max(1, -(-job.recipe.global_batch // (micro * gpus)))
+
+
+def incompatibility(job: Job, s: Strategy) -> str | None:
+    if job.device == "cpu" and (s.zero_stage or s.offload != "none"):
+        return "CPU runs use plain PyTorch (no DeepSpeed ZeRO)"
+    if s.offload != "none" and s.zero_stage == 0:
+        return "optimizer offload needs ZeRO stage >= 1"
+    if s.offload == "optimizer+params" and s.zero_stage != 3:
+        return "parameter offload needs ZeRO-3"
+    if job.quant == "int8" and s.zero_stage == 3:
+        return "8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3; use ZeRO-2 or NF4 with quant storage"
+    return None
+
+
+def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
+    bc = 4 if job.compute_dtype == "fp32" else 2
+    r = job.recipe
+    llm_mode = "full" if r.train_llm_full else ("lora" if r.llm_lora else "frozen")
+    act = activation_bytes(job.model.text, job.model.vision, micro_batch=s.micro_batch, seq=job.seq_len,
+                           images_per_sample=job.images_per_sample, llm_mode=llm_mode, llm_lora=r.llm_lora,
+                           vision_lora=r.vision_lora, grad_ckpt=s.grad_ckpt, attn=job.attn, compute_bytes=bc,
+                           projector_in=job.model.projector.in_features if job.model.projector else 0,
+                           projector_trained=r.train_projector)
+    buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
+    load_b = 4 if (job.quant in ("nf4", "int8")) else bc  # prepare_model_for_kbit_training upcasts to fp32
+    mem = gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
+                     load_bytes_per_param=load_b)
+    deepspeed = job.device != "cpu"
+    host = host_needs(groups, s, compute_bytes=bc, deepspeed=deepspeed,
+                      base_weights_bytes=job.model.stored_total_bytes or groups.total_params * 2,
+                      base_weights_on_disk=job.base_weights_on_disk, dataset_bytes=job.dataset_bytes,
+                      keep_checkpoints=r.keep_checkpoints, workers=job.workers, merge_export=job.merge_export)
+    t = estimate_time(job.model, job.hardware, groups, s, seq=job.seq_len, images=job.images_per_sample,
+                      samples=job.samples, epochs=job.epochs, quant=job.quant, compute_dtype=job.compute_dtype,
+                      vision_trainable=bool(r.vision_lora), device=job.device)
+    reasons, notes = [], []
+    usable = job.hardware.memory_bytes * (1 - job.headroom)
+    compat = incompatibility(job, s)
+    if compat:
+        reasons.append(compat)
+    if mem.nvidia_smi > usable:
+        reasons.append(f"needs {gib(mem.nvidia_smi)} per GPU > {gib(usable)} usable "
+                       f"({job.hardware.display_name} {gib(job.hardware.memory_bytes)} minus {job.headroom:.0%} headroom)")
+    if job.cpu_ram_bytes is not None and host.cpu_ram_bytes > job.cpu_ram_bytes:
+        reasons.append(f"needs {gib(host.cpu_ram_bytes)} CPU RAM per node > {gib(job.cpu_ram_bytes)} available")
+    if job.disk_free_bytes is not None and host.disk_bytes > job.disk_free_bytes:
+        reasons.append(f"needs {gib(host.disk_bytes)} disk > {gib(job.disk_free_bytes)} free")
+    if s.gpus < job.total_gpus:
+        notes.append(f"leaves {job.total_gpus - s.gpus} of {job.total_gpus} GPUs idle")
+    if s.zero_stage == 3 and job.quant == "nf4":
+        notes.append(ZERO3_4BIT_NOTE)
+    if job.grad_accum is None and s.micro_batch * s.grad_accum * s.gpus != r.global_batch:
+        notes.append(f"global batch {s.micro_batch * s.grad_accum * s.gpus} (recipe {r.global_batch} is not "
+                     f"divisible by micro-batch x GPUs)")
+    ds = make_ds_config(s, buckets, compute_dtype=job.compute_dtype, hidden_size=job.model.text.hidden_size) \
+        if deepspeed else None
+    return Candidate(
+        strategy=s, fits=not reasons, reasons=reasons, notes=notes,
+        vram_per_gpu_bytes=mem.nvidia_smi, vram_allocated_per_gpu_bytes=mem.peak_allocated,
+        vram_breakdown=mem.as_dict(), vram_formulas={c.name: f"{c.formula} [{c.source}]" for c in mem.components},
+        peak_phase=mem.peak_phase, cpu_ram_bytes=host.cpu_ram_bytes, cpu_breakdown=host.cpu_breakdown,
+        pinned_bytes=host.pinned_bytes, disk_bytes=host.disk_bytes, disk_breakdown=host.disk_breakdown,
+        checkpoint_bytes=host.checkpoint_bytes, checkpoint_breakdown=host.checkpoint_breakdown,
+        time_seconds=t.seconds,
+        time_detail={"steps": t.steps, "flops_per_step": t.flops_per_step, "compute_s_per_step": t.compute_s_per_step,
+                     "zero3_comm_s_per_step": t.comm_s_per_step, "offload_s_per_step": t.offload_s_per_step,
+                     "tokens_per_s": t.tokens_per_s, "utilisation_prior": t.mfu, "peak_tflops": t.peak_tflops},
+        ds_config=ds, compatible=compat is None)
+
+
+def sweep(job: Job) -> list[Candidate]:
+    groups = param_groups(job.model, job.recipe)
+    out = []
+    for gpus in gpu_counts_for(job):
+        nodes = max(1, -(-gpus // job.gpus_per_node))
+        for z in job.zero_stages:
+            if job.device == "cpu" and z:
+                continue
+            for off in OFFLOADS[z]:
+                if off not in job.offloads:
+                    continue
+                for gc in job.grad_ckpt:
+                    for mb in _micro_batches(job, gpus):
+                        s = Strategy(z, off, gpus, nodes, mb, _grad_accum(job, mb, gpus), gc)
+                        out.append(evaluate(job, groups, s))
+    return out
+
+
+def rank_key(c: Candidate):
+    s = c.strategy
+    # fastest first; ties: fewer GPUs, less offload, lower stage, larger micro-batch, checkpointing off
+    return (round(c.time_seconds, 6), s.gpus, ("none", "optimizer", "optimizer+params").index(s.offload),
+            s.zero_stage, -s.micro_batch, s.grad_ckpt)
+
+
+def pick(cands: list[Candidate]) -> tuple[int | None, list[str]]:
+    """Index of the fastest fitting candidate and why each faster-looking combination lost."""
+    fitting = [i for i, c in enumerate(cands) if c.fits]
+    if not fitting:
+        return None, []
+    best = min(fitting, key=lambda i: rank_key(cands[i]))
+    why, seen = [], set()
+    for c in sorted((c for c in cands if not c.fits and c.time_seconds < cands[best].time_seconds), key=rank_key):
+        s = c.strategy
+        key = (s.zero_stage, s.offload, s.gpus)
+        if key in seen:
+            continue
+        seen.add(key)
+        why.append(f"ZeRO-{s.zero_stage} offload={s.offload} on {s.gpus} GPU(s) "
+                   f"(micro-batch {s.micro_batch}, checkpointing {'on' if s.grad_ckpt else 'off'}): {'; '.join(c.reasons)}")
+        if len(why) >= 8:
+            break
+    return best, why
+
+
+def with_recipe(job: Job, **changes) -> Job:
+    return replace(job, recipe=replace(job.recipe, **changes))

@@ -1,0 +1,63 @@
+"""Byte units. vramplan computes in bytes and prints GiB (2**30) or GB (10**9), never a bare "G"."""
+
+from __future__ import annotations
+
+import re
+
+from vramplan.errors import UsageError
+
+KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
+
+# Bytes per element of each dtype name used in profiles, plans and safetensors headers.
+DTYPE_BYTES = {
+    "fp32": 4, "float32": 4, "F32": 4,
+    "bf16": 2, "bfloat16": 2, "BF16": 2,
+    "fp16": 2, "float16": 2, "F16": 2,
+    "int8": 1, "I8": 1, "U8": 1, "uint8": 1,
+    "I64": 8, "I32": 4, "I16": 2, "BOOL": 1, "F64": 8,
+}
+
+
+def gib(n: float) -> str:
+    """Format bytes as GiB with two decimals: '13.27 GiB'."""
+    return f"{n / GiB:.2f} GiB"
+
+
+def fmt_bytes(n: float) -> str:
+    """Human size in binary units (KiB/MiB/GiB/TiB), always naming the unit."""
+    n = float(n)
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_seconds(s: float) -> str:
+    s = float(s)
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    if s < 86400 * 2:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNIT = {"b": 1, "kb": KB, "mb": MB, "gb": GB, "tb": TB, "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Parse '64GiB', '500GB', '1.5TiB' into bytes. A bare 'G'/'T' is rejected as ambiguous."""
+    m = _SIZE_RE.match(str(text))
+    if not m or not m.group(2):
+        raise UsageError(f"{flag}: cannot read size {text!r}",
+                         hint=f"give a number with a unit, e.g. {flag} 64GiB or {flag} 500GB")
+    unit = m.group(2).lower()
+    if unit in ("k", "m", "g", "t", "ki", "mi", "gi", "ti"):
+        raise UsageError(f"{flag}: {text!r} is ambiguous (GB = 10^9 bytes, GiB = 2^30 bytes)",
+                         hint=f"write {m.group(1)}GiB or {m.group(1)}GB")
+    if unit not in _UNIT:
+        raise UsageError(f"{flag}: unknown unit in {text!r}", hint="use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
+    return int(float(m.group(1)) * _UNIT[unit])
