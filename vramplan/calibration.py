@@ -150,14 +150,26 @@ def load_run(run_dir: str | Path) -> list[dict]:
     return out
 
 
+FACTOR_RANGE = (0.05, 20.0)  # outside it the two numbers measure different things; never a correction
+
+
+def outliers(runs: list[dict]) -> list[str]:
+    """Rows whose ratio is outside FACTOR_RANGE, said in one line each (not used as factors)."""
+    lo, hi = FACTOR_RANGE
+    return [f"{run['dir']}: {row['component']}: measured/estimated = {row['ratio']:.3g} is outside [{lo}, {hi}]; "
+            "not used (not comparable at this scale)"
+            for run in runs for row in run["rows"] if row["ratio"] is not None and not lo <= row["ratio"] <= hi]
+
+
 def factors(runs: list[dict]) -> dict[str, float]:
     """Correction factors from finished-ok attempts (max of ratios for memory/disk, median for time)."""
+    lo, hi = FACTOR_RANGE
     ratios: dict[str, list[float]] = {}
     for run in runs:
         for row in run["rows"]:
-            if row["ratio"] is not None and row["ratio"] > 0:
+            if row["ratio"] is not None and lo <= row["ratio"] <= hi:
                 ratios.setdefault(row["component"], []).append(row["ratio"])
-    return {k: round(max(v) if k in MAX_AGGREGATED else statistics.median(v), 4) for k, v in ratios.items()}
+    return {k: float(f"{(max(v) if k in MAX_AGGREGATED else statistics.median(v)):.4g}") for k, v in ratios.items()}
 
 
 def write_calibration(path: str | Path, fac: dict[str, float], sources: list[str]) -> Path:
@@ -204,7 +216,7 @@ def load_calibration(path: str | Path) -> dict[str, float]:
             raise UsageError(f"calibration file {path}: factors.{key}: unknown component"
                              + (f" (did you mean {close[0]!r}?)" if close else ""),
                              "known: " + ", ".join(COMPONENTS))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.05 <= value <= 20):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (FACTOR_RANGE[0] <= value <= FACTOR_RANGE[1]):
             raise UsageError(f"calibration file {path}: factors.{key} = {value!r}: must be a number in [0.05, 20]",
                              "a factor is measured / estimated; regenerate the file with `vramplan calibrate`")
         out[key] = float(value)

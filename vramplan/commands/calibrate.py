@@ -29,7 +29,7 @@ def command(run_dirs: tuple[str, ...], write_path: str | None, json_mode: bool) 
         for d in run_dirs:
             runs.extend(cal.load_run(d))
         fac = cal.factors(runs)
-        warnings = []
+        warnings = cal.outliers(runs)
         skipped = [r for r in runs if r["status"] != "ok"]
         for r in skipped:
             f = r.get("failure") or {}
@@ -52,7 +52,8 @@ def command(run_dirs: tuple[str, ...], write_path: str | None, json_mode: bool) 
 
             for r in runs:
                 if r["rows"]:
-                    cal.render_rows(console, r["rows"], f"{r['dir']}: measured vs estimated")
+                    console.print(Text(f"run: {r['dir']}"))
+                    cal.render_rows(console, r["rows"], "measured vs estimated")
             if fac:
                 console.print(Text("correction factors (measured / estimated): "
                                    + ", ".join(f"{k} {v:.3f}" for k, v in sorted(fac.items()))))
