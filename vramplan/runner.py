@@ -133,12 +133,24 @@ def classify(returncode: int, run_dir: Path, started: float, interrupted: bool) 
     return EXIT_KIND.get(returncode, "error") if returncode != 0 else "error", failure, summary
 
 
-def launch_and_wait(launch: Launch, run_dir: Path, plan: dict, settings: RunSettings, label: str) -> dict:
+INJECT_OOM = "VRAMPLAN_TEST_INJECT_OOM_AT_STEP"  # test-only (docs/contracts.md): the trainer raises an OOM at step N
+INJECT_OOM_ATTEMPTS = "VRAMPLAN_TEST_INJECT_OOM_ATTEMPTS"  # test-only: pass INJECT_OOM to the first K attempts (1)
+
+
+def trainer_env(launch: Launch, settings: RunSettings, attempt: int) -> dict[str, str]:
+    env = child_env(launch)
+    env.update(settings.extra_env)
+    if INJECT_OOM in env and attempt > int(env.get(INJECT_OOM_ATTEMPTS) or 1):
+        del env[INJECT_OOM]  # the injected OOM stands for "this plan does not fit"; fallbacks do
+    return env
+
+
+def launch_and_wait(launch: Launch, run_dir: Path, plan: dict, settings: RunSettings, label: str,
+                    attempt: int = 1) -> dict:
     """Start the trainer, show progress, forward Ctrl-C; returns the attempt record (without plan)."""
     from vramplan.progress import ProgressView
 
-    env = child_env(launch)
-    env.update(settings.extra_env)
+    env = trainer_env(launch, settings, attempt)
     log_path = run_dir / "trainer.log"
     started = time.time()
     interrupts = 0
@@ -212,7 +224,7 @@ def run_attempts(first_plan: dict, settings: RunSettings, fallbacks: Callable[[d
             run_dir = root if n == 1 else root / f"attempt-{n}"
         launch = write_attempt_dir(plan, run_dir, settings, resume)
         message(f"vramplan: attempt {n}: {describe(plan)} -> {run_dir}")
-        record = launch_and_wait(launch, run_dir, plan, settings, label=f"attempt {n}")
+        record = launch_and_wait(launch, run_dir, plan, settings, label=f"attempt {n}", attempt=n)
         record.update(attempt=n, plan=plan_shape(plan), why=why, resumed=resume, launch=launch.to_dict())
         attempts.append(record)
         tried.add(json.dumps(plan_shape(plan), sort_keys=True))

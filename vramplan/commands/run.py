@@ -1,17 +1,265 @@
-"""`vramplan run` (placeholder until its issue lands)."""
+"""`vramplan run`: plan -> preflight -> run dir -> launch the bundled trainer -> OOM fallback -> report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import click
 
-from vramplan.errors import VramplanError
-from vramplan.output import run_command
+from vramplan.commands.estimate import estimate_options
+from vramplan.errors import ExitCode, UsageError, VramplanError
+from vramplan.output import CommandResult, message, run_command
+
+DEMO_DIR = "vramplan-demo"
+
+
+def _load_plan(path: str) -> dict:
+    try:
+        plan = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"--plan {path}: {e.strerror or e}", "write one with `vramplan estimate --save-plan FILE`") from e
+    except ValueError as e:
+        raise UsageError(f"--plan {path}: not valid JSON ({e})", "write one with `vramplan estimate --save-plan FILE`") from e
+    if not isinstance(plan, dict) or plan.get("schema") != "vramplan-plan/1":
+        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be 'vramplan-plan/1')",
+                         "write one with `vramplan estimate --save-plan FILE`")
+    return plan
+
+
+def _model_paths(plan: dict) -> list[str]:
+    m = plan.get("model") or {}
+    return [m[k] for k in ("path", "llm_path", "vision_path", "projector_path") if m.get(k)]
+
+
+def _preflight(plan: dict, output_dir: Path) -> list[dict]:
+    from vramplan.preflight import run_checks
+
+    data = plan.get("data") or {}
+    results = run_checks(plan, str(output_dir), dataset=data.get("dataset"), images=data.get("images"),
+                         model_paths=_model_paths(plan))
+    return [r.to_dict() for r in results]
+
+
+def _build_demo_assets(out: Path) -> Path:
+    """`python -m train.tiny --out DIR` in a subprocess (vramplan never imports train)."""
+    assets = out / "demo-assets"
+    if (assets / "data.json").exists():
+        return assets
+    message(f"vramplan: demo: building a tiny LLaVA and a synthetic image dataset in {assets}")
+    p = subprocess.run([sys.executable, "-m", "train.tiny", "--out", str(assets)], capture_output=True, text=True,
+                       cwd=str(out))
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise VramplanError(f"demo: building the tiny model failed (exit {p.returncode}): {tail[0]}",
+                            "is the trainer installed? `pip install -e .[train] -c constraints.txt`")
+    return assets
+
+
+def _fresh_demo_dir() -> str:
+    """./vramplan-demo, or -2, -3, ... when an earlier demo run is there (never overwrite a run)."""
+    for k in range(1, 1000):
+        name = DEMO_DIR if k == 1 else f"{DEMO_DIR}-{k}"
+        if not (Path(name) / "plan.json").exists():
+            return name
+    raise UsageError("too many ./vramplan-demo* dirs", "remove old demo runs or pass --output DIR")
+
+
+def _demo_kwargs(kwargs: dict, assets: Path) -> dict:
+    kw = dict(kwargs)
+    kw.update(model=str(assets / "model"), dataset=str(assets / "data.json"), images=str(assets / "images"),
+              gpus="cpu")
+    return kw
+
+
+def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kwargs: dict, dry_run: bool,
+            max_attempts: int, skip_preflight: bool, hosts: tuple[str, ...], node_rank: int | None,
+            master_port: int | None, json_mode: bool) -> CommandResult:
+    from vramplan import runner
+    from vramplan.launch import build_launch, render_launch_sh
+
+    if mode == "demo" and not output:
+        output = _fresh_demo_dir()
+    if not output:
+        raise UsageError("--output DIR is required: the run dir for plan.json, checkpoints and the adapter",
+                         "e.g. `--output runs/first`")
+    out = Path(output).resolve()
+    if not dry_run:
+        runner.check_output_dir(out, mode == "resume")
+    warnings: list[str] = []
+    previous: list[dict] = []
+
+    if mode == "resume":
+        att = runner.read_json(out / "attempts.json") or {}
+        previous = att.get("attempts") or []
+        last_dir = Path(previous[-1]["dir"]) if previous else out
+        plan = runner.read_json(last_dir / "plan.json")
+        if plan is None:
+            raise UsageError(f"--resume: {last_dir / 'plan.json'} is missing or unreadable", "")
+    elif mode == "plan":
+        plan = _load_plan(plan_file)
+    else:
+        from vramplan.planning import options_from_kwargs, plan_from_options
+
+        kwargs = estimate_kwargs
+        if mode == "demo":  # the estimate reads the tiny model dir, so the assets exist even for --dry-run
+            out.mkdir(parents=True, exist_ok=True)
+            kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
+        plan = plan_from_options(options_from_kwargs(**kwargs))
+    plan = dict(plan, output_dir=str(out))
+
+    checks: list[dict] = []
+    if skip_preflight:
+        warnings.append("preflight skipped (--skip-preflight)")
+    else:
+        checks = _preflight(plan, out)
+        failed = [c for c in checks if c.get("status") == "FAIL"]
+        if failed:
+            data = {"plan": plan, "preflight": checks, "launched": False}
+            errors = [{"code": "preflight_failed", "message": f"preflight: {c['name']}: {c.get('detail', '')}",
+                       "hint": c.get("fix", "")} for c in failed]
+            return CommandResult("preflight_failed", ExitCode.PREFLIGHT_FAILED, data,
+                                 lambda con: _render_checks(con, failed, "preflight FAILED - nothing launched"),
+                                 warnings, errors)
+
+    launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
+    launch_sh = render_launch_sh(launch, header=f"plan: {runner.describe(plan)}")
+    if dry_run or (launch.nodes > 1 and node_rank is None):
+        if not dry_run:  # multi-node: write the run dir; each node runs its own command
+            runner.write_attempt_dir(plan, out, runner.RunSettings(out, master_port=master_port, hosts=hosts), False)
+        data = {"plan": plan, "launch": launch.to_dict(), "launch_sh": launch_sh, "preflight": checks,
+                "dry_run": dry_run, "run_dir": str(out)}
+        return CommandResult("dry_run" if dry_run else "commands_written", ExitCode.OK, data,
+                             lambda con: _render_dry(con, plan, launch, launch_sh, checks, out, dry_run), warnings)
+    if launch.nodes > 1 and node_rank:
+        raise UsageError(f"--node-rank {node_rank}: vramplan runs node 0 itself; on node {node_rank} run "
+                         f"`bash {out / 'launch.sh'} {node_rank}`", "")
+
+    settings = runner.RunSettings(out, max_attempts=max_attempts, resume=mode == "resume", hosts=hosts,
+                                  master_port=master_port, plain_progress=json_mode)
+    outcome = runner.run_attempts(plan, settings, _fallbacks, previous)
+    report = runner.finish_report(out, outcome)
+    data = {"run_dir": str(out), "report": report, "attempts": outcome["attempts"], "preflight": checks}
+    errors = []
+    if outcome["exit_code"] != ExitCode.OK:
+        final = outcome["final"]
+        msg = {"oom": f"out of memory in every attempt ({len(outcome['attempts'])})",
+               "interrupted": "interrupted; the last verified checkpoint is kept",
+               "disk_full": "the disk filled up; the last verified checkpoint is kept"}.get(
+            final["kind"], f"the trainer failed (exit {final['returncode']})")
+        hint = {"interrupted": f"continue with `vramplan run --resume --output {out}`",
+                "disk_full": f"free space, then `vramplan run --resume --output {out}`",
+                "oom": "try more GPUs, a shorter --seq-len, or --recipe qlora"}.get(
+            final["kind"], f"see {Path(final['dir']) / 'trainer.log'}")
+        errors.append({"code": outcome["status"], "message": msg, "hint": hint})
+        if outcome.get("log_tail") and final["kind"] == "error":
+            message(outcome["log_tail"])
+    return CommandResult(outcome["status"], outcome["exit_code"], data,
+                         lambda con: _render_report(con, report, outcome), warnings, errors)
+
+
+def _fallbacks(plan: dict) -> list[dict]:
+    from vramplan.planning import fallback_plans
+
+    return fallback_plans(plan)
+
+
+def _render_checks(con, checks: list[dict], title: str) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title), title_justify="left")
+    for col in ("check", "status", "found", "fix"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(Text(str(c.get("name", ""))), c.get("status", ""), Text(str(c.get("detail", ""))),
+                      Text(str(c.get("fix", ""))))
+    con.print(table)
+
+
+def _render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
+    from rich.text import Text
+
+    from vramplan.launch import shell_join
+    from vramplan.progress import fmt_bytes, fmt_seconds
+    from vramplan.runner import describe
+
+    est = plan.get("estimate") or {}
+    con.print(Text(f"plan: {describe(plan)}"))
+    con.print(Text(f"estimate: {fmt_bytes(est.get('vram_per_gpu_bytes'))} per GPU, CPU RAM "
+                   f"{fmt_bytes(est.get('cpu_ram_bytes'))}, disk {fmt_bytes(est.get('disk_bytes'))}, "
+                   f"time {fmt_seconds(est.get('time_seconds'))}"))
+    if checks:
+        bad = [c for c in checks if c.get("status") in ("WARN", "FAIL")]
+        con.print(Text(f"preflight: {len(checks)} checks, {len(bad)} WARN/FAIL"))
+        if bad:
+            _render_checks(con, bad, "preflight findings")
+    verb = "would write" if dry_run else "wrote"
+    files = ["plan.json", "launch.sh"] + (["ds_config.json"] if plan.get("ds_config") else []) + (
+        ["hostfile"] if launch.hostfile else [])
+    con.print(Text(f"{verb}: " + ", ".join(str(out / f) for f in files)))
+    con.print(Text(f"--- launch.sh ({launch.world_size} processes: {launch.nodes} node(s) x "
+                   f"{launch.procs_per_node}) ---"))
+    con.print(Text(launch_sh.rstrip()))
+    if launch.hostfile:
+        con.print(Text("--- hostfile ---\n" + launch.hostfile.rstrip()))
+        con.print(Text("--- per-node commands (with the exports above) ---"))
+        for rank, cmd in enumerate(launch.node_commands):
+            con.print(Text(f"node {rank}: {shell_join(cmd)}"))
+
+
+def _render_report(con, report: dict, outcome: dict) -> None:
+    from rich.text import Text
+
+    from vramplan.calibration import render_rows
+
+    for a in outcome["attempts"]:
+        con.print(Text(f"attempt {a['attempt']}: {a['kind']} after {a['steps']} steps, {a['wall_seconds']:.1f} s "
+                       f"({a['dir']})" + (f" - {a['why']}" if a["attempt"] > 1 else "")))
+    if report["vs_estimate"]:
+        render_rows(con, report["vs_estimate"], "measured vs estimated")
+    if report.get("adapter_dir"):
+        con.print(Text(f"adapter and projector: {report['adapter_dir']}"))
 
 
 @click.command("run")
+@click.option("--auto", is_flag=True, help="Estimate with the estimate flags, pick the best plan, run it.")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Run a saved plan.json.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last verified checkpoint.")
+@click.option("--demo", is_flag=True, help="Build a tiny LLaVA + synthetic images and run it all on CPU (< 2 min).")
+@click.option("--output", "run_output", type=click.Path(file_okay=False), help="Run dir (demo: ./vramplan-demo).")
+@click.option("--dry-run", is_flag=True, help="Print plan, preflight, launch.sh and commands; write and run nothing.")
+@click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Attempts in all, counting OOM fallbacks.")
+@click.option("--skip-preflight", is_flag=True, help="Launch without preflight checks (not recommended).")
+@click.option("--hosts", help="Multi-node: comma-separated hostnames, node 0 (the master) first.")
+@click.option("--node-rank", type=click.IntRange(0), help="Multi-node: 0 launches node 0 here (others: launch.sh K).")
+@click.option("--master-port", type=click.IntRange(1, 65535), help="Rendezvous port (default: free; 29500 multi-node).")
+@estimate_options
 @click.option("--json", "json_mode", is_flag=True, help="Print the versioned JSON envelope on stdout.")
-def command(json_mode: bool) -> None:
-    """Not built yet."""
+def command(auto, plan_file, resume, demo, run_output, dry_run, max_attempts, skip_preflight, hosts, node_rank,
+            master_port, json_mode, **estimate_kwargs) -> None:
+    """Plan, preflight, launch the bundled trainer; fall back to the next plan on OOM.
 
-    def body():
-        raise VramplanError("`vramplan run` is not built yet")
+    \b
+    $ vramplan run --demo
+    $ vramplan run --auto --gpus 1x24G --dataset data.json --images imgs/ --output runs/a
+    $ vramplan run --plan plan.json --output runs/a --dry-run
+    $ vramplan run --resume --output runs/a
+    """
+
+    def body() -> CommandResult:
+        modes = [m for m, on in (("auto", auto and not demo), ("plan", plan_file), ("resume", resume),
+                                 ("demo", demo)) if on]
+        if len(modes) != 1:
+            raise UsageError("give exactly one of --auto, --plan FILE, --resume, --demo"
+                             + (f" (got {', '.join('--' + m for m in modes)})" if modes else ""),
+                             "e.g. `vramplan run --demo`, or `vramplan run --auto --output runs/a ...`")
+        return execute(mode=modes[0], plan_file=plan_file, output=run_output, estimate_kwargs=estimate_kwargs,
+                       dry_run=dry_run, max_attempts=max_attempts, skip_preflight=skip_preflight,
+                       hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else (),
+                       node_rank=node_rank, master_port=master_port, json_mode=json_mode)
 
     run_command("run", json_mode, body)
