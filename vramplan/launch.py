@@ -233,7 +233,8 @@ def render_launch_sh(launch: Launch, *, header: str = "") -> str:
     lines = ["#!/usr/bin/env bash", "# Written by vramplan. It starts the bundled trainer exactly as `vramplan run` does."]
     if header:
         lines += [f"# {h}" for h in header.splitlines()]
-    lines += ["set -euo pipefail", ""]
+    lines += ["set -euo pipefail",
+              'cd "$(dirname "$0")"  # the run dir: a train/ folder elsewhere must not shadow the bundled trainer', ""]
     lines += list(launch.prelude)
     for key, value in launch.env.items():
         reason = ENV_REASONS.get(key, "")

@@ -224,8 +224,13 @@ def run_attempts(first_plan: dict, settings: RunSettings, fallbacks: Callable[[d
             run_dir = root if n == 1 else root / f"attempt-{n}"
         launch = write_attempt_dir(plan, run_dir, settings, resume)
         message(f"vramplan: attempt {n}: {describe(plan)} -> {run_dir}")
+        head = {"attempt": n, "dir": str(run_dir.resolve()), "plan": plan_shape(plan), "why": why,
+                "resumed": resume, "launch": launch.to_dict()}
+        # recorded before the launch too, so `--resume` after a hard kill finds this attempt
+        write_json(root / "attempts.json", {"schema": "vramplan-attempts/1",
+                                            "attempts": attempts + [dict(head, kind="running")]})
         record = launch_and_wait(launch, run_dir, plan, settings, label=f"attempt {n}", attempt=n)
-        record.update(attempt=n, plan=plan_shape(plan), why=why, resumed=resume, launch=launch.to_dict())
+        record.update(head)
         attempts.append(record)
         tried.add(json.dumps(plan_shape(plan), sort_keys=True))
         write_json(root / "attempts.json", {"schema": "vramplan-attempts/1", "attempts": attempts})

@@ -14,6 +14,8 @@ from vramplan.errors import ExitCode, UsageError, VramplanError
 from vramplan.output import CommandResult, message, run_command
 
 DEMO_DIR = "vramplan-demo"
+# demo knobs, each overridable by its estimate flag: a few steps that checkpoint twice
+DEMO_DEFAULTS = {"global_batch": 2, "epochs": 2, "save_steps": 2, "keep_checkpoints": 2}
 
 
 def _load_plan(path: str) -> dict:
@@ -68,9 +70,12 @@ def _fresh_demo_dir() -> str:
 
 
 def _demo_kwargs(kwargs: dict, assets: Path) -> dict:
-    kw = dict(kwargs)
+    """The tiny model on this CPU; a small global batch and frequent saves so the demo shows checkpoints."""
+    kw = {k: v for k, v in kwargs.items() if v is not None}
     kw.update(model=str(assets / "model"), dataset=str(assets / "data.json"), images=str(assets / "images"),
-              gpus="cpu")
+              device="cpu")
+    for key, value in DEMO_DEFAULTS.items():
+        kw.setdefault(key, value)
     return kw
 
 
@@ -82,6 +87,9 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
 
     if mode == "demo" and not output:
         output = _fresh_demo_dir()
+    saved = _load_plan(plan_file) if mode == "plan" else None
+    if saved is not None and not output:
+        output = saved.get("output_dir")  # the dir given to `estimate --output` when the plan was saved
     if not output:
         raise UsageError("--output DIR is required: the run dir for plan.json, checkpoints and the adapter",
                          "e.g. `--output runs/first`")
@@ -99,11 +107,13 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
         if plan is None:
             raise UsageError(f"--resume: {last_dir / 'plan.json'} is missing or unreadable", "")
     elif mode == "plan":
-        plan = _load_plan(plan_file)
+        plan = saved
     else:
         from vramplan.planning import options_from_kwargs, plan_from_options
 
-        kwargs = estimate_kwargs
+        if estimate_kwargs.get("task", "train") != "train":
+            raise UsageError("--task infer: `vramplan run` trains", "use `vramplan estimate --task infer` to plan inference")
+        kwargs = dict(estimate_kwargs, output_dir=str(out))
         if mode == "demo":  # the estimate reads the tiny model dir, so the assets exist even for --dry-run
             out.mkdir(parents=True, exist_ok=True)
             kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
@@ -202,12 +212,12 @@ def _render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
     con.print(Text(f"{verb}: " + ", ".join(str(out / f) for f in files)))
     con.print(Text(f"--- launch.sh ({launch.world_size} processes: {launch.nodes} node(s) x "
                    f"{launch.procs_per_node}) ---"))
-    con.print(Text(launch_sh.rstrip()))
+    con.print(Text(launch_sh.rstrip()), soft_wrap=True)  # copy-pasteable: never wrapped
     if launch.hostfile:
         con.print(Text("--- hostfile ---\n" + launch.hostfile.rstrip()))
         con.print(Text("--- per-node commands (with the exports above) ---"))
         for rank, cmd in enumerate(launch.node_commands):
-            con.print(Text(f"node {rank}: {shell_join(cmd)}"))
+            con.print(Text(f"node {rank}: {shell_join(cmd)}"), soft_wrap=True)
 
 
 def _render_report(con, report: dict, outcome: dict) -> None:
@@ -229,7 +239,7 @@ def _render_report(con, report: dict, outcome: dict) -> None:
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Run a saved plan.json.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last verified checkpoint.")
 @click.option("--demo", is_flag=True, help="Build a tiny LLaVA + synthetic images and run it all on CPU (< 2 min).")
-@click.option("--output", "run_output", type=click.Path(file_okay=False), help="Run dir (demo: ./vramplan-demo).")
+@click.option("--output", "output_dir", type=click.Path(file_okay=False), help="Run dir (demo: ./vramplan-demo).")
 @click.option("--dry-run", is_flag=True, help="Print plan, preflight, launch.sh and commands; write and run nothing.")
 @click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Attempts in all, counting OOM fallbacks.")
@@ -239,7 +249,7 @@ def _render_report(con, report: dict, outcome: dict) -> None:
 @click.option("--master-port", type=click.IntRange(1, 65535), help="Rendezvous port (default: free; 29500 multi-node).")
 @estimate_options
 @click.option("--json", "json_mode", is_flag=True, help="Print the versioned JSON envelope on stdout.")
-def command(auto, plan_file, resume, demo, run_output, dry_run, max_attempts, skip_preflight, hosts, node_rank,
+def command(auto, plan_file, resume, demo, output_dir, dry_run, max_attempts, skip_preflight, hosts, node_rank,
             master_port, json_mode, **estimate_kwargs) -> None:
     """Plan, preflight, launch the bundled trainer; fall back to the next plan on OOM.
 
@@ -257,7 +267,7 @@ def command(auto, plan_file, resume, demo, run_output, dry_run, max_attempts, sk
             raise UsageError("give exactly one of --auto, --plan FILE, --resume, --demo"
                              + (f" (got {', '.join('--' + m for m in modes)})" if modes else ""),
                              "e.g. `vramplan run --demo`, or `vramplan run --auto --output runs/a ...`")
-        return execute(mode=modes[0], plan_file=plan_file, output=run_output, estimate_kwargs=estimate_kwargs,
+        return execute(mode=modes[0], plan_file=plan_file, output=output_dir, estimate_kwargs=estimate_kwargs,
                        dry_run=dry_run, max_attempts=max_attempts, skip_preflight=skip_preflight,
                        hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else (),
                        node_rank=node_rank, master_port=master_port, json_mode=json_mode)
