@@ -21,7 +21,7 @@ Llama decoder layer, per token (h hidden, q = heads*d_head, kv = kv_heads*d_head
   * eager attention adds the softmax probabilities: a*s*(2+4) per token, minus the 4a logsumexp.
   * gradient checkpointing keeps only each layer's input (2h per token) and recomputes one layer
     at a time in backward (that layer's full activations are live then).
-CLIP encoder layer with LoRA, per token: 17h + 5i + 88 (+ the same LoRA terms). A frozen tower with
+CLIP encoder layer with LoRA, per token: 16h + 6i + 4a + 8 (+ LoRA terms, see below). A frozen tower with
 no adapters saves nothing (no parameter or input needs a gradient).
 Logits/loss (F9, vramcalc measured): 14 bytes per logit at the loss backward peak (bf16 logits,
 fp32 upcast, fp32 log-softmax and its gradient).
@@ -91,11 +91,22 @@ def llm_layer_bytes_per_token(t: TextSpec, mode: str, lora: LoraSpec | None, att
 
 
 def vision_layer_bytes_per_token(v: VisionSpec, lora: LoraSpec | None) -> float:
-    """Saved bytes per token of one CLIP layer; 0 when the tower has no adapters (frozen, no grad)."""
-    if not _targets(lora, VISION_LINEAR_NAMES):
+    """Saved bytes per token of one CLIP layer; 0 when the tower has no adapters (frozen, no grad).
+
+    Measured (tests/estimate/test_activation_truth.py): 16h + 6i + 4a + 8, plus 2r per adapted
+    Linear, plus with dropout 3 B per input element of each adapted Linear fed by h (q/k/v/out/fc1),
+    2 B for fc2's, and h more when attention projections are adapted.
+    """
+    targeted = _targets(lora, VISION_LINEAR_NAMES)
+    if not targeted:
         return 0.0
-    return 17 * v.hidden_size + 5 * v.intermediate_size + 88 + _lora_terms(
-        lora, vision_linear_inputs(v), VISION_LINEAR_NAMES)
+    h, i = v.hidden_size, v.intermediate_size
+    b = 16 * h + 6 * i + 4 * v.num_attention_heads + 8 + 2 * lora.r * len(targeted)
+    if lora.dropout > 0:
+        b += sum(2 * i if n == "fc2" else 3 * h for n in targeted)
+        if any(n in targeted for n in ("q_proj", "k_proj", "v_proj")):
+            b += h
+    return b
 
 
 @dataclass(frozen=True)

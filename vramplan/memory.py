@@ -108,9 +108,12 @@ def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: D
     if off_opt:
         grads = 0
         gform = "reduced into pinned CPU buffers (offload_optimizer)"
-    elif z >= 2:
+    elif z == 3:
+        grads = 0
+        gform = "reduced straight into the fp32 gradient partition (counted there), as DeepSpeed's stage-3 estimator"
+    elif z == 2:
         grads = _div(T * bc, n)
-        gform = f"trainable x {bc} B / GPUs (ZeRO-2/3 partition gradients)"
+        gform = f"trainable x {bc} B / GPUs (ZeRO-2 partitions gradients)"
     else:
         grads = T * bc
         gform = f"trainable x {bc} B (full gradients under ZeRO 0-1)"

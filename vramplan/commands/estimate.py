@@ -1,17 +1,103 @@
-"""`vramplan estimate` (placeholder until its issue lands)."""
+"""`vramplan estimate`: every config's VRAM, CPU RAM, disk, checkpoint size and time; the pick."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import click
 
-from vramplan.errors import VramplanError
-from vramplan.output import run_command
+from vramplan.errors import ExitCode, UsageError
+from vramplan.output import CommandResult, run_command
 
 
-@click.command("estimate")
+def estimate_options(f):
+    """The flags shared by estimate, preflight and run (they all plan the same way)."""
+    opts = [
+        click.option("--model", help="Model profile (see `vramplan profiles`) or a local Hugging Face model dir. "
+                                     "Default: llava-llama3-8b-instruct."),
+        click.option("--recipe", default="qlora", show_default=True, help="qlora | lora | pretrain | full"),
+        click.option("--gpus", help="e.g. 1x24G, 2x80G, 8x910B, 2xA100-80G, 4xH100, 2x8xA100-80G (nodes x GPUs). "
+                                    "Default: the GPUs/NPUs detected on this host."),
+        click.option("--task", type=click.Choice(["train", "infer"]), default="train", show_default=True),
+        click.option("--samples", type=int, help="Training samples (default: --dataset, else the recipe's dataset)."),
+        click.option("--epochs", type=int),
+        click.option("--seq-len", "seq_len", type=int, help="LLM tokens per sample incl. the image tokens."),
+        click.option("--micro-batch", "micro_batch", type=int, help="Per-GPU micro-batch (default: searched)."),
+        click.option("--grad-accum", "grad_accum", type=int, help="Gradient accumulation (default: keeps the global batch)."),
+        click.option("--global-batch", "global_batch", type=int, help="Samples per optimizer step over all GPUs."),
+        click.option("--lora-r", "lora_r", type=int, help="LLM LoRA rank."),
+        click.option("--quant", type=click.Choice(["nf4", "int8", "none"]), help="LLM weight quantization."),
+        click.option("--save-steps", "save_steps", type=int),
+        click.option("--keep-checkpoints", "keep_checkpoints", type=int),
+        click.option("--headroom", type=float, default=0.10, show_default=True,
+                     help="Fraction of GPU memory kept free."),
+        click.option("--zero", type=click.IntRange(0, 3), help="Only this ZeRO stage."),
+        click.option("--offload", type=click.Choice(["none", "optimizer", "optimizer+params"]), help="Only this offload."),
+        click.option("--grad-ckpt/--no-grad-ckpt", "grad_ckpt", default=None, help="Only with/without checkpointing."),
+        click.option("--dataset", type=click.Path(), help="LLaVA-format JSON: samples and text lengths come from it."),
+        click.option("--images", type=click.Path(), help="Image folder of --dataset."),
+        click.option("--cpu-ram", "cpu_ram", help="CPU RAM per node, e.g. 128GiB (default on this host: measured)."),
+        click.option("--disk", help="Free disk for the run, e.g. 500GB (default on this host: measured)."),
+        click.option("--context", type=int, default=4096, show_default=True, help="Inference: KV-cache tokens."),
+        click.option("--batch", type=int, default=1, show_default=True, help="Inference: concurrent sequences."),
+        click.option("--device", type=click.Choice(["cuda", "npu", "cpu"]), help="Override the device kind."),
+        click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.command("estimate", epilog="""\b
+Examples:
+  $ vramplan estimate --gpus 1x24G
+  $ vramplan estimate --gpus 2x80G --recipe lora --model llava-v1.5-13b
+  $ vramplan estimate --model llava-v1.5-13b --recipe pretrain --gpus 8x910B
+  $ vramplan estimate --gpus 1x24G --task infer --context 8192
+  $ vramplan estimate --gpus 1x24G --json --save-plan plan.json""")
+@estimate_options
+@click.option("--output", "output_dir", type=click.Path(), help="Run directory (disk is measured there on this host).")
 @click.option("--json", "json_mode", is_flag=True, help="Print the versioned JSON envelope on stdout.")
-def command(json_mode: bool) -> None:
-    """Not built yet."""
+@click.option("--explain", is_flag=True, help="Print every component with its formula and source.")
+@click.option("--all", "show_all", is_flag=True, help="One row per candidate instead of the best per combination.")
+@click.option("--save-plan", "save_plan", type=click.Path(), help="Write the picked candidate as plan.json.")
+@click.option("--candidate", type=int, help="With --save-plan: the candidate index to save instead of the pick.")
+def command(json_mode: bool, explain: bool, show_all: bool, save_plan: str | None, candidate: int | None,
+            **kwargs) -> None:
+    """Estimate GPU memory (GiB), CPU RAM, disk, checkpoint size and time for every
+    ZeRO stage x offload x GPU count x micro-batch x checkpointing combination, and pick one."""
 
-    def body():
-        raise VramplanError("`vramplan estimate` is not built yet")
+    def body() -> CommandResult:
+        from vramplan.planning import options_from_kwargs
+
+        opts = options_from_kwargs(**kwargs)
+        if opts.task == "infer":
+            from vramplan.inference import run_inference_estimate
+            from vramplan.render_estimate import render_infer
+
+            data = run_inference_estimate(opts)
+            ok = data["pick"] is not None
+            return CommandResult("ok" if ok else "no_fit", ExitCode.OK if ok else ExitCode.NO_FIT, data,
+                                 render=lambda con: render_infer(con, data))
+        from vramplan.planning import plan_dict, run_estimate
+        from vramplan.render_estimate import render_estimate
+
+        res = run_estimate(opts)
+        data = res.data()
+        warnings = []
+        if save_plan:
+            plan = plan_dict(res, candidate)
+            p = Path(save_plan)
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(json.dumps(plan, indent=2, sort_keys=True))
+            except OSError as e:
+                raise UsageError(f"--save-plan: cannot write {p}: {e.strerror}", "choose a writable path") from None
+            data["plan_file"] = str(p.resolve())
+        ok = res.pick is not None
+        return CommandResult("ok" if ok else "no_fit", ExitCode.OK if ok else ExitCode.NO_FIT, data,
+                             render=lambda con: render_estimate(con, data, explain=explain, show_all=show_all),
+                             warnings=warnings)
 
     run_command("estimate", json_mode, body)

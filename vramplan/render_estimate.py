@@ -1,0 +1,151 @@
+"""Human rendering of `vramplan estimate` (computes nothing; reads the --json data)."""
+
+from __future__ import annotations
+
+from vramplan.units import GiB, fmt_bytes, fmt_seconds
+
+OFF_SHORT = {"none": "-", "optimizer": "opt", "optimizer+params": "opt+param"}
+
+
+def _g(b) -> str:
+    return f"{b / GiB:.1f}"
+
+
+def _best_rows(cands: list[dict], pick: int | None) -> list[int]:
+    """One row per (GPUs, ZeRO, offload): the pick, else its fastest fitting candidate, else its smallest."""
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cands):
+        groups.setdefault((c["gpus"], c["zero_stage"], c["offload"]), []).append(i)
+    rows = []
+    for key, idx in groups.items():
+        if pick in idx:
+            rows.append(pick)
+            continue
+        fit = [i for i in idx if cands[i]["fits"]]
+        if fit:
+            rows.append(min(fit, key=lambda i: (cands[i]["time_seconds"], -cands[i]["micro_batch"])))
+        else:
+            rows.append(min(idx, key=lambda i: cands[i]["vram_per_gpu_bytes"]))
+    return sorted(rows, key=lambda i: (cands[i]["gpus"], cands[i]["zero_stage"],
+                                        ("none", "optimizer", "optimizer+params").index(cands[i]["offload"])))
+
+
+def _header(con, data: dict) -> None:
+    from rich.text import Text
+
+    m, r, hw = data["model"], data["recipe"], data["hardware"]
+    lines = [
+        f"model     {m['name']}: {m['params'] / 1e9:.2f} B params, {m['trainable_params'] / 1e6:.1f} M trainable"
+        f" ({data['quant']} LLM, {data['compute_dtype']} compute)",
+        f"recipe    {r['name']}: seq {data['seq_len']} tokens ({m['image_tokens']} image), "
+        f"{data['samples']} samples x {data['epochs']} epoch(s), global batch {r['global_batch']}",
+        f"hardware  {hw['nodes']} node(s) x {hw['gpus_per_node']} x {hw['gpu_name']} "
+        f"({hw['memory_bytes'] / GiB:.1f} GiB each; {data['gpus_source']}); headroom {data['headroom']:.0%}",
+    ]
+    for a in data.get("assumptions", []):
+        lines.append(f"note      {a}")
+    for line in lines:
+        con.print(Text(line))
+
+
+def render_estimate(con, data: dict, explain: bool = False, show_all: bool = False) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    _header(con, data)
+    cands, pick = data["candidates"], data["pick"]
+    rows = list(range(len(cands))) if show_all else _best_rows(cands, pick)
+    t = Table(title="Candidates (VRAM = what nvidia-smi shows at peak; GiB = 2^30 bytes)", title_justify="left")
+    for col in ("#", "GPUs", "ZeRO", "offload", "micro x accum", "ckpt", "VRAM/GPU GiB", "CPU RAM GiB",
+                "disk GiB", "checkpoint GiB", "time", "verdict"):
+        t.add_column(col, justify="right" if col not in ("offload", "verdict", "ckpt") else "left")
+    for i in rows:
+        c = cands[i]
+        verdict = "PICK" if i == pick else ("fits" if c["fits"] else "no: " + c["reasons"][0])
+        style = "bold green" if i == pick else ("" if c["fits"] else "dim")
+        t.add_row(str(i), str(c["gpus"]), str(c["zero_stage"]), OFF_SHORT[c["offload"]],
+                  f"{c['micro_batch']} x {c['grad_accum']}", "on" if c["grad_checkpointing"] else "off",
+                  _g(c["vram_per_gpu_bytes"]), _g(c["cpu_ram_bytes"]), _g(c["disk_bytes"]),
+                  _g(c["checkpoint_bytes"]), fmt_seconds(c["time_seconds"]), Text(verdict), style=style)
+    con.print(t)
+    if pick is None:
+        con.print(Text("Nothing fits. The closest candidates above say why; try more GPUs, --quant nf4, "
+                       "a smaller --seq-len or --lora-r, or offload.", style="bold red"))
+        return
+    c = cands[pick]
+    cap = data["hardware"]["memory_bytes"]
+    con.print(Text(f"Pick #{pick}: ZeRO-{c['zero_stage']}, offload {c['offload']}, {c['gpus']} GPU(s), micro-batch "
+                   f"{c['micro_batch']} x accumulation {c['grad_accum']}, checkpointing "
+                   f"{'on' if c['grad_checkpointing'] else 'off'} - fastest that fits; peak in {c['peak_phase']}.",
+                   style="bold"))
+    for n in c["notes"]:
+        con.print(Text(f"  note: {n}"))
+    _bar(con, c, cap, data["headroom"])
+    if data.get("why_not_faster"):
+        con.print(Text("Faster-looking options rejected:"))
+        for w in data["why_not_faster"]:
+            con.print(Text(f"  - {w}"))
+    con.print(Text(f"Disk: {fmt_bytes(c['disk_bytes'])} in all = "
+                   + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in c["disk_breakdown"].items() if v)
+                   + f"; one checkpoint {fmt_bytes(c['checkpoint_bytes'])}."))
+    if explain:
+        _explain(con, c, data)
+
+
+def _bar(con, c: dict, cap: int, headroom: float) -> None:
+    from rich.text import Text
+
+    width = 50
+    con.print(Text(f"Per-GPU memory of the pick against {cap / GiB:.1f} GiB "
+                   f"(| marks the {1 - headroom:.0%} usable limit):"))
+    limit_col = int(width * (1 - headroom))
+    for name, b in sorted(c["vram_breakdown"].items(), key=lambda kv: -kv[1]):
+        if b <= 0:
+            continue
+        n = max(1, round(width * b / cap))
+        bar = ("#" * n).ljust(width)
+        bar = bar[:limit_col] + "|" + bar[limit_col:]
+        con.print(Text(f"  {name:<26} {bar} {b / GiB:7.2f} GiB"))
+    con.print(Text(f"  {'= nvidia-smi at peak':<26} {'':{width + 1}} {c['vram_per_gpu_bytes'] / GiB:7.2f} GiB "
+                   f"(allocated {c['vram_allocated_per_gpu_bytes'] / GiB:.2f} GiB)"))
+
+
+def _explain(con, c: dict, data: dict) -> None:
+    from rich.text import Text
+
+    con.print(Text("\nHow each number is computed (bytes; sources in brackets):", style="bold"))
+    for name, b in c["vram_breakdown"].items():
+        con.print(Text(f"  GPU  {name}: {fmt_bytes(b)} = {c['vram_formulas'][name]}"))
+    for name, b in c["cpu_breakdown"].items():
+        con.print(Text(f"  CPU  {name}: {fmt_bytes(b)}"))
+    con.print(Text(f"  CPU  pinned (page-locked) memory: {fmt_bytes(c['pinned_cpu_bytes'])} (compare `ulimit -l`)"))
+    for name, b in c["checkpoint_breakdown"].items():
+        con.print(Text(f"  ckpt {name}: {fmt_bytes(b)}"))
+    for name, b in c["disk_breakdown"].items():
+        con.print(Text(f"  disk {name}: {fmt_bytes(b)}"))
+    td = c["time_detail"]
+    con.print(Text(f"  time {td['steps']} steps x ({td['compute_s_per_step']:.2f} s compute + "
+                   f"{td['zero3_comm_s_per_step']:.2f} s ZeRO-3 all-gather + {td['offload_s_per_step']:.2f} s offload)"
+                   f"; {td['flops_per_step'] / 1e12:.1f} TFLOP per step at {td['utilisation_prior']:.0%} of "
+                   f"{td['peak_tflops']:.0f} TFLOPS (prior; see README 'How the estimate is computed')"))
+    pg = data["param_groups"]
+    con.print(Text("  params " + ", ".join(f"{k} {v:,}" for k, v in pg.items())))
+
+
+def render_infer(con, data: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    con.print(Text(f"inference  {data['model']['name']} ({data['quant']} weights), context {data['context']} tokens x "
+                   f"batch {data['batch']} on {data['hardware']['gpu_name']} "
+                   f"({data['hardware']['memory_bytes'] / GiB:.1f} GiB each)"))
+    t = Table(title="device_map='auto' split (GiB per GPU, nvidia-smi)", title_justify="left")
+    for col in ("#", "GPUs", "weights GiB", "KV cache GiB", "VRAM max GPU GiB", "decode tok/s", "verdict"):
+        t.add_column(col, justify="right" if col != "verdict" else "left")
+    for i, c in enumerate(data["candidates"]):
+        verdict = "PICK" if i == data["pick"] else ("fits" if c["fits"] else "no: " + c["reasons"][0])
+        t.add_row(str(i), str(c["gpus"]), _g(c["vram_breakdown"].get("weights", 0)),
+                  _g(c["vram_breakdown"].get("kv_cache", 0)), _g(c["vram_per_gpu_bytes"]),
+                  f"{c['time_detail']['decode_tokens_per_s']:.0f}", Text(verdict),
+                  style="bold green" if i == data["pick"] else "")
+    con.print(t)
