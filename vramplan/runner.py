@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vramplan.errors import ExitCode, UsageError
+from vramplan.errors import ExitCode, UsageError, VramplanError
 from vramplan.launch import Launch, build_launch, child_env, write_launch_files
 from vramplan.output import message
 
@@ -247,7 +247,11 @@ def run_attempts(first_plan: dict, settings: RunSettings, fallbacks: Callable[[d
             message(f"vramplan: attempt {n} ran {reason}; --max-attempts {settings.max_attempts} reached")
             return {"exit_code": ExitCode.OUT_OF_MEMORY, "status": "oom", "attempts": attempts, "final": record}
         if queue is None:
-            queue = list(fallbacks(first_plan))
+            try:
+                queue = list(fallbacks(first_plan))
+            except VramplanError as e:  # e.g. a hand-written plan without the options to re-estimate
+                message(f"vramplan: cannot compute fallback plans: {e.message}")
+                queue = []
         nxt = None
         while queue:
             cand = queue.pop(0)
