@@ -39,7 +39,7 @@ def test_plain_progress_lines_when_not_a_tty(tmp_path):
     state = view.close()
     out = stream.getvalue()
     assert state.step == 2 and state.eta_s() == pytest.approx(12.0)
-    assert "step 2/8" in out and "loss 1.5000" in out and "VRAM 512.00 MiB / est 1.00 GiB" in out
+    assert "step 2/8" in out and "loss 1.5000" in out and "VRAM 512.00 MiB (est 1.00 GiB)" in out
     assert "ETA 0:12" in out and "checkpoint at step 2" in out and "\r" not in out
 
 

@@ -156,9 +156,9 @@ class ProgressView:
             parts.append(f"{st.tokens_per_s:,.0f} tok/s")
         est = estimated_memory(self.estimate, st.device or "cuda", self.world_size)
         if st.memory_bytes is not None:
-            parts.append(f"{st.memory_label} {fmt_bytes(st.memory_bytes)}" + (f" / est {fmt_bytes(est)}" if est else ""))
+            parts.append(f"{st.memory_label} {fmt_bytes(st.memory_bytes)}" + (f" (est {fmt_bytes(est)})" if est else ""))
         try:
-            parts.append(f"disk free {fmt_bytes(shutil.disk_usage(self.run_dir).free)}")
+            parts.append(f"{fmt_bytes(shutil.disk_usage(self.run_dir).free)} disk free")
         except OSError:
             pass
         return ", ".join(parts)
@@ -194,8 +194,9 @@ class ProgressView:
 
             from vramplan.output import stderr_console
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False),
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
+                                      MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                      TextColumn("{task.fields[info]}", markup=False),
                                       console=stderr_console(), transient=False)
             self._progress.start()
             self._task = self._progress.add_task(self.label, total=self.state.max_steps, info="starting")
