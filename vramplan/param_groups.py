@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.params import count_params, linear_groups, lora_params
 from vramplan.specs import ModelSpec, RecipeSpec
 
 # bitsandbytes 4-bit storage (bitsandbytes.functional.quantize_4bit, Linear4bit defaults):
@@ -62,6 +61,8 @@ class ParamGroups:
 
 
 def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
+    from vramplan.params import count_params, decoder_layer_params, linear_groups, lora_params
+
     counts = count_params(model)
     groups = linear_groups(model)
     llm_lin = [g for g in groups if g.component == "llm"]
@@ -81,7 +82,6 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
             # biases of quantized Linear layers stay in 16-bit: counted with the frozen group below
     frozen = counts.total - q_params - projector - full
     largest = max((g.d_in * g.d_out for g in llm_lin), default=0)
-    from vramplan.params import decoder_layer_params
 
     return ParamGroups(q_params, q_bytes, q_tensors, frozen, llm_lora, vis_lora, projector, full, counts.total,
                        largest, decoder_layer_params(model))

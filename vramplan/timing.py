@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from vramplan.memory import Strategy
 from vramplan.param_groups import ParamGroups
-from vramplan.params import count_params
 from vramplan.specs import HardwareSpec, ModelSpec
 
 # Utilisation prior (model FLOPs / peak): fms-acceleration Mistral-7B LoRA on 1xA100 = 3324 tok/s
@@ -42,6 +41,8 @@ class TimeEstimate:
 
 def flops_per_sample(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_ckpt: bool,
                      vision_trainable: bool) -> float:
+    from vramplan.params import count_params
+
     t = model.text
     c = count_params(model)
     llm_params = c.llm_total
