@@ -50,6 +50,7 @@ class Job:
     offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+params")
     gpu_counts: tuple[int, ...] = ()
     merge_export: bool = False
+    calibration: tuple = ()  # ((component, factor), ...) from `vramplan calibrate --write`
 
     @property
     def total_gpus(self) -> int:
@@ -164,17 +165,26 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
                       samples=job.samples, epochs=job.epochs, quant=job.quant, compute_dtype=job.compute_dtype,
                       vision_trainable=bool(r.vision_lora), device=job.device)
     reasons, notes = [], []
+    cal = dict(job.calibration)
+    vram_alloc = int(mem.peak_allocated * cal.get("vram_allocated", 1.0))
+    vram_smi = int(mem.nvidia_smi * cal.get("vram_reserved", cal.get("vram_allocated", 1.0)))
+    cpu_ram = int(host.cpu_ram_bytes * cal.get("cpu_ram", 1.0))
+    ckpt = int(host.checkpoint_bytes * cal.get("checkpoint", 1.0))
+    disk = int(host.disk_bytes + (ckpt - host.checkpoint_bytes) * (r.keep_checkpoints + 1))
+    seconds = t.seconds * cal.get("time_per_step", 1.0)
+    if cal:
+        notes.append("calibrated: " + ", ".join(f"{k} x{v:.2f}" for k, v in sorted(cal.items())))
     usable = job.hardware.memory_bytes * (1 - job.headroom)
     compat = incompatibility(job, s)
     if compat:
         reasons.append(compat)
-    if mem.nvidia_smi > usable:
-        reasons.append(f"needs {gib(mem.nvidia_smi)} per GPU > {gib(usable)} usable "
+    if vram_smi > usable:
+        reasons.append(f"needs {gib(vram_smi)} per GPU > {gib(usable)} usable "
                        f"({job.hardware.display_name} {gib(job.hardware.memory_bytes)} minus {job.headroom:.0%} headroom)")
-    if job.cpu_ram_bytes is not None and host.cpu_ram_bytes > job.cpu_ram_bytes:
-        reasons.append(f"needs {gib(host.cpu_ram_bytes)} CPU RAM per node > {gib(job.cpu_ram_bytes)} available")
-    if job.disk_free_bytes is not None and host.disk_bytes > job.disk_free_bytes:
-        reasons.append(f"needs {gib(host.disk_bytes)} disk > {gib(job.disk_free_bytes)} free")
+    if job.cpu_ram_bytes is not None and cpu_ram > job.cpu_ram_bytes:
+        reasons.append(f"needs {gib(cpu_ram)} CPU RAM per node > {gib(job.cpu_ram_bytes)} available")
+    if job.disk_free_bytes is not None and disk > job.disk_free_bytes:
+        reasons.append(f"needs {gib(disk)} disk > {gib(job.disk_free_bytes)} free")
     if s.gpus < job.total_gpus:
         notes.append(f"leaves {job.total_gpus - s.gpus} of {job.total_gpus} GPUs idle")
     if s.zero_stage == 3 and job.quant == "nf4":
@@ -186,12 +196,12 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
         if deepspeed else None
     return Candidate(
         strategy=s, fits=not reasons, reasons=reasons, notes=notes,
-        vram_per_gpu_bytes=mem.nvidia_smi, vram_allocated_per_gpu_bytes=mem.peak_allocated,
+        vram_per_gpu_bytes=vram_smi, vram_allocated_per_gpu_bytes=vram_alloc,
         vram_breakdown=mem.as_dict(), vram_formulas={c.name: f"{c.formula} [{c.source}]" for c in mem.components},
-        peak_phase=mem.peak_phase, cpu_ram_bytes=host.cpu_ram_bytes, cpu_breakdown=host.cpu_breakdown,
-        pinned_bytes=host.pinned_bytes, disk_bytes=host.disk_bytes, disk_breakdown=host.disk_breakdown,
-        checkpoint_bytes=host.checkpoint_bytes, checkpoint_breakdown=host.checkpoint_breakdown,
-        time_seconds=t.seconds,
+        peak_phase=mem.peak_phase, cpu_ram_bytes=cpu_ram, cpu_breakdown=host.cpu_breakdown,
+        pinned_bytes=host.pinned_bytes, disk_bytes=disk, disk_breakdown=host.disk_breakdown,
+        checkpoint_bytes=ckpt, checkpoint_breakdown=host.checkpoint_breakdown,
+        time_seconds=seconds,
         time_detail={"steps": t.steps, "flops_per_step": t.flops_per_step, "compute_s_per_step": t.compute_s_per_step,
                      "zero3_comm_s_per_step": t.comm_s_per_step, "offload_s_per_step": t.offload_s_per_step,
                      "tokens_per_s": t.tokens_per_s, "utilisation_prior": t.mfu, "peak_tflops": t.peak_tflops},

@@ -185,7 +185,13 @@ def build_job(o: EstimateOptions):
             disk = shutil.disk_usage(where).free
             ctx["assumptions"].append(f"disk: {disk / 2**30:.1f} GiB free at {where} (measured)")
 
-    job = Job(model=model, recipe=recipe, hardware=hw, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
+    calibration = ()
+    if o.calibration:
+        from vramplan.calibration import load_calibration
+
+        calibration = tuple(sorted(load_calibration(o.calibration).items()))
+        ctx["assumptions"].append(f"calibration applied from {o.calibration}")
+    job = Job(calibration=calibration, model=model, recipe=recipe, hardware=hw, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
               seq_len=seq, images_per_sample=images_per_sample, samples=max(1, samples), epochs=recipe.epochs,
               compute_dtype=compute, quant=quant, headroom=o.headroom, device=device, cpu_ram_bytes=cpu_ram,
               disk_free_bytes=disk, dataset_bytes=dataset_bytes, base_weights_on_disk=model.path is not None,
