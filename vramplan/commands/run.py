@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,9 @@ def _build_demo_assets(out: Path) -> Path:
     if (assets / "data.json").exists():
         return assets
     message(f"vramplan: demo: building a tiny LLaVA and a synthetic image dataset in {assets}")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-m", "train.tiny", "--out", str(assets)], capture_output=True, text=True,
-                       cwd=str(out))
+                       cwd=str(out), env=env)
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
         raise VramplanError(f"demo: building the tiny model failed (exit {p.returncode}): {tail[0]}",
