@@ -1,0 +1,72 @@
+"""`python -m train --plan plan.json` or flags; also under torchrun and the deepspeed launcher (--local_rank).
+
+Exit codes: docs/contracts.md (0 ok, 2 usage, 6 out of memory, 7 disk full, 130 interrupted, 1 crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[train rank{rank}] %(levelname)s %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_warning()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _teardown() -> None:
+    """barrier + destroy_process_group: without it ZeRO-3 ranks can abort at exit (cpu-stack-facts.md §6)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway; never mask the run's exit code
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.config import add_flags, from_args
+    from train.exit_codes import ExitCode, TrainError
+
+    ap = argparse.ArgumentParser(prog="python -m train", description="QLoRA/LoRA LLaVA trainer (see train/README.md)")
+    add_flags(ap)
+    ns = ap.parse_args(argv)
+    if ns.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
+    _setup_logging()
+    log = logging.getLogger("train")
+    try:
+        cfg = from_args(ns)
+    except TrainError as e:
+        print(f"train: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return int(e.exit_code)
+    from train.recipe import run
+
+    try:
+        code, _model = run(cfg)
+    finally:
+        _teardown()
+    if code == ExitCode.USAGE:
+        log.error("bad input: see the message above")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Checkpoints that cannot be silently lost.
+
+Protocol (one save; docs/contracts.md "Run directory"):
+1. free-space check against the expected size (plan estimate.checkpoint_bytes, else the last verified
+   checkpoint's size); if short, remove stale partial dirs and verified checkpoints that the keep-N rule
+   would remove after this save anyway, never the newest one; still short -> DiskFullError (exit 7);
+2. every rank writes into `checkpoints/.tmp-checkpoint-<step>-<tag>/checkpoint-<step>/`;
+3. rank 0 fsyncs every file and dir, hashes every file into MANIFEST.json, re-reads and verifies them,
+   then renames the dir to `checkpoints/checkpoint-<step>` (atomic on one filesystem) and fsyncs the parent;
+4. only then deletes verified checkpoints beyond keep-N, and only then is "saved" logged.
+Resume takes the newest checkpoint whose MANIFEST verifies (sizes and sha256); others are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from train.exit_codes import DiskFullError
+
+log = logging.getLogger("train")
+MANIFEST = "MANIFEST.json"
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+MARGIN = 1.10  # require 10% more than the expected size: sizes vary a little between saves
+FREE_BYTES_ENV = "VRAMPLAN_TEST_FREE_BYTES"  # test-only: pretend this many bytes are free on the disk
+
+
+def free_bytes(path: Path) -> int:
+    fake = os.environ.get(FREE_BYTES_ENV)
+    if fake:
+        return int(fake)
+    return shutil.disk_usage(path).free
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def build_manifest(ckpt: Path, step: int) -> dict:
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(ckpt).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    return {"step": step, "files": files, "total_bytes": sum(f["bytes"] for f in files.values()), "complete": True}
+
+
+def verify(ckpt: Path, deep: bool = True) -> dict | None:
+    """The manifest when every listed file is there with its size (and sha256 when deep); else None."""
+    try:
+        man = json.loads((ckpt / MANIFEST).read_text())
+        if not man.get("complete") or not isinstance(man.get("files"), dict) or not man["files"]:
+            return None
+        for rel, meta in man["files"].items():
+            p = ckpt / rel
+            if not p.is_file() or p.stat().st_size != meta["bytes"]:
+                return None
+            if deep and sha256_file(p) != meta["sha256"]:
+                return None
+        return man
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CKPT_RE.match(p.name))]
+    return sorted(out)
+
+
+def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
+    """(newest checkpoint that verifies, names of the newer ones skipped as partial/corrupt)."""
+    skipped = []
+    for _step, p in reversed(list_checkpoints(root)):
+        if verify(p, deep=True):
+            return p, skipped
+        skipped.append(p.name)
+    return None, skipped
+
+
+def last_size(root: Path) -> int | None:
+    for _step, p in reversed(list_checkpoints(root)):
+        man = verify(p, deep=False)
+        if man:
+            return int(man["total_bytes"])
+    return None
+
+
+def ensure_space(root: Path, expected: int | None, keep: int) -> None:
+    """Make sure `expected` x MARGIN bytes are free, removing only what is safe to remove; else DiskFullError."""
+    if not expected:
+        return
+    need = int(expected * MARGIN)
+    if free_bytes(root) >= need:
+        return
+    for p in root.glob(TMP_PREFIX + "*"):  # partial writes of a crashed save: never trusted anyway
+        shutil.rmtree(p, ignore_errors=True)
+    verified = [p for _s, p in list_checkpoints(root) if verify(p, deep=False)]
+    # after a successful save only keep-1 of these stay; the oldest of the others can go now, never the newest
+    removable = verified[: max(0, len(verified) - max(keep - 1, 1))]
+    while free_bytes(root) < need and removable:
+        victim = removable.pop(0)
+        log.warning("low disk space: removing %s early (keep-N would remove it after this save)", victim.name)
+        shutil.rmtree(victim)
+    free = free_bytes(root)
+    if free < need:
+        last = verified[-1].name if verified else "none"
+        raise DiskFullError(
+            f"not enough disk space for checkpoint: {free / 2**30:.2f} GiB free at {root}, "
+            f"{need / 2**30:.2f} GiB needed (expected {expected / 2**30:.2f} GiB + 10%); last verified checkpoint: {last}",
+            "free space on that disk (or point --output elsewhere), then rerun with --resume")
+
+
+def tmp_dir(root: Path, step: int, tag: str) -> Path:
+    return root / f"{TMP_PREFIX}{step}-{tag}"
+
+
+def finalize(staged: Path, root: Path, step: int) -> tuple[Path, dict]:
+    """fsync + manifest + verify + atomic rename. Raises DiskFullError when the data cannot be made durable."""
+    try:
+        fsync_tree(staged)
+        man = build_manifest(staged, step)
+        mpath = staged / MANIFEST
+        with open(mpath, "w") as f:
+            json.dump(man, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(staged)
+        if verify(staged, deep=True) is None:
+            raise OSError(f"checkpoint {staged} did not verify after writing")
+        dest = root / f"checkpoint-{step}"
+        if dest.exists():  # a leftover at the same step (never verified newer than this one)
+            shutil.rmtree(dest)
+        os.rename(staged, dest)
+        _fsync_dir(root)
+        shutil.rmtree(staged.parent, ignore_errors=True)  # the now-empty .tmp-checkpoint-* wrapper
+        return dest, man
+    except OSError as e:
+        shutil.rmtree(staged.parent, ignore_errors=True)
+        raise DiskFullError(f"checkpoint {step} could not be written safely: {e}",
+                            "free disk space, then rerun with --resume (the last verified checkpoint is intact)") from e
+
+
+def prune(root: Path, keep: int) -> list[str]:
+    """Delete verified checkpoints beyond the newest `keep`, and unverified leftovers (never trusted)."""
+    removed = []
+    verified = []
+    for _s, p in list_checkpoints(root):
+        if verify(p, deep=False):
+            verified.append(p)
+        else:
+            log.warning("removing %s: it does not verify against its MANIFEST (partial or corrupt)", p.name)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    for p in verified[: max(0, len(verified) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    for p in root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(p, ignore_errors=True)
+    return removed

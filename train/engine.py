@@ -1,0 +1,217 @@
+"""The training engine: HF Trainer (+ DeepSpeed ZeRO 0/1/2/3 from the plan, or DDP / one process),
+the checkpoint protocol hooked into Trainer._save_checkpoint, metrics, OOM and signal handling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+
+from train import checkpoint as ck
+from train.config import TrainConfig
+from train.exit_codes import DiskFullError
+from train.metrics import MetricsLog, barrier, broadcast, gather, local_memory
+
+log = logging.getLogger("train")
+OOM_ENV = "VRAMPLAN_TEST_INJECT_OOM_AT_STEP"  # test-only: raise an OOM at this step (docs/contracts.md)
+
+
+@dataclass
+class RunState:
+    """Mutable facts of one run that the failure/summary records report."""
+
+    cfg: TrainConfig
+    device: str
+    rank: int = 0
+    world: int = 1
+    phase: str = "load"
+    step: int = 0
+    stop_requested: bool = False
+    interrupted: bool = False
+    checkpoint_bytes: int | None = None
+    last_checkpoint: str | None = None
+    metrics: MetricsLog | None = None
+    peaks: list = field(default_factory=list)
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    s = str(e).lower()
+    return "no space left" in s or "file write failed" in s or "disk quota" in s
+
+
+class SafeCheckpointTrainer(Trainer):
+    """Trainer whose checkpoints follow train.checkpoint's protocol (no silent loss)."""
+
+    run: RunState
+
+    def _get_output_dir(self, trial):  # HF writes `<this>/checkpoint-N`: point it into the tmp dir
+        return str(self._staging) if getattr(self, "_staging", None) else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run, cfg = self.run, self.run.cfg
+        root = cfg.run_dir / "checkpoints"
+        step = self.state.global_step
+        run.phase = "save"
+        err = None
+        if run.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                ck.ensure_space(root, cfg.expected_checkpoint_bytes or ck.last_size(root), cfg.keep_checkpoints)
+            except DiskFullError as e:
+                err = (e.message, e.hint)
+        err = broadcast(err)
+        if err:
+            raise DiskFullError(*err)
+        tag = broadcast(secrets.token_hex(4))
+        self._staging = ck.tmp_dir(root, step, tag)
+        local = None
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:  # noqa: BLE001 - classified just below
+            if not _is_disk_full(e):
+                raise
+            local = (f"checkpoint {step}: write failed: {e}", "free disk space, then rerun with --resume")
+        finally:
+            self._staging = None
+        errs = [x for x in gather(local) if x]
+        if errs:
+            if run.is_main:
+                import shutil
+
+                shutil.rmtree(ck.tmp_dir(root, step, tag), ignore_errors=True)
+            raise DiskFullError(*errs[0])
+        barrier()
+        result = None
+        if run.is_main:
+            try:
+                dest, man = ck.finalize(ck.tmp_dir(root, step, tag) / f"checkpoint-{step}", root, step)
+                removed = ck.prune(root, cfg.keep_checkpoints)
+                result = ("ok", str(dest), man["total_bytes"], removed)
+            except DiskFullError as e:
+                result = ("err", e.message, e.hint, [])
+        result = broadcast(result)
+        if result[0] == "err":
+            raise DiskFullError(result[1], result[2])
+        run.last_checkpoint, run.checkpoint_bytes = result[1], result[2]
+        if run.metrics:
+            run.metrics.write("checkpoint", step=step, path=result[1], bytes=result[2], verified=True,
+                              removed=result[3])
+        if run.is_main:
+            log.info("saved checkpoint-%d (%d bytes, verified)", step, result[2])  # only after verification
+        run.phase = "train"
+
+
+class RunCallback(TrainerCallback):
+    """metrics.jsonl step events, the test-only OOM switch, and stop-at-step-boundary on signals."""
+
+    def __init__(self, run: RunState) -> None:
+        self.run = run
+        self.last_t = time.time()
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.run.phase = "train"
+        self.last_t, self.last_tokens = time.time(), state.num_input_tokens_seen
+        if self.run.metrics:
+            self.run.metrics.write("start", step=state.global_step, max_steps=state.max_steps,
+                                   world_size=self.run.world, device=self.run.device)
+
+    def on_step_begin(self, args, state, control, **kw):
+        inject = os.environ.get(OOM_ENV)
+        if inject and state.global_step + 1 == int(inject):
+            import torch
+
+            raise torch.OutOfMemoryError(f"test-injected out of memory at step {inject} ({OOM_ENV})")
+
+    def on_step_end(self, args, state, control, **kw):
+        self.run.step = state.global_step
+        stop = self.run.stop_requested
+        if self.run.world > 1:
+            stop = any(gather(stop))  # every rank stops at the same step boundary
+        if stop:
+            self.run.interrupted = True
+            control.should_training_stop = True
+            control.should_save = False
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        mems = gather(local_memory(self.run.device))  # every rank logs at the same steps
+        self.run.peaks = mems
+        if "loss" not in logs or not self.run.metrics:
+            return
+        now, tokens = time.time(), state.num_input_tokens_seen
+        tps = (tokens - self.last_tokens) / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_tokens = now, tokens
+        self.run.tokens = tokens
+        self.run.metrics.write(
+            "step", step=state.global_step, max_steps=state.max_steps, loss=logs["loss"],
+            lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"), tokens_per_s=round(tps, 2),
+            tokens=tokens, rank=self.run.rank, device=self.run.device,
+            peak_allocated_bytes=[m["peak_allocated"] for m in mems],
+            peak_reserved_bytes=[m["peak_reserved"] for m in mems],
+            peak_rss_bytes=[m["peak_rss"] for m in mems], rss_bytes=mems[0]["rss"])
+
+
+def install_signal_handlers(run: RunState) -> dict:
+    """First SIGINT/SIGTERM: stop at the next step boundary. Second: KeyboardInterrupt now."""
+    def handler(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        log.warning("signal %d: stopping at the next step boundary (again to abort now)", signum)
+
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread (e.g. an embedding app): no handlers
+            pass
+    return old
+
+
+def training_args(cfg: TrainConfig, device: str, world: int):
+    from transformers import TrainingArguments
+
+    ds = cfg.ds_config
+    bf16 = cfg.compute_dtype == "bf16"
+    fp16 = cfg.compute_dtype == "fp16" and device != "cpu"
+    clip = 1.0
+    if ds is not None:
+        bf16 = bool((ds.get("bf16") or {}).get("enabled", bf16)) if (ds.get("bf16") or {}).get("enabled") != "auto" else bf16
+        fp16 = bool((ds.get("fp16") or {}).get("enabled", fp16)) if (ds.get("fp16") or {}).get("enabled") != "auto" else fp16
+        if isinstance(ds.get("gradient_clipping"), (int, float)):
+            clip = float(ds["gradient_clipping"])
+    return TrainingArguments(
+        output_dir=str(cfg.run_dir / "checkpoints"), per_device_train_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler, optim=cfg.optimizer,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, max_grad_norm=clip,
+        logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=None,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, fp16=fp16, use_cpu=device == "cpu",
+        deepspeed=ds, gradient_checkpointing=False,  # enabled on the model itself (model.prepare)
+        remove_unused_columns=False, report_to=[], dataloader_num_workers=cfg.dataloader_workers,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+        ddp_find_unused_parameters=cfg.vision_lora is not None, ddp_backend=_backend(device, world),
+    )
+
+
+def _backend(device: str, world: int):
+    if world <= 1:
+        return None
+    return {"cuda": "nccl", "npu": "hccl"}.get(device, "gloo")

@@ -1,0 +1,177 @@
+"""One training run, start to finish (torchtune-style recipe): load -> data -> train -> export -> summary.
+
+`run(cfg)` returns the exit code and writes the run dir files; failures become failure.json records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+from train import checkpoint as ck
+from train.config import TrainConfig
+from train.exit_codes import ExitCode, TrainError, is_oom
+from train.metrics import MetricsLog, barrier, local_memory, write_json
+
+log = logging.getLogger("train")
+
+
+def _dist_env(cfg: TrainConfig) -> tuple[int, int, int]:
+    """(rank, world, local_rank). A single plain process with DeepSpeed gets a 1-process group env
+    (else DeepSpeed tries MPI discovery and fails on mpi4py; cpu-stack-facts.md §4)."""
+    if cfg.ds_config is not None and "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _model_dir(cfg: TrainConfig, local_rank: int) -> str:
+    """The HF dir to load: --model, or the assembly of --llm/--vision/--projector (local rank 0 builds it)."""
+    from train.model import assemble
+
+    if cfg.model_path:
+        return cfg.model_path
+    dest = cfg.run_dir / "assembled-model"
+    if local_rank == 0:
+        assemble(cfg, dest)
+    else:
+        while not (dest / "ASSEMBLED").exists():
+            time.sleep(0.5)
+    return str(dest)
+
+
+def _summary(run, status: str, t0: float, final_dir: str | None) -> dict:
+    peaks = run.peaks or [local_memory(run.device)]
+    return {"status": status, "steps": run.step, "tokens": run.tokens, "train_seconds": round(run.train_seconds, 3),
+            "wall_seconds": round(time.time() - t0, 3),
+            "peak_allocated_bytes": [m["peak_allocated"] for m in peaks],
+            "peak_reserved_bytes": [m["peak_reserved"] for m in peaks],
+            "peak_rss_bytes": [m["peak_rss"] for m in peaks],
+            "checkpoint_bytes": run.checkpoint_bytes, "last_checkpoint": run.last_checkpoint,
+            "final_dir": final_dir, "device": run.device, "world_size": run.world, "estimate": run.cfg.estimate}
+
+
+def _failure(run, kind: str, message: str, code: ExitCode, t0: float) -> None:
+    mem = local_memory(run.device)
+    if run.is_main:
+        write_json(run.cfg.run_dir / "failure.json", {
+            "kind": kind, "phase": run.phase, "step": run.step, "message": message,
+            "memory": {"allocated_bytes": mem["allocated"], "reserved_bytes": mem["reserved"], "rss_bytes": mem["rss"]},
+            "exit_code": int(code)})
+        write_json(run.cfg.run_dir / "summary.json", _summary(run, kind, t0, None))
+        if run.metrics:
+            run.metrics.write("end", status=kind, step=run.step, message=message)
+
+
+def _resume_point(cfg: TrainConfig, is_main: bool) -> str | None:
+    if not cfg.resume:
+        return None
+    path, skipped = ck.newest_verified(cfg.run_dir / "checkpoints")
+    if is_main:
+        for name in skipped:
+            log.warning("--resume: skipping %s (partial or corrupt: MANIFEST missing or does not verify)", name)
+        if path is None:
+            log.warning("--resume: no verified checkpoint in %s; starting from step 0", cfg.run_dir / "checkpoints")
+        else:
+            log.info("--resume: continuing from %s", path.name)
+    return str(path) if path else None
+
+
+def run(cfg: TrainConfig) -> tuple[int, object]:
+    """Train; returns (exit code, trained model or None). Never raises for OOM/disk/usage/interrupt."""
+    from train import engine
+    from train.model import pick_device
+
+    t0 = time.time()
+    rank, world, local_rank = _dist_env(cfg)
+    device = pick_device(cfg.device)
+    state = engine.RunState(cfg=cfg, device=device, rank=rank, world=world)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    state.metrics = MetricsLog(cfg.run_dir / "metrics.jsonl", rank == 0)
+    if rank == 0:
+        for stale in ("failure.json", "summary.json"):
+            (cfg.run_dir / stale).unlink(missing_ok=True)
+    old_handlers = engine.install_signal_handlers(state)
+    model = None
+    try:
+        code, model = _train(cfg, state, local_rank, t0)
+        return code, model
+    except TrainError as e:
+        _failure(state, e.kind, e.message + (f" ({e.hint})" if e.hint else ""), e.exit_code, t0)
+        if rank == 0:
+            log.error("%s", e.message)
+            if e.hint:
+                log.error("hint: %s", e.hint)
+        return int(e.exit_code), None
+    except KeyboardInterrupt:
+        _failure(state, "interrupted", "interrupted by a second signal", ExitCode.INTERRUPTED, t0)
+        return int(ExitCode.INTERRUPTED), None
+    except BaseException as e:  # noqa: BLE001 - OOM and crashes become failure.json
+        if is_oom(e):
+            _failure(state, "oom", f"{type(e).__name__}: {str(e)[:500]}", ExitCode.OUT_OF_MEMORY, t0)
+            log.error("out of memory in phase %s at step %d: %s", state.phase, state.step, str(e)[:300])
+            return int(ExitCode.OUT_OF_MEMORY), None
+        _failure(state, "error", f"{type(e).__name__}: {str(e)[:500]}", ExitCode.ERROR, t0)
+        log.error("trainer crashed: %s", "".join(traceback.format_exception(e))[-3000:])
+        return int(ExitCode.ERROR), None
+    finally:
+        import signal
+
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
+def _train(cfg: TrainConfig, state, local_rank: int, t0: float):
+    from functools import partial
+
+    from train import data as D
+    from train import engine
+    from train.export import export_final
+    from train.model import load_base, prepare
+
+    model_dir = _model_dir(cfg, local_rank)
+    args = engine.training_args(cfg, state.device, state.world)  # before from_pretrained: ZeRO-3 zero.Init
+    records = D.load_records(cfg.dataset, cfg.images)  # bad records fail before the model loads
+    base, tok, ip = load_base(model_dir, cfg, state.device, local_rank)
+    model = prepare(base, cfg)
+    if state.is_main and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    image_tokens = int(getattr(base.config, "image_seq_length", 0) or 0)
+    dataset = D.LlavaDataset(records, tok, ip, cfg.chat_template, base.config.image_token_index, image_tokens,
+                             cfg.max_length, cfg.images)
+    dataset[0]  # encode one record now: max_length / image problems surface as a usage error, not mid-run
+    trainer = engine.SafeCheckpointTrainer(model=model, args=args, train_dataset=dataset,
+                                           data_collator=partial(D.collate, pad_id=tok.pad_token_id),
+                                           callbacks=[engine.RunCallback(state)])
+    trainer.run = state
+    resume = _resume_point(cfg, state.is_main)
+    state.phase = "train"
+    t_train = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    state.train_seconds = time.time() - t_train
+    state.step = trainer.state.global_step
+    state.tokens = trainer.state.num_input_tokens_seen
+    if state.interrupted:
+        if state.is_main:
+            log.warning("stopped at step %d on a signal; last verified checkpoint: %s", state.step,
+                        state.last_checkpoint or "none")
+        _failure(state, "interrupted", f"stopped on a signal at step {state.step}", ExitCode.INTERRUPTED, t0)
+        barrier()
+        return int(ExitCode.INTERRUPTED), None
+    state.phase = "save"
+    final = cfg.run_dir / "final"
+    export_final(trainer.model if hasattr(trainer.model, "peft_config") else model, cfg, final, state.is_main)
+    barrier()
+    state.phase = "done"
+    if state.is_main:
+        write_json(cfg.run_dir / "summary.json", _summary(state, "ok", t0, str(final)))
+        state.metrics.write("end", status="ok", step=state.step, final_dir=str(final))
+        log.info("done: %d steps; adapter in %s", state.step, final)
+    return 0, model
+
