@@ -81,6 +81,9 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
             q_bytes += int(per) * g.count
             # biases of quantized Linear layers stay in 16-bit: counted with the frozen group below
     frozen = counts.total - q_params - projector - full
+    if projector and (recipe.llm_lora or recipe.vision_lora):
+        # peft's modules_to_save wraps the projector: the original stays (frozen) beside the trained copy
+        frozen += projector
     largest = max((g.d_in * g.d_out for g in llm_lin), default=0)
 
     return ParamGroups(q_params, q_bytes, q_tensors, frozen, llm_lora, vis_lora, projector, full, counts.total,
