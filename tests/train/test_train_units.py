@@ -1,0 +1,303 @@
+"""Trainer unit tests: exit codes, config validation, data (templates, masking, truncation, bad records),
+projector key layouts, assembly from parts, checkpoint manifest / free-space rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from train import checkpoint as ck
+from train import data as D
+from train.config import LoraSpec, TrainConfig
+from train.exit_codes import DatasetError, DiskFullError, ExitCode, UsageError
+
+
+def test_exit_codes_equal_vramplan():
+    from vramplan.errors import ExitCode as V
+
+    assert {e.name: int(e) for e in ExitCode} == {e.name: int(e) for e in V}
+
+
+def test_trainer_does_not_import_vramplan():
+    import ast
+
+    for f in Path(__file__).resolve().parents[2].joinpath("train").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "vramplan" for n in names), f"{f} imports vramplan"
+
+
+def _cfg(tiny, **kw) -> TrainConfig:
+    base = dict(output_dir=str(tiny / "out"), dataset=str(tiny / "data.json"), images=str(tiny / "images"),
+                model_path=str(tiny / "model"), compute_dtype="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("kw,flag", [({"micro_batch": 0}, "--micro-batch"), ({"recipe": "dpo"}, "--recipe"),
+                                     ({"model_path": "/nope"}, "--model"), ({"quant": "none"}, "--quant"),
+                                     ({"save_steps": -1}, "--save-steps")])
+def test_config_validation_names_the_flag(tiny, kw, flag):
+    with pytest.raises(UsageError) as e:
+        _cfg(tiny, **kw)
+    assert e.value.message.startswith(flag)
+
+
+@pytest.fixture(scope="module")
+def tok_ip(tiny):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny / "model"), AutoImageProcessor.from_pretrained(tiny / "model")
+
+
+REC = {"id": "r1", "image": "img_0000.png", "conversations": [
+    {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A red circle."},
+    {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "It is red."}]}
+
+
+@pytest.mark.parametrize("template,answers", [
+    ("llama3", ["A red circle.<|eot_id|>", "It is red.<|eot_id|>"]),
+    ("vicuna_v1", [" A red circle.</s>", " It is red.</s>"])])
+def test_labels_mask_everything_but_assistant_turns(tok_ip, template, answers):
+    tok, _ = tok_ip
+    img_id = tok.convert_tokens_to_ids("<image>")
+    item = D.encode(REC, tok, template, img_id, 4, 512)
+    ids, labels = item["input_ids"], item["labels"]
+    assert len(ids) == len(labels) and ids.count(img_id) == 4
+    # contiguous runs of trained tokens are exactly the assistant answers (with their end token)
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab != D.IGNORE:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    assert [tok.decode(r) for r in runs] == answers
+    text = tok.decode(ids)
+    assert ("USER:" in text) == (template == "vicuna_v1") and ("<|start_header_id|>" in text) == (template == "llama3")
+
+
+def test_image_placeholder_added_when_missing(tok_ip):
+    tok, _ = tok_ip
+    rec = dict(REC, conversations=[{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A cat."}])
+    item = D.encode(rec, tok, "llama3", tok.convert_tokens_to_ids("<image>"), 4, 512)
+    assert item["input_ids"].count(tok.convert_tokens_to_ids("<image>")) == 4
+
+
+def test_truncation_never_cuts_image_tokens(tok_ip):
+    tok, _ = tok_ip
+    img_id = tok.convert_tokens_to_ids("<image>")
+    full = D.encode(REC, tok, "llama3", img_id, 4, 512)
+    short = D.encode(REC, tok, "llama3", img_id, 4, 20)
+    assert len(short["input_ids"]) == 20 < len(full["input_ids"])
+    assert short["input_ids"] == full["input_ids"][:20] and short["input_ids"].count(img_id) == 4
+    img_end = max(i for i, x in enumerate(full["input_ids"]) if x == img_id) + 1
+    with pytest.raises(DatasetError) as e:  # the image block itself does not fit: clear error, no silent cut
+        D.encode(REC, tok, "llama3", img_id, 4, img_end - 1, index=7)
+    assert "record 7" in e.value.message and "'r1'" in e.value.message and "max_length" in e.value.message
+    assert e.value.exit_code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("rec,needle", [
+    ({"id": "a", "image": "img_0000.png"}, "'conversations' missing"),
+    ({"id": "b", "conversations": [{"from": "human", "value": "hi"}]}, "no assistant"),
+    ({"id": "c", "image": "nope.png", "conversations": [{"from": "gpt", "value": "x"}]}, "not found"),
+    ({"id": "d", "conversations": [{"from": "robot", "value": "x"}]}, "turn 0"),
+    ({"id": "e", "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]},
+     "no 'image' field"),
+])
+def test_bad_records_name_the_record(tiny, tmp_path, rec, needle):
+    good = json.loads((tiny / "data.json").read_text())[0]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([good, rec]))
+    with pytest.raises(DatasetError) as e:
+        D.load_records(str(path), str(tiny / "images"))
+    assert f"dataset record 1 (id {rec['id']!r})" in e.value.message and needle in e.value.message
+
+
+def test_not_a_list_and_unreadable_image(tiny, tmp_path, tok_ip):
+    p = tmp_path / "d.json"
+    p.write_text('{"id": 1}')
+    with pytest.raises(DatasetError, match="non-empty JSON list"):
+        D.load_records(str(p), None)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    tok, ip = tok_ip
+    rec = dict(REC, image="broken.png")
+    ds = D.LlavaDataset([rec], tok, ip, "llama3", tok.convert_tokens_to_ids("<image>"), 4, 512, str(tmp_path))
+    with pytest.raises(DatasetError, match=r"record 0 \(id 'r1'\): cannot read image"):
+        ds[0]
+
+
+def test_pad_to_square_uses_image_mean_and_centres():
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    sq = D.expand2square(img, (10, 20, 30))
+    assert sq.size == (40, 40)
+    assert sq.getpixel((0, 0)) == (10, 20, 30) and sq.getpixel((20, 20)) == (255, 0, 0)
+    assert sq.getpixel((20, 9)) == (10, 20, 30) and sq.getpixel((20, 10)) == (255, 0, 0)
+
+
+def test_dataset_item_and_collate(tiny, tok_ip):
+    tok, ip = tok_ip
+    recs = D.load_records(str(tiny / "data.json"), str(tiny / "images"))
+    ds = D.LlavaDataset(recs, tok, ip, "llama3", tok.convert_tokens_to_ids("<image>"), 4, 512, str(tiny / "images"))
+    short = dict(recs[0], conversations=recs[0]["conversations"][:2])
+    batch = D.collate([ds[0], D.LlavaDataset([short], tok, ip, "llama3", tok.convert_tokens_to_ids("<image>"), 4,
+                                             512, str(tiny / "images"))[0]], tok.pad_token_id)
+    assert batch["pixel_values"].shape == (2, 3, 28, 28)
+    n0 = len(ds[0]["input_ids"])
+    assert batch["attention_mask"][0].sum() == n0 and batch["attention_mask"][1].sum() < n0
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == D.IGNORE).all()
+
+
+@pytest.mark.parametrize("name", ["projector_xtuner.safetensors", "projector_xtuner.pth", "mm_projector.bin"])
+def test_projector_key_layouts(tiny, name):
+    from safetensors.torch import load_file
+
+    from train.model import load_projector_state
+
+    ref = load_file(str(tiny / "parts" / "projector_xtuner.safetensors"))
+    sd = load_projector_state(str(tiny / "parts" / name))
+    assert set(sd) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    for i, lin in ((0, "linear_1"), (2, "linear_2")):
+        for n in ("weight", "bias"):
+            assert sd[f"{lin}.{n}"].equal(ref[f"projector.model.{i}.{n}"])
+
+
+def test_projector_bad_file(tmp_path):
+    import torch
+
+    from train.model import load_projector_state
+
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "p.bin")
+    with pytest.raises(UsageError, match="no 2-layer projector"):
+        load_projector_state(str(tmp_path / "p.bin"))
+    (tmp_path / "x.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UsageError, match="cannot read"):
+        load_projector_state(str(tmp_path / "x.safetensors"))
+
+
+def test_assembly_from_parts_equals_hf_dir(tiny, tmp_path):
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from train.model import assemble
+
+    p = tiny / "parts"
+    cfg = TrainConfig(output_dir=str(tmp_path), dataset=str(tiny / "data.json"), llm_path=str(p / "llm"),
+                      vision_path=str(p / "clip"), projector_path=str(p / "mm_projector.bin"), recipe="lora",
+                      quant="none", compute_dtype="fp32")
+    out = assemble(cfg, tmp_path / "assembled")
+    a = LlavaForConditionalGeneration.from_pretrained(out)
+    b = LlavaForConditionalGeneration.from_pretrained(tiny / "model")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    added = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<image>")  # the row the assembly adds
+    assert added == len(AutoTokenizer.from_pretrained(p / "llm"))
+    for k in sa:
+        assert sa[k].shape == sb[k].shape, k
+        if k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            # the <image> row is new (mean-resized, like XTuner's conversion); every original row is identical
+            assert sa[k][:added].equal(sb[k][:added]) and not sa[k][added].equal(sb[k][added]), k
+        else:
+            assert sa[k].equal(sb[k]), k
+    assert a.config.image_token_index == b.config.image_token_index
+    assert a.config.image_seq_length == b.config.image_seq_length == 4
+    assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(tiny / "model"))
+
+
+# ---- checkpoint protocol units ----
+
+def _fake_ckpt(root: Path, step: int, size: int = 1000) -> Path:
+    staged = ck.tmp_dir(root, step, "t") / f"checkpoint-{step}"
+    (staged / "sub").mkdir(parents=True)
+    (staged / "a.bin").write_bytes(bytes(range(256)) * (size // 256))
+    (staged / "sub" / "b.json").write_text(json.dumps({"step": step}))
+    dest, man = ck.finalize(staged, root, step)
+    assert man["complete"] and set(man["files"]) == {"a.bin", "sub/b.json"}
+    return dest
+
+
+def test_manifest_detects_truncation_corruption_and_missing(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    c2, c4, c6 = (_fake_ckpt(root, s) for s in (2, 4, 6))
+    assert not list(root.glob(ck.TMP_PREFIX + "*"))
+    assert ck.newest_verified(root) == (c6, [])
+    data = bytearray((c6 / "a.bin").read_bytes())
+    data[10] ^= 0xFF  # same size, different bytes: only the sha256 catches it
+    (c6 / "a.bin").write_bytes(bytes(data))
+    assert ck.verify(c6, deep=False) and not ck.verify(c6, deep=True)
+    (c4 / "a.bin").write_bytes(b"short")
+    assert ck.newest_verified(root) == (c2, ["checkpoint-6", "checkpoint-4"])
+    (c2 / ck.MANIFEST).unlink()
+    assert ck.newest_verified(root)[0] is None
+
+
+def test_prune_keeps_newest_verified_and_drops_unverified(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for s in (2, 4, 6):
+        _fake_ckpt(root, s)
+    (root / "checkpoint-5").mkdir()  # a partial dir with no manifest
+    removed = ck.prune(root, keep=2)
+    assert sorted(removed) == ["checkpoint-2", "checkpoint-5"]
+    assert [p.name for _s, p in ck.list_checkpoints(root)] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_free_space_check_makes_space_safely_or_fails(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for s in (2, 4, 6):
+        _fake_ckpt(root, s)
+    (ck.tmp_dir(root, 8, "dead")).mkdir()
+    free = {"n": 10_000}
+    monkeypatch.setattr(ck, "free_bytes", lambda _p: free["n"])
+    ck.ensure_space(root, 5_000, keep=2)  # enough: nothing removed
+    assert len(ck.list_checkpoints(root)) == 3
+    # not enough; freeing one old checkpoint helps: keep=2 would leave 4 and the new one anyway
+    removed = []
+    real_rmtree = ck.shutil.rmtree
+
+    def rm(p, *a, **k):
+        removed.append(Path(p).name)
+        free["n"] += 3_000
+        real_rmtree(p, *a, **k)
+    monkeypatch.setattr(ck.shutil, "rmtree", rm)
+    free["n"] = 8_000
+    ck.ensure_space(root, 11_000, keep=2)  # needs 12_100: the partial dir (+3_000) is not enough
+    assert removed == [".tmp-checkpoint-8-dead", "checkpoint-2"] and (root / "checkpoint-6").exists() and (root / "checkpoint-4").exists()
+    assert not list(root.glob(ck.TMP_PREFIX + "*"))
+    # impossible: the newest verified checkpoint is never sacrificed
+    free["n"] = 0
+    with pytest.raises(DiskFullError) as e:
+        ck.ensure_space(root, 10**9, keep=1)
+    assert e.value.exit_code == ExitCode.DISK_FULL and "checkpoint-6" in e.value.message
+    assert ck.verify(root / "checkpoint-6")
+
+
+def test_finalize_failure_is_disk_full_and_cleans_up(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    staged = ck.tmp_dir(root, 3, "x") / "checkpoint-3"
+    staged.mkdir(parents=True)
+    (staged / "a").write_bytes(b"data")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ck, "build_manifest", boom)
+    with pytest.raises(DiskFullError, match="No space left"):
+        ck.finalize(staged, root, 3)
+    assert not (root / "checkpoint-3").exists() and not staged.parent.exists()
+
+
+def test_lora_spec_from_plan_dict():
+    assert LoraSpec.from_dict({"r": 8, "alpha": 16, "targets": ["q_proj"]}, "x") == LoraSpec(8, 16, 0.05, ("q_proj",))
+    with pytest.raises(UsageError, match="recipe.llm_lora"):
+        LoraSpec.from_dict({"alpha": 1}, "plan recipe.llm_lora")
