@@ -142,7 +142,7 @@ class ProgressView:
         self.tty = tty
         self.state = ProgressState()
         self._offset = 0
-        self._last_line = 0.0
+        self._last_line = time.monotonic()
         self._last_step_printed = -1
         self._progress = None
         self._task = None
@@ -183,7 +183,8 @@ class ProgressView:
         else:
             now = time.monotonic()
             due = now - self._last_line >= self.interval
-            if self.state.step != self._last_step_printed and (force or due or self._last_step_printed < 0):
+            first = self._last_step_printed < 0 and self.state.step > 0
+            if self.state.step != self._last_step_printed and (force or due or first):
                 self._print(self._line())
                 self._last_line, self._last_step_printed = now, self.state.step
         return self.state
