@@ -75,6 +75,22 @@ def planned_steps(plan: dict) -> int | None:
     return max(1, math.ceil(int(samples) * int(recipe.get("epochs") or 1) / int(gb)))
 
 
+def _resumed_at(run_dir: Path) -> int:
+    """The step the last trainer process started from (its `start` event in metrics.jsonl); 0 if fresh."""
+    step = 0
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                if '"start"' in line:
+                    try:
+                        step = int(json.loads(line).get("step") or 0)
+                    except (ValueError, TypeError, AttributeError):
+                        pass
+    except OSError:
+        return 0
+    return step
+
+
 def _row(component: str, measured, estimated, note: str = "") -> dict:
     label, unit = COMPONENTS[component]
     ratio = (measured / estimated) if (measured is not None and estimated) else None
@@ -113,6 +129,9 @@ def compare(summary: dict, plan: dict | None, run_dir: Path | None = None) -> li
             rows.append(_row("disk", measured, None, f"estimate gives only the total {est.get('disk_bytes')} B "
                                                       "(with weights and dataset): not comparable"))
     steps, train_s, n_planned = summary.get("steps"), summary.get("train_seconds"), planned_steps(plan)
+    resumed_at = _resumed_at(run_dir) if run_dir is not None else 0
+    if steps and resumed_at and steps > resumed_at:  # train_seconds covers the resumed process only
+        steps -= resumed_at
     measured_step = (train_s / steps) if (steps and train_s is not None) else None
     est_step = (est["time_seconds"] / n_planned) if (est.get("time_seconds") and n_planned) else None
     rows.append(_row("time_per_step", measured_step, est_step, f"{steps} measured steps; estimate covers {n_planned}"))
