@@ -167,12 +167,18 @@ def finalize(staged: Path, root: Path, step: int) -> tuple[Path, dict]:
                             "free disk space, then rerun with --resume (the last verified checkpoint is intact)") from e
 
 
-def prune(root: Path, keep: int) -> list[str]:
-    """Delete verified checkpoints beyond the newest `keep`, and unverified leftovers (never trusted)."""
+def prune(root: Path, keep: int, current_step: int | None = None) -> list[str]:
+    """Delete verified checkpoints beyond the newest `keep`, unverified leftovers (never trusted), and any
+    checkpoint numbered after `current_step` (the one just saved): --resume skipped it as partial or corrupt,
+    so it is not part of this run's history and must not count as "newest"."""
     removed = []
     verified = []
-    for _s, p in list_checkpoints(root):
-        if verify(p, deep=False):
+    for s, p in list_checkpoints(root):
+        if current_step is not None and s > current_step:
+            log.warning("removing %s: newer than the checkpoint just saved (skipped on resume)", p.name)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        elif verify(p, deep=False):
             verified.append(p)
         else:
             log.warning("removing %s: it does not verify against its MANIFEST (partial or corrupt)", p.name)

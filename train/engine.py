@@ -101,7 +101,7 @@ class SafeCheckpointTrainer(Trainer):
         if run.is_main:
             try:
                 dest, man = ck.finalize(ck.tmp_dir(root, step, tag) / f"checkpoint-{step}", root, step)
-                removed = ck.prune(root, cfg.keep_checkpoints)
+                removed = ck.prune(root, cfg.keep_checkpoints, step)
                 result = ("ok", str(dest), man["total_bytes"], removed)
             except DiskFullError as e:
                 result = ("err", e.message, e.hint, [])

@@ -91,7 +91,13 @@ def load_for_inference(model_dir: str, final_dir: str, cfg: TrainConfig, device:
 
     from train.model import load_base
 
+    import torch
+
     base, tok, ip = load_base(model_dir, cfg, device)
+    if getattr(base, "is_quantized", False):  # the same numerics as training: prepare_model_for_kbit_training
+        for p in base.parameters():          # keeps every non-quantized weight in fp32
+            if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
+                p.data = p.data.float()
     final = Path(final_dir)
     if (final / "adapter_config.json").exists():
         model = PeftModel.from_pretrained(base, str(final), adapter_name="default")
