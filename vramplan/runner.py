@@ -158,7 +158,8 @@ def launch_and_wait(launch: Launch, run_dir: Path, plan: dict, settings: RunSett
         log.write(f"==> {now_utc()} {' '.join(launch.argv)}\n".encode())
         log.flush()
         # cwd = the run dir: a `train/` folder in the caller's cwd must not shadow the bundled trainer
-        proc = subprocess.Popen(list(launch.argv), env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT,
+        argv = [os.path.expandvars(a) if "${" in a else a for a in launch.argv]  # ${MASTER_ADDR} (multi-node)
+        proc = subprocess.Popen(argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
         def forward(signum, frame):  # noqa: ARG001

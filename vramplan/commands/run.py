@@ -145,9 +145,13 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
                 "dry_run": dry_run, "run_dir": str(out)}
         return CommandResult("dry_run" if dry_run else "commands_written", ExitCode.OK, data,
                              lambda con: _render_dry(con, plan, launch, launch_sh, checks, out, dry_run), warnings)
-    if launch.nodes > 1 and node_rank:
-        raise UsageError(f"--node-rank {node_rank}: vramplan runs node 0 itself; on node {node_rank} run "
-                         f"`bash {out / 'launch.sh'} {node_rank}`", "")
+    if launch.nodes > 1:
+        if node_rank:
+            raise UsageError(f"--node-rank {node_rank}: vramplan runs node 0 itself; on node {node_rank} run "
+                             f"`bash {out / 'launch.sh'} {node_rank}`", "")
+        if not hosts and not os.environ.get("MASTER_ADDR"):
+            raise UsageError("multi-node: node 0's address is unknown", "pass --hosts node0,node1,... or export MASTER_ADDR")
+        max_attempts = 1  # the other nodes run their own launch.sh: no coordinated fallback across nodes
 
     settings = runner.RunSettings(out, max_attempts=max_attempts, resume=mode == "resume", hosts=hosts,
                                   master_port=master_port, plain_progress=json_mode)
