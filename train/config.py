@@ -165,7 +165,9 @@ def from_plan(path: str, overrides: dict) -> TrainConfig:
         device=hw.get("device") or "auto", ds_config=plan.get("ds_config"),
         expected_checkpoint_bytes=est.get("checkpoint_bytes"), estimate=est,
     )
-    for key in ("recipe", "quant", "double_quant", "compute_dtype", "train_projector", "train_llm_full",
+    if r.get("name"):
+        kw["recipe"] = r["name"]
+    for key in ("quant", "double_quant", "compute_dtype", "train_projector", "train_llm_full",
                 "learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler", "optimizer", "epochs",
                 "max_steps", "max_length", "gradient_checkpointing", "attn_implementation", "save_steps",
                 "keep_checkpoints", "dataloader_workers", "seed"):
