@@ -141,19 +141,24 @@ def tmp_dir(root: Path, step: int, tag: str) -> Path:
     return root / f"{TMP_PREFIX}{step}-{tag}"
 
 
+def seal(staged: Path, step: int) -> dict:
+    """fsync every file and dir, write MANIFEST.json (sizes + sha256), re-read and verify. OSError if not durable."""
+    fsync_tree(staged)
+    man = build_manifest(staged, step)
+    with open(staged / MANIFEST, "w") as f:
+        json.dump(man, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(staged)
+    if verify(staged, deep=True) is None:
+        raise OSError(f"{staged} did not verify after writing")
+    return man
+
+
 def finalize(staged: Path, root: Path, step: int) -> tuple[Path, dict]:
-    """fsync + manifest + verify + atomic rename. Raises DiskFullError when the data cannot be made durable."""
+    """seal + atomic rename to root/checkpoint-<step>. Raises DiskFullError when the data cannot be made durable."""
     try:
-        fsync_tree(staged)
-        man = build_manifest(staged, step)
-        mpath = staged / MANIFEST
-        with open(mpath, "w") as f:
-            json.dump(man, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(staged)
-        if verify(staged, deep=True) is None:
-            raise OSError(f"checkpoint {staged} did not verify after writing")
+        man = seal(staged, step)
         dest = root / f"checkpoint-{step}"
         if dest.exists():  # a leftover at the same step (never verified newer than this one)
             shutil.rmtree(dest)
@@ -164,6 +169,25 @@ def finalize(staged: Path, root: Path, step: int) -> tuple[Path, dict]:
     except OSError as e:
         shutil.rmtree(staged.parent, ignore_errors=True)
         raise DiskFullError(f"checkpoint {step} could not be written safely: {e}",
+                            "free disk space, then rerun with --resume (the last verified checkpoint is intact)") from e
+
+
+def publish(staged: Path, dest: Path, step: int) -> dict:
+    """seal a finished dir (final/) and rename it into place; the old one is replaced only after verification."""
+    try:
+        man = seal(staged, step)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.rename(dest, old)
+            os.rename(staged, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staged, dest)
+        _fsync_dir(dest.parent)
+        return man
+    except OSError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise DiskFullError(f"{dest.name}/ could not be written safely: {e}",
                             "free disk space, then rerun with --resume (the last verified checkpoint is intact)") from e
 
 

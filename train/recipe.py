@@ -14,7 +14,7 @@ from pathlib import Path
 
 from train import checkpoint as ck
 from train.config import TrainConfig
-from train.exit_codes import ExitCode, TrainError, is_oom
+from train.exit_codes import DiskFullError, ExitCode, TrainError, is_oom
 from train.metrics import MetricsLog, barrier, local_memory, write_json
 
 log = logging.getLogger("train")
@@ -166,7 +166,15 @@ def _train(cfg: TrainConfig, state, local_rank: int, t0: float):
         return int(ExitCode.INTERRUPTED), None
     state.phase = "save"
     final = cfg.run_dir / "final"
-    export_final(trainer.model if hasattr(trainer.model, "peft_config") else model, cfg, final, state.is_main)
+    staged = cfg.run_dir / f".tmp-final-{os.getpid()}"
+    try:
+        export_final(model, cfg, staged, state.is_main)  # gathers under ZeRO-3: every rank
+        if state.is_main:
+            ck.publish(staged, final, state.step)  # MANIFEST.json: the adapter is verified like a checkpoint
+    except OSError as e:
+        if not engine._is_disk_full(e):
+            raise
+        raise DiskFullError(f"final/ could not be written: {e}", "free disk space, then rerun with --resume") from e
     barrier()
     state.phase = "done"
     if state.is_main:

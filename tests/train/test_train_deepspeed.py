@@ -6,9 +6,10 @@ The first offload run JIT-builds DeepSpeed's cpu_adam (~30 s), cached in TORCH_E
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from trainhelpers import base_args, read_jsonl, run_train
+from trainhelpers import base_args, read_jsonl, run_train, train_env
 
 from train import checkpoint as ck
 
@@ -81,6 +82,8 @@ def test_zero2_optimizer_offload(tiny, tmp_path):
                             "--deepspeed", str(tmp_path / "ds.json")), torchrun=2, port=29643, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     _check_run(out, 4)
+    ext = Path(train_env()["TORCH_EXTENSIONS_DIR"])
+    assert list(ext.rglob("cpu_adam*.so")), "offload ran without DeepSpeedCPUAdam (cpu_adam op)"
 
 
 def test_zero3_qlora_nf4(tiny, tmp_path):

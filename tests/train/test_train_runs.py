@@ -71,6 +71,8 @@ def test_qlora_nf4_learns_and_adapter_reloads_in_fresh_process(tiny, tmp_path):
     for name in ("checkpoint-5", "checkpoint-10"):
         assert ck.verify(out / "checkpoints" / name)
     final = out / "final"
+    assert ck.verify(final)["files"].keys() >= {"adapter_model.safetensors", "vision_adapter/adapter_model.safetensors",
+                                                 "projector.safetensors"}
     vision_cfg = json.loads((final / "vision_adapter" / "adapter_config.json").read_text())
     llm_cfg = json.loads((final / "adapter_config.json").read_text())
     assert (vision_cfg["r"], vision_cfg["lora_alpha"], llm_cfg["r"], llm_cfg["lora_alpha"]) == (4, 8, 16, 32)

@@ -301,3 +301,28 @@ def test_lora_spec_from_plan_dict():
     assert LoraSpec.from_dict({"r": 8, "alpha": 16, "targets": ["q_proj"]}, "x") == LoraSpec(8, 16, 0.05, ("q_proj",))
     with pytest.raises(UsageError, match="recipe.llm_lora"):
         LoraSpec.from_dict({"alpha": 1}, "plan recipe.llm_lora")
+
+
+def test_flags_accept_deepspeed_local_rank_and_plan_overrides(tiny, tmp_path):
+    import argparse
+
+    from train.config import add_flags, from_args
+
+    ap = argparse.ArgumentParser()
+    add_flags(ap)
+    ns = ap.parse_args(["--local_rank=1", "--model", str(tiny / "model"), "--dataset", str(tiny / "data.json"),
+                        "--output", str(tmp_path), "--recipe", "lora", "--lora-r", "4", "--vision-lora-r", "2"])
+    cfg = from_args(ns)
+    assert ns.local_rank == 1 and cfg.recipe == "lora" and cfg.quant == "none"
+    assert cfg.llm_lora.r == 4 and cfg.vision_lora.r == 2 and cfg.vision_lora.targets[0] == "q_proj"
+    plan = {"schema": "vramplan-plan/1", "model": {"path": str(tiny / "model")},
+            "recipe": {"name": "pretrain", "llm_lora": None, "vision_lora": None, "max_steps": 9},
+            "batch": {"micro_batch": 2, "grad_accum": 4}, "data": {"dataset": str(tiny / "data.json")},
+            "output_dir": str(tmp_path / "o"), "estimate": {"checkpoint_bytes": 123}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cfg = from_args(ap.parse_args(["--plan", str(tmp_path / "plan.json"), "--max-steps", "3", "--resume"]))
+    assert (cfg.recipe, cfg.max_steps, cfg.micro_batch, cfg.grad_accum, cfg.resume) == ("pretrain", 3, 2, 4, True)
+    assert cfg.expected_checkpoint_bytes == 123 and cfg.output_dir == str(tmp_path / "o")
+    (tmp_path / "bad.json").write_text('{"schema": "other"}')
+    with pytest.raises(UsageError, match="not a vramplan plan"):
+        from_args(ap.parse_args(["--plan", str(tmp_path / "bad.json")]))
