@@ -1,0 +1,100 @@
+"""Is a Hugging Face repo already in the local hub cache, complete? (no network, no huggingface_hub needed)
+
+Cache layout (huggingface_hub "Understand caching"): `<HF_HUB_CACHE>/models--{org}--{name}/`
+with `refs/<branch>` holding a commit hash and `snapshots/<commit>/` holding symlinks into `blobs/`.
+The cache dir follows huggingface_hub/constants.py: HF_HUB_CACHE, else the legacy
+HUGGINGFACE_HUB_CACHE, else `$HF_HOME/hub`, HF_HOME defaulting to `$XDG_CACHE_HOME/huggingface`
+(`~/.cache/huggingface`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def hub_cache_dir(env: Mapping[str, str], override: Path | None = None) -> Path:
+    if override is not None:
+        return Path(override)
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                              "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+@dataclass(frozen=True)
+class ModelDirState:
+    path: str
+    exists: bool
+    has_config: bool
+    complete: bool  # config + every weight file (all shards of an index)
+    weight_bytes: int
+    problem: str  # "" when complete
+
+
+def inspect_model_dir(d: Path) -> ModelDirState:
+    """Does a HF-format model dir hold config.json and all its weights? Sizes follow symlinks (cache blobs)."""
+    d = Path(d)
+    if not d.is_dir():
+        return ModelDirState(str(d), d.exists(), False, False, 0, "not a directory" if d.exists() else "does not exist")
+    has_config = (d / "config.json").is_file()
+    files: list[Path] = []
+    problem = ""
+    index = next((d / f for f in INDEX_FILES if (d / f).is_file()), None)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            shards = []
+            problem = f"{index.name} is unreadable ({type(e).__name__})"
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            problem = f"{len(missing)} of {len(shards)} weight shards missing (e.g. {missing[0]})"
+        files = [d / s for s in shards if (d / s).is_file()]
+    else:
+        files = [d / f for f in WEIGHT_FILES if (d / f).is_file()]
+        if not files:
+            problem = f"no weights ({' or '.join(WEIGHT_FILES)} or a sharded index)"
+    if not has_config:
+        problem = "no config.json" + (f"; {problem}" if problem else "")
+    size = 0
+    seen = set()
+    for f in files:
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            size += os.path.getsize(real)
+    return ModelDirState(str(d), True, has_config, not problem, size, problem)
+
+
+def cached_snapshot(repo_id: str, cache: Path, revision: str = "main") -> Path | None:
+    """The snapshot dir of `repo_id` in the hub cache (the ref's commit, else the newest snapshot)."""
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snaps = repo / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = repo / "refs" / revision
+    if ref.is_file():
+        commit = ref.read_text().strip()
+        if (snaps / commit).is_dir():
+            return snaps / commit
+    found = sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    return found[0] if found else None
+
+
+def cached_model(repo_id: str, cache: Path) -> ModelDirState:
+    snap = cached_snapshot(repo_id, cache)
+    if snap is None:
+        return ModelDirState(repo_id, False, False, False, 0, f"not in the Hugging Face cache {cache}")
+    st = inspect_model_dir(snap)
+    return ModelDirState(str(snap), True, st.has_config, st.complete, st.weight_bytes,
+                         st.problem and f"in the cache but incomplete: {st.problem}")
