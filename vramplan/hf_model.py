@@ -1,0 +1,210 @@
+"""A local Hugging Face model dir as a ModelSpec: config.json + safetensors headers, no torch, no network.
+
+Architecture comes from `config.json` (`model_type` "llava": `text_config` (Llama family) +
+`vision_config` (CLIP) + the LLaVA projector; `model_type` "llama": an LLM alone). Missing keys take
+the defaults transformers would use (LlamaConfig, CLIPVisionConfig, LlavaConfig).
+
+Stored sizes are exact: a safetensors file starts with an 8-byte little-endian header length N and
+N bytes of JSON mapping tensor name -> {dtype, shape, data_offsets: [begin, end]}
+(https://huggingface.co/docs/safetensors/index#format). We read only these headers, from
+`model.safetensors` or from every shard named in `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+from vramplan.errors import UsageError
+from vramplan.specs import ModelSpec, ProjectorSpec, TextSpec, VisionSpec
+
+# safetensors dtype -> (our name, bytes per element)
+ST_DTYPES = {"BF16": ("bf16", 2), "F16": ("fp16", 2), "F32": ("fp32", 4), "F64": ("fp64", 8),
+             "I8": ("int8", 1), "U8": ("uint8", 1), "I16": ("int16", 2), "U16": ("uint16", 2),
+             "I32": ("int32", 4), "U32": ("uint32", 4), "I64": ("int64", 8), "U64": ("uint64", 8),
+             "BOOL": ("bool", 1), "F8_E4M3": ("fp8_e4m3", 1), "F8_E5M2": ("fp8_e5m2", 1)}
+TORCH_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+MAX_HEADER = 100 * 2**20  # safetensors caps headers at 100 MB
+
+# transformers defaults (LlamaConfig, CLIPVisionConfig) for keys a config.json may omit
+LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048}
+CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "num_channels": 3}
+# LlavaConfig's default vision_config when config.json has none (CLIP ViT-L/14-336)
+LLAVA_VISION_DEFAULT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                        "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of one .safetensors file (tensor name -> dtype/shape/data_offsets)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing (an incomplete download?)", "re-download the model files") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a valid safetensors file ({e})", "re-download this file") from None
+    return header
+
+
+def tensor_bytes(header: dict, where: Path) -> dict[str, tuple[str, int]]:
+    """tensor name -> (dtype name, stored bytes); checks bytes == numel x itemsize."""
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{where}: tensor {name!r} has a malformed header entry", "re-download this file") from None
+        ours, item = ST_DTYPES.get(dt, (dt.lower(), 0))
+        nbytes = end - begin
+        if item and nbytes != math.prod(shape) * item:
+            raise UsageError(f"{where}: tensor {name!r} holds {nbytes} bytes but {dt}{shape} needs "
+                             f"{math.prod(shape) * item}", "the file is corrupt: re-download it")
+        out[name] = (ours, nbytes)
+    return out
+
+
+def safetensors_files(d: Path) -> list[Path]:
+    """The weight files of a model dir: the index's shards, or model.safetensors, or any *.safetensors."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{index}: unreadable index ({e})", "re-download the model files") from None
+        return [d / f for f in sorted(set(weight_map.values()))]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    return sorted(d.glob("*.safetensors"))
+
+
+def stored_sizes(d: Path) -> tuple[int | None, dict[str, int]]:
+    """(total bytes, bytes by dtype) of the weights, exact from headers; (None, {}) without safetensors."""
+    files = safetensors_files(d)
+    if not files:
+        return None, {}
+    by: dict[str, int] = {}
+    for f in files:
+        for dt, n in tensor_bytes(read_safetensors_header(f), f).values():
+            by[dt] = by.get(dt, 0) + n
+    return sum(by.values()), dict(sorted(by.items()))
+
+
+def _get(cfg: dict, key: str, defaults: dict):
+    v = cfg.get(key)
+    return defaults.get(key) if v is None else v
+
+
+def _text_spec(tc: dict, where: str) -> TextSpec:
+    mt = tc.get("model_type", "llama")
+    if mt != "llama":
+        raise UsageError(f"{where}: language model type {mt!r} is not supported",
+                         "vramplan models Llama-family LLMs (Llama-2/3, Vicuna): use one, or a built-in profile")
+    heads = _get(tc, "num_attention_heads", LLAMA_DEFAULTS)
+    return TextSpec(num_layers=_get(tc, "num_hidden_layers", LLAMA_DEFAULTS), hidden_size=_get(tc, "hidden_size", LLAMA_DEFAULTS),
+                    intermediate_size=_get(tc, "intermediate_size", LLAMA_DEFAULTS), num_attention_heads=heads,
+                    num_key_value_heads=tc.get("num_key_value_heads") or heads,
+                    vocab_size=_get(tc, "vocab_size", LLAMA_DEFAULTS), head_dim=tc.get("head_dim") or 0,
+                    tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
+                    attention_bias=bool(tc.get("attention_bias", False)), mlp_bias=bool(tc.get("mlp_bias", False)),
+                    max_position_embeddings=_get(tc, "max_position_embeddings", LLAMA_DEFAULTS))
+
+
+def _vision_spec(vc: dict | None, where: str, feature_layer) -> VisionSpec:
+    defaults = CLIP_DEFAULTS
+    if vc is None:
+        vc, defaults = {}, {**CLIP_DEFAULTS, **LLAVA_VISION_DEFAULT}
+    mt = vc.get("model_type", "clip_vision_model")
+    if mt not in ("clip_vision_model", "clip"):
+        raise UsageError(f"{where}: vision tower type {mt!r} is not supported", "vramplan models CLIP ViT vision towers")
+    if mt == "clip" and "vision_config" in vc:
+        vc = vc["vision_config"]
+    fl = feature_layer[-1] if isinstance(feature_layer, list) else feature_layer
+    return VisionSpec(num_layers=_get(vc, "num_hidden_layers", defaults), hidden_size=_get(vc, "hidden_size", defaults),
+                      intermediate_size=_get(vc, "intermediate_size", defaults),
+                      num_attention_heads=_get(vc, "num_attention_heads", defaults),
+                      image_size=_get(vc, "image_size", defaults), patch_size=_get(vc, "patch_size", defaults),
+                      num_channels=_get(vc, "num_channels", defaults), feature_layer=-2 if fl is None else int(fl))
+
+
+def _dtype(cfg: dict, by_dtype: dict[str, int]) -> str:
+    td = cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("torch_dtype")
+    if isinstance(td, str) and td in TORCH_DTYPES:
+        return TORCH_DTYPES[td]
+    floats = {k: v for k, v in by_dtype.items() if k in ("bf16", "fp16", "fp32")}
+    return max(floats, key=floats.get) if floats else "bf16"
+
+
+def load_model_dir(path: str | os.PathLike) -> ModelSpec:
+    """ModelSpec of a local HF dir (LlavaForConditionalGeneration or LlamaForCausalLM), exact stored sizes."""
+    d = Path(path).expanduser()
+    fix = "pass a local Hugging Face model dir (with config.json) or a profile name (`vramplan profiles`)"
+    if not d.exists():
+        raise UsageError(f"--model {path}: no such directory", fix, code="model_not_found")
+    if not d.is_dir():
+        raise UsageError(f"--model {path}: is a file, not a model directory", fix, code="model_not_found")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise UsageError(f"--model {path}: no config.json in this directory",
+                         "point --model at the dir that holds config.json and the *.safetensors files")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{cfg_path}: unreadable ({e})", "re-download config.json") from None
+    where = str(cfg_path)
+    mt = cfg.get("model_type")
+    total, by_dtype = stored_sizes(d)
+    common = dict(name=d.name, source=str(cfg_path), path=str(d.resolve()), stored_total_bytes=total,
+                  stored_bytes_by_dtype=by_dtype, stored_dtype=_dtype(cfg, by_dtype))
+    if mt == "llava":
+        text = _text_spec(cfg.get("text_config") or {}, where)
+        vision = _vision_spec(cfg.get("vision_config"), where, cfg.get("vision_feature_layer", -2))
+        if cfg.get("multimodal_projector_bias", True) is False:
+            raise UsageError(f"{where}: a LLaVA projector without biases is not supported",
+                             "vramplan models LLaVA's mlp2x_gelu projector (Linear with bias, GELU, Linear with bias)")
+        if cfg.get("projector_hidden_act", "gelu") not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu"):
+            raise UsageError(f"{where}: projector_hidden_act {cfg['projector_hidden_act']!r} is not supported",
+                             "vramplan models LLaVA's mlp2x_gelu projector")
+        n_feat = len(cfg["vision_feature_layer"]) if isinstance(cfg.get("vision_feature_layer"), list) else 1
+        proj = ProjectorSpec("mlp2x_gelu", vision.hidden_size * n_feat, text.hidden_size)
+        image_index = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
+        return ModelSpec(text=text, vision=vision, projector=proj, hf_ids={"llava": cfg.get("_name_or_path") or d.name},
+                         chat_template="llama3" if text.vocab_size >= 128000 else "vicuna_v1",
+                         image_token_added=0 <= int(image_index) < text.vocab_size, **common)
+    if mt == "llama":
+        text = _text_spec(cfg, where)
+        return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": cfg.get("_name_or_path") or d.name},
+                         chat_template="llama3" if text.vocab_size >= 128000 else "vicuna_v1",
+                         image_token_added=False, **common)
+    raise UsageError(f"{where}: model_type {mt!r} is not supported",
+                     "use a LLaVA (model_type \"llava\", LlavaForConditionalGeneration) or Llama dir, or a profile name")
+
+
+def looks_like_path(arg: str) -> bool:
+    return os.sep in arg or "/" in arg or arg.startswith((".", "~")) or Path(arg).exists()
+
+
+def resolve_model(arg: str) -> ModelSpec:
+    """`--model` value: an existing path (or anything path-like) -> load_model_dir, else a profile id."""
+    if looks_like_path(arg):
+        return load_model_dir(arg)
+    from vramplan.profiles import load_model
+
+    return load_model(arg)
