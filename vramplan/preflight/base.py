@@ -93,7 +93,8 @@ class Context:
 
     def need_note(self) -> str:
         """Why a need-based comparison cannot be made."""
-        return f"no plan, so the run's needs are unknown ({self.no_plan_reason})"
+        return "no plan, so the run's needs are unknown" + (
+            f" ({self.no_plan_reason})" if len(self.no_plan_reason) <= 80 else "")
 
 
 def plan_hint() -> str:
