@@ -37,12 +37,13 @@ def _model_paths(plan: dict) -> list[str]:
     return [m[k] for k in ("path", "llm_path", "vision_path", "projector_path") if m.get(k)]
 
 
-def _preflight(plan: dict, output_dir: Path) -> list[dict]:
+def _preflight(plan: dict, output_dir: Path, env: dict) -> list[dict]:
+    """Preflight judged with the environment the trainer will get (launch.sh's exports included)."""
     from vramplan.preflight import run_checks
 
     data = plan.get("data") or {}
     results = run_checks(plan, str(output_dir), dataset=data.get("dataset"), images=data.get("images"),
-                         model_paths=_model_paths(plan))
+                         model_paths=_model_paths(plan), env=env)
     return [r.to_dict() for r in results]
 
 
@@ -85,7 +86,7 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
             max_attempts: int, skip_preflight: bool, hosts: tuple[str, ...], node_rank: int | None,
             master_port: int | None, json_mode: bool) -> CommandResult:
     from vramplan import runner
-    from vramplan.launch import build_launch, render_launch_sh
+    from vramplan.launch import build_launch, child_env, render_launch_sh
 
     if mode == "demo" and not output:
         output = _fresh_demo_dir()
@@ -122,21 +123,23 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
         plan = plan_from_options(options_from_kwargs(**kwargs))
     plan = dict(plan, output_dir=str(out))
 
+    launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
     checks: list[dict] = []
     if skip_preflight:
         warnings.append("preflight skipped (--skip-preflight)")
     else:
-        checks = _preflight(plan, out)
+        checks = _preflight(plan, out, child_env(launch))
         failed = [c for c in checks if c.get("status") == "FAIL"]
+        warnings += [f"preflight: {c['name']}: {c.get('detail', '')}" for c in checks if c.get("status") == "WARN"]
         if failed:
             data = {"plan": plan, "preflight": checks, "launched": False}
-            errors = [{"code": "preflight_failed", "message": f"preflight: {c['name']}: {c.get('detail', '')}",
-                       "hint": c.get("fix", "")} for c in failed]
+            errors = [{"code": "preflight_failed",
+                       "message": f"preflight failed ({', '.join(c['name'] for c in failed)}): nothing launched",
+                       "hint": "fix the FAIL checks above and rerun (or --skip-preflight at your own risk)"}]
             return CommandResult("preflight_failed", ExitCode.PREFLIGHT_FAILED, data,
                                  lambda con: _render_checks(con, failed, "preflight FAILED - nothing launched"),
                                  warnings, errors)
 
-    launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
     launch_sh = render_launch_sh(launch, header=f"plan: {runner.describe(plan)}")
     if dry_run or (launch.nodes > 1 and node_rank is None):
         if not dry_run:  # multi-node: write the run dir; each node runs its own command
@@ -216,8 +219,8 @@ def _render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
     files = ["plan.json", "launch.sh"] + (["ds_config.json"] if plan.get("ds_config") else []) + (
         ["hostfile"] if launch.hostfile else [])
     con.print(Text(f"{verb}: " + ", ".join(str(out / f) for f in files)))
-    con.print(Text(f"--- launch.sh ({launch.world_size} processes: {launch.nodes} node(s) x "
-                   f"{launch.procs_per_node}) ---"))
+    procs = f"{launch.world_size} process" + ("es" if launch.world_size != 1 else "")
+    con.print(Text(f"--- launch.sh ({procs}: {launch.nodes} node(s) x {launch.procs_per_node}) ---"))
     con.print(Text(launch_sh.rstrip()), soft_wrap=True)  # copy-pasteable: never wrapped
     if launch.hostfile:
         con.print(Text("--- hostfile ---\n" + launch.hostfile.rstrip()))
