@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
     _setup_logging()
+    lws = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if lws > 1 and "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher leaves it unset:
+        import torch                                      # N ranks x all cores oversubscribe (cpu-stack-facts §6)
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // lws))
     log = logging.getLogger("train")
     try:
         cfg = from_args(ns)

@@ -59,11 +59,15 @@ def _summary(run, status: str, t0: float, final_dir: str | None) -> dict:
 
 def _failure(run, kind: str, message: str, code: ExitCode, t0: float) -> None:
     mem = local_memory(run.device)
-    if run.is_main:
-        write_json(run.cfg.run_dir / "failure.json", {
-            "kind": kind, "phase": run.phase, "step": run.step, "message": message,
-            "memory": {"allocated_bytes": mem["allocated"], "reserved_bytes": mem["reserved"], "rss_bytes": mem["rss"]},
+    path = run.cfg.run_dir / "failure.json"
+    # an OOM or crash often hits one rank only: that rank writes the record unless rank 0 already has
+    if run.is_main or (kind in ("oom", "error") and not path.exists()):
+        write_json(path, {
+            "kind": kind, "phase": run.phase, "step": run.step, "message": message, "rank": run.rank,
+            "memory": {"allocated_bytes": mem["allocated"], "reserved_bytes": mem["reserved"], "rss_bytes": mem["rss"],
+                       "peak_allocated_bytes": mem["peak_allocated"], "peak_reserved_bytes": mem["peak_reserved"]},
             "exit_code": int(code)})
+    if run.is_main:
         write_json(run.cfg.run_dir / "summary.json", _summary(run, kind, t0, None))
         if run.metrics:
             run.metrics.write("end", status=kind, step=run.step, message=message)

@@ -95,3 +95,22 @@ def test_zero3_qlora_nf4(tiny, tmp_path):
     _check_run(out, 4)
     man = ck.verify(out / "checkpoints" / "checkpoint-4")
     assert sum("model_states" in f for f in man["files"]) == 2  # ZeRO-3: one model-state shard per rank
+
+
+def test_deepspeed_launcher_passes_local_rank(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        pytest.skip("the deepspeed launcher script is not installed next to this Python")
+    out = tmp_path / "run"
+    (tmp_path / "ds.json").write_text(json.dumps(_ds_config(2)))
+    env = train_env()
+    env.pop("OMP_NUM_THREADS")  # the trainer itself must avoid thread oversubscription under this launcher
+    p = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", "29645", "--module", "train",
+                        *base_args(tiny, out, "--recipe", "lora", "--max-steps", "2", "--save-steps", "2",
+                                   "--deepspeed", str(tmp_path / "ds.json"))],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    _check_run(out, 2, saves=(2,))
