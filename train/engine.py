@@ -19,6 +19,7 @@ from train.exit_codes import DiskFullError
 from train.metrics import MetricsLog, barrier, broadcast, gather, local_memory
 
 log = logging.getLogger("train")
+TRAINABLE = "trainable.safetensors"  # checkpoint weights of a no-PEFT run (projector pretraining)
 OOM_ENV = "VRAMPLAN_TEST_INJECT_OOM_AT_STEP"  # test-only: raise an OOM at this step (docs/contracts.md)
 
 
@@ -115,6 +116,34 @@ class SafeCheckpointTrainer(Trainer):
         if run.is_main:
             log.info("saved checkpoint-%d (%d bytes, verified)", step, result[2])  # only after verification
         run.phase = "train"
+
+
+    # recipe "pretrain" (no PEFT): save/restore only the trainable weights (the projector), like LLaVA's
+    # mm_projector.bin, instead of the whole frozen model in every checkpoint
+    def _trainable_only(self) -> bool:
+        return not hasattr(self.model, "peft_config") and not self.run.cfg.train_llm_full
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self._trainable_only():
+            return super()._save(output_dir, state_dict)
+        from safetensors.torch import save_file
+
+        os.makedirs(output_dir, exist_ok=True)
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        sd = state_dict if state_dict is not None else self.model.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items() if k in names},
+                  os.path.join(output_dir, TRAINABLE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        path = os.path.join(resume_from_checkpoint, TRAINABLE)
+        if not (self._trainable_only() and os.path.exists(path)):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        missing = set(load_file(path)) - set(dict(self.model.named_parameters()))
+        if missing:
+            raise RuntimeError(f"{path}: unexpected keys {sorted(missing)[:3]}")
+        self.model.load_state_dict(load_file(path), strict=False)
 
 
 class RunCallback(TrainerCallback):

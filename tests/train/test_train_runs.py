@@ -231,3 +231,14 @@ def test_assembly_from_parts_trains_via_cli(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert (out / "assembled-model" / "ASSEMBLED").exists() and ck.verify(out / "checkpoints" / "checkpoint-2")
     assert (out / "final" / "projector.safetensors").exists() and not (out / "final" / "adapter_config.json").exists()
+    files = set(ck.verify(out / "checkpoints" / "checkpoint-2")["files"])
+    assert "trainable.safetensors" in files and "model.safetensors" not in files  # projector only, not the LLM
+    from safetensors.torch import load_file
+
+    assert all("multi_modal_projector" in k for k in load_file(str(out / "checkpoints" / "checkpoint-2" /
+                                                                   "trainable.safetensors")))
+    p = run_train(["--llm", str(tiny / "parts" / "llm"), "--vision", str(tiny / "parts" / "clip"),
+                   "--dataset", str(tiny / "data.json"), "--images", str(tiny / "images"), "--output", str(out),
+                   "--recipe", "pretrain", "--compute-dtype", "fp32", "--max-steps", "3", "--save-steps", "2",
+                   "--resume"])
+    assert p.returncode == 0 and "continuing from checkpoint-2" in p.stderr, p.stderr[-2000:]
