@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from vramplan.errors import ProfileError, UsageError
@@ -247,8 +248,14 @@ def _to_spec(data: dict, name: str, kind: str):
     extra = {k: data[k] for k in ("stored_dtype", "chat_template", "image_token_added") if k in data}
     if kind == "llm":
         extra["image_token_added"] = False
-    return ModelSpec(name=name, source=src, text=text, vision=vision, projector=proj,
+    spec = ModelSpec(name=name, source=src, text=text, vision=vision, projector=proj,
                      hf_ids=dict(data.get("hf_ids", {})), **extra)
+    # built-in profiles: stored bytes derived from the exact parameter count x the stored dtype
+    from vramplan.params import count_params
+
+    dt = spec.stored_dtype
+    stored = count_params(spec).total * {"fp32": 4, "bf16": 2, "fp16": 2}[dt]
+    return replace(spec, stored_total_bytes=stored, stored_bytes_by_dtype={dt: stored})
 
 
 def load_file(path: str | os.PathLike, expected_kind: str | None = None):

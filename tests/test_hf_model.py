@@ -1,0 +1,110 @@
+"""Local HF model dirs: architecture from config.json, exact stored bytes from safetensors headers."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from vramplan.errors import UsageError  # noqa: E402
+from vramplan.hf_model import load_model_dir, read_safetensors_header, resolve_model, safetensors_files  # noqa: E402
+from vramplan.params import count_params  # noqa: E402
+
+DT = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+
+
+def tiny_llava(dtype):
+    torch.manual_seed(0)
+    text = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=320, max_position_embeddings=256)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=28, patch_size=14)
+    cfg = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=319)
+    return transformers.LlavaForConditionalGeneration(cfg).to(dtype)
+
+
+def header_bytes(files) -> int:
+    total = 0
+    for f in files:
+        h = read_safetensors_header(f)
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in h.items() if k != "__metadata__")
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tiny_llava_dir_exact_bytes(tmp_path, dtype):
+    model = tiny_llava(dtype)
+    model.save_pretrained(tmp_path)
+    spec = load_model_dir(tmp_path)
+    params = sum(p.numel() for p in model.parameters())
+    tensor_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert count_params(spec).total == params
+    assert spec.stored_total_bytes == header_bytes(safetensors_files(tmp_path)) == tensor_bytes
+    assert spec.stored_bytes_by_dtype == {DT[dtype]: tensor_bytes}
+    assert spec.stored_dtype == DT[dtype]
+    assert spec.vision is not None and spec.image_tokens == 4 and spec.image_token_added
+    assert (spec.projector.in_features, spec.projector.out_features) == (32, 64)
+    assert spec.path == str(tmp_path.resolve())
+    assert resolve_model(str(tmp_path)).stored_total_bytes == tensor_bytes
+
+
+def test_sharded_index_and_mixed_dtypes(tmp_path):
+    model = tiny_llava(torch.bfloat16)
+    model.model.vision_tower.to(torch.float32)  # like XTuner's fp32 ViT next to a 16-bit LLM
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    files = safetensors_files(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(files) > 1
+    spec = load_model_dir(tmp_path)
+    want: dict[str, int] = {}
+    for p in model.parameters():
+        want[DT[p.dtype]] = want.get(DT[p.dtype], 0) + p.numel() * p.element_size()
+    assert spec.stored_bytes_by_dtype == want
+    assert spec.stored_total_bytes == sum(want.values()) == header_bytes(files)
+    # a shard named in the index but missing: an incomplete download, said as such
+    files[0].unlink()
+    with pytest.raises(UsageError, match="missing"):
+        load_model_dir(tmp_path)
+
+
+def test_llama_dir_is_llm_only(tmp_path):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   vocab_size=128, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path)
+    spec = load_model_dir(tmp_path)
+    assert spec.vision is None and spec.projector is None and not spec.image_token_added
+    assert count_params(spec).total == sum(p.numel() for p in model.parameters())
+    assert spec.stored_total_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_errors_name_the_path_and_fix(tmp_path):
+    with pytest.raises(UsageError, match="no such directory") as e:
+        resolve_model(str(tmp_path / "nope"))
+    assert str(tmp_path / "nope") in e.value.message and e.value.hint
+    with pytest.raises(UsageError, match="no config.json"):
+        load_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UsageError, match="'bert' is not supported"):
+        load_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UsageError, match="unreadable"):
+        load_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(UsageError, match="not a valid safetensors"):
+        load_model_dir(tmp_path)
+    with pytest.raises(UsageError, match="unknown model profile 'llava-nope'"):
+        resolve_model("llava-nope")
+
+
+def test_corrupt_offsets_detected(tmp_path):
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [4, 4], "data_offsets": [0, 30]}}).encode()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4, "num_attention_heads": 1,
+                                                     "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 4}))
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(30))
+    with pytest.raises(UsageError, match="corrupt"):
+        load_model_dir(tmp_path)
