@@ -55,12 +55,12 @@ def index_url(torch_version: str) -> str:
 
 def torchvision_fix(torch_version: str) -> str:
     want = torchvision_for_torch(torch_version)
-    uninstall = "pip uninstall -y torchvision   # the bundled trainer does not need torchvision"
+    uninstall = "pip uninstall -y torchvision   # the bundled trainer does not need it"
     if not want:
         return uninstall
     idx = index_url(torch_version)
     install = f"pip install --force-reinstall --no-deps torchvision=={want}" + (f" --index-url {idx}" if idx else "")
-    return f"{uninstall}\n{install}   # or: the build made for torch {torch_version}"
+    return f"{uninstall}\n# or, to keep it, the build made for torch {torch_version}: {install}"
 
 
 def _pairing_problem(torch_v: str, tv: dict) -> str:
@@ -152,7 +152,7 @@ def check_transformers_import(ctx: Context) -> CheckResult:
         err = st.get("error", "")
         tv = res.step("torchvision") or {}
         caused_by_tv = "torchvision" in err or (tv.get("installed") and not tv.get("import_ok"))
-        fix = torchvision_fix(torch_st.get("version", "")) if caused_by_tv else \
+        fix = torchvision_fix(torch_st.get("version", "")).splitlines()[0] if caused_by_tv else \
             "pip install --force-reinstall -c constraints.txt transformers"
         why = " (the broken torchvision is the cause: transformers imports it when it is installed)" if caused_by_tv \
             else ""
