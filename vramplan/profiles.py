@@ -191,7 +191,9 @@ def validate_data(data: dict, file: str, expected_kind: str | None = None) -> st
     if kind is None:
         raise ProfileError(file, "kind", "missing required key", f"one of: {', '.join(KINDS)}")
     if kind not in KINDS:
-        raise ProfileError(file, "kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+        close = difflib.get_close_matches(str(kind), KINDS, n=1)
+        raise ProfileError(file, "kind", f"{kind!r} is not one of {', '.join(KINDS)}",
+                           f"did you mean {close[0]!r}?" if close else "")
     if expected_kind and SUBDIR[kind] != SUBDIR[expected_kind]:
         raise ProfileError(file, "kind", f"is {kind!r} but the file is in {SUBDIR[expected_kind]}/")
     skip = set()

@@ -1,0 +1,129 @@
+"""`--gpus` grammar, representative cards for sizes, errors with suggestions, detection."""
+
+from __future__ import annotations
+
+import pytest
+
+from vramplan import gpus as G
+from vramplan.errors import UsageError
+from vramplan.profiles import all_hardware
+
+
+@pytest.mark.parametrize("text,nodes,per_node,card,by_size", [
+    ("1x24G", 1, 1, "a10", True),
+    ("1x24GB", 1, 1, "a10", True),
+    ("24g", 1, 1, "a10", True),
+    ("2x80G", 1, 2, "h100-80gb", True),
+    ("4x48G", 1, 4, "l40s", True),
+    ("1x16GB", 1, 1, "t4-16gb", True),
+    ("8x64G", 1, 8, "ascend-910b", True),  # no NVIDIA card of that size: any vendor
+    ("8x910B", 1, 8, "ascend-910b", False),
+    ("8xAscend910B3", 1, 8, "ascend-910b", False),
+    ("4x910B4", 1, 4, "ascend-910b4", False),
+    ("2xA100-80G", 1, 2, "a100-80gb", False),
+    ("2xa100-40gb", 1, 2, "a100-40gb", False),
+    ("4xH100", 1, 4, "h100-80gb", False),
+    ("4xH100-80G", 1, 4, "h100-80gb", False),
+    ("2x8xA100-80G", 2, 8, "a100-80gb", False),
+    ("16 x 8 x H200", 16, 8, "h200-141gb", False),
+    ("A100-80G", 1, 1, "a100-80gb", False),
+    ("4090", 1, 1, "rtx-4090", False),
+    ("1xRTX4090", 1, 1, "rtx-4090", False),
+    ("2x NVIDIA GeForce RTX 3090", 1, 2, "rtx-3090", False),
+    ("1xrtx-a6000", 1, 1, "rtx-a6000", False),
+    ("1xV100-32GB", 1, 1, "v100-32gb", False),
+    ("2xT4", 1, 2, "t4-16gb", False),
+    ("1xL4", 1, 1, "l4", False),
+    ("1xL40S", 1, 1, "l40s", False),
+])
+def test_grammar(text, nodes, per_node, card, by_size):
+    s = G.parse_gpus(text)
+    assert (s.nodes, s.gpus_per_node, s.hardware.name, s.by_size_only, s.text) == (nodes, per_node, card, by_size, text)
+    assert s.total_gpus == nodes * per_node
+    if by_size:
+        assert s.hardware.display_name in s.note and "least usable memory" in s.note
+    else:
+        assert s.note == ""
+
+
+def test_representative_is_least_memory_card_of_that_size():
+    hw = all_hardware()
+    for size in {h.marketed_memory_gb for h in hw}:
+        rep, cards = G.representative(size)
+        pool = [h for h in cards if h.vendor == "nvidia"] or cards
+        assert rep.memory_gib == min(h.memory_gib for h in pool)
+        assert all(h.marketed_memory_gb == size for h in cards)
+    note = G.parse_gpus("1x24G").note
+    for other in ("rtx-4090", "rtx-3090", "l4"):  # the note names the cards to pick instead
+        assert other in note
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("1x23G", ["no 23 GB card", "24"]),
+    ("3xB300", ["unknown GPU 'B300'"]),
+    ("2xRTX4080", ["unknown GPU 'RTX4080'", "rtx-4090"]),
+    ("2xA100", ["ambiguous", "a100-40gb", "a100-80gb"]),
+    ("0x24G", ["must be 1"]),
+    ("", ["empty"]),
+    ("2x", ["unknown GPU"]),
+])
+def test_errors_are_one_line_with_suggestions(text, needles):
+    with pytest.raises(UsageError) as e:
+        G.parse_gpus(text)
+    full = e.value.message + " " + e.value.hint
+    assert "\n" not in e.value.message and "\n" not in e.value.hint
+    for n in needles:
+        assert n in full, full
+
+
+def test_detection_returns_none_without_devices(monkeypatch):
+    monkeypatch.setattr(G.shutil, "which", lambda name: None)  # no npu-smi
+    # This CI host has no NVIDIA driver: NVML init fails, which must read as "nothing detected".
+    assert G.detect_local_gpus() is None
+
+
+def test_detection_matches_profiles(monkeypatch):
+    monkeypatch.setattr(G, "_nvml", lambda: [("NVIDIA GeForce RTX 4090", 24564 * 2**20)] * 2)
+    s = G.detect_local_gpus()
+    assert (s.nodes, s.gpus_per_node, s.hardware.name) == (1, 2, "rtx-4090")
+    assert s.hardware.memory_bytes == 24564 * 2**20 and "detected 2 x NVIDIA GeForce RTX 4090" in s.note
+    # A100 40 vs 80 GB share the name stem: the measured memory decides
+    monkeypatch.setattr(G, "_nvml", lambda: [("NVIDIA A100-SXM4-80GB", 81920 * 2**20)])
+    assert G.detect_local_gpus().hardware.name == "a100-80gb"
+    # an unknown card: measured memory, unknown compute, said so
+    monkeypatch.setattr(G, "_nvml", lambda: [("NVIDIA RTX PRO 6000", 97887 * 2**20)])
+    s = G.detect_local_gpus()
+    assert s.hardware.name == "detected" and s.hardware.bf16_tflops == 0 and "unknown" in s.note
+    assert s.hardware.memory_bytes == 97887 * 2**20
+
+    def boom():
+        raise RuntimeError("driver exploded")
+    monkeypatch.setattr(G, "_nvml", boom)
+    assert G.detect_local_gpus() is None
+
+
+NPU_SMI = """\
++------------------------------------------------------------------------------------------------+
+| npu-smi 23.0.rc2                 Version: 23.0.rc2                                             |
++---------------------------+---------------+----------------------------------------------------+
+| NPU   Name                | Health        | Power(W)    Temp(C)           Hugepages-Usage(page)|
+| Chip                      | Bus-Id        | AICore(%)   Memory-Usage(MB)  HBM-Usage(MB)        |
++===========================+===============+====================================================+
+| 0     910B3               | OK            | 93.5        41                0    / 0             |
+| 0                         | 0000:C1:00.0  | 0           0    / 0          3396 / 65536         |
++===========================+===============+====================================================+
+| 1     910B3               | OK            | 90.1        40                0    / 0             |
+| 0                         | 0000:01:00.0  | 0           0    / 0          3385 / 65536         |
++===========================+===============+====================================================+
+"""
+
+
+def test_npu_smi_parsing(monkeypatch):
+    assert G.parse_npu_smi(NPU_SMI) == [("910B3", 65536 * 2**20)] * 2
+    assert G.parse_npu_smi(NPU_SMI.replace("910B3", "Ascend910B4").replace("65536", "32768")) == \
+        [("Ascend910B4", 32768 * 2**20)] * 2
+    assert G.parse_npu_smi("garbage\n| 0 | x |") == []
+    monkeypatch.setattr(G, "_nvml", lambda: [])
+    monkeypatch.setattr(G, "_npu_smi", lambda: G.parse_npu_smi(NPU_SMI))
+    s = G.detect_local_gpus()
+    assert (s.gpus_per_node, s.hardware.name, s.hardware.vendor) == (2, "ascend-910b", "ascend")
