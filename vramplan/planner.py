@@ -29,7 +29,7 @@ class Job:
     hardware: HardwareSpec
     nodes: int
     gpus_per_node: int
-    seq_len: int  # LLM tokens per sample incl. image tokens
+    seq_len: int  # LLM tokens per sample incl. image tokens (memory: the longest sample sets the peak)
     images_per_sample: float
     samples: int
     epochs: int
@@ -50,6 +50,7 @@ class Job:
     offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+params")
     gpu_counts: tuple[int, ...] = ()
     merge_export: bool = False
+    mean_seq_len: int = 0  # mean tokens per sample for the time estimate; 0 = seq_len
     calibration: tuple = ()  # ((component, factor), ...) from `vramplan calibrate --write`
 
     @property
@@ -161,7 +162,7 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
                       base_weights_bytes=job.model.stored_total_bytes or groups.total_params * 2,
                       base_weights_on_disk=job.base_weights_on_disk, dataset_bytes=job.dataset_bytes,
                       keep_checkpoints=r.keep_checkpoints, workers=job.workers, merge_export=job.merge_export)
-    t = estimate_time(job.model, job.hardware, groups, s, seq=job.seq_len, images=job.images_per_sample,
+    t = estimate_time(job.model, job.hardware, groups, s, seq=job.mean_seq_len or job.seq_len, images=job.images_per_sample,
                       samples=job.samples, epochs=job.epochs, quant=job.quant, compute_dtype=job.compute_dtype,
                       vision_trainable=bool(r.vision_lora), device=job.device)
     reasons, notes = [], []
@@ -226,31 +227,56 @@ def sweep(job: Job) -> list[Candidate]:
     return out
 
 
+STAGE_PREFERENCE = {2: 0, 1: 1, 0: 2, 3: 3}  # on ties: ZeRO-2 is the path XTuner/LLaVA use with (Q)LoRA;
+#   ZeRO-3 last (4-bit sharding needs quant-storage care; extra gather overhead)
+
+
 def rank_key(c: Candidate):
     s = c.strategy
-    # fastest first; ties: fewer GPUs, less offload, lower stage, larger micro-batch, checkpointing off
-    return (round(c.time_seconds, 6), s.gpus, ("none", "optimizer", "optimizer+params").index(s.offload),
-            s.zero_stage, -s.micro_batch, s.grad_ckpt)
+    # fastest first; ties: fewer GPUs, less offload, preferred stage, larger micro-batch, checkpointing off
+    return (round(c.time_seconds, 3), s.gpus, ("none", "optimizer", "optimizer+params").index(s.offload),
+            STAGE_PREFERENCE[s.zero_stage], -s.micro_batch, s.grad_ckpt)
+
+
+def _combo(c: Candidate) -> tuple:
+    return (c.strategy.zero_stage, c.strategy.offload, c.strategy.gpus)
 
 
 def pick(cands: list[Candidate]) -> tuple[int | None, list[str]]:
-    """Index of the fastest fitting candidate and why each faster-looking combination lost."""
+    """Index of the fastest fitting candidate, and why each faster-looking combination lost.
+
+    For every (ZeRO, offload, GPUs) combination with a variant estimated faster than the pick,
+    one line: if nothing in the combination fits, the reason of its smallest variant (micro-batch 1,
+    checkpointing on); otherwise why its faster variants do not fit.
+    """
     fitting = [i for i, c in enumerate(cands) if c.fits]
     if not fitting:
         return None, []
     best = min(fitting, key=lambda i: rank_key(cands[i]))
-    why, seen = [], set()
-    for c in sorted((c for c in cands if not c.fits and c.time_seconds < cands[best].time_seconds), key=rank_key):
-        s = c.strategy
-        key = (s.zero_stage, s.offload, s.gpus)
-        if key in seen:
+    t_best = cands[best].time_seconds
+    combos: dict[tuple, list[Candidate]] = {}
+    for c in cands:
+        combos.setdefault(_combo(c), []).append(c)
+    lines = []
+    for key, group in sorted(combos.items(), key=lambda kv: min(c.time_seconds for c in kv[1])):
+        faster = [c for c in group if c.time_seconds < t_best - 1e-9 and not c.fits]
+        if not faster:
             continue
-        seen.add(key)
-        why.append(f"ZeRO-{s.zero_stage} offload={s.offload} on {s.gpus} GPU(s) "
-                   f"(micro-batch {s.micro_batch}, checkpointing {'on' if s.grad_ckpt else 'off'}): {'; '.join(c.reasons)}")
-        if len(why) >= 8:
+        z, off, gpus = key
+        label = f"ZeRO-{z} offload={off} on {gpus} GPU(s)"
+        if not any(c.fits for c in group):
+            smallest = min(group, key=lambda c: c.vram_per_gpu_bytes)
+            s = smallest.strategy
+            lines.append(f"{label}: even at micro-batch {s.micro_batch} with checkpointing "
+                         f"{'on' if s.grad_ckpt else 'off'}: {'; '.join(smallest.reasons)}")
+        else:
+            c = min(faster, key=lambda c: c.vram_per_gpu_bytes)
+            s = c.strategy
+            lines.append(f"{label}, micro-batch {s.micro_batch}, checkpointing {'on' if s.grad_ckpt else 'off'} "
+                         f"(faster): {'; '.join(c.reasons)}")
+        if len(lines) >= 8:
             break
-    return best, why
+    return best, lines
 
 
 def with_recipe(job: Job, **changes) -> Job:

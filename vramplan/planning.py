@@ -160,7 +160,15 @@ def build_job(o: EstimateOptions):
         images_per_sample = (rep.with_image / rep.samples) if rep.samples else 0.0
         if getattr(rep, "text_tokens_p95", None):
             text_tokens = int(rep.text_tokens_p95)
-        ctx["dataset"] = {"samples": rep.samples, "with_image": rep.with_image, "image_bytes": rep.image_bytes}
+        ctx["dataset"] = {"samples": rep.samples, "with_image": rep.with_image, "image_bytes": rep.image_bytes,
+                          "mean_text_tokens": rep.text_tokens.get("mean", 0),
+                          "p95_text_tokens": rep.text_tokens.get("p95", 0)}
+    mean_seq = 0
+    if o.dataset and ctx["dataset"].get("mean_text_tokens"):
+        mean_seq = int(model.image_tokens * images_per_sample + ctx["dataset"]["mean_text_tokens"])
+    else:
+        ctx["assumptions"].append("time assumes every sample is seq-len tokens long (an upper bound); "
+                                  "--dataset FILE gives the real lengths")
     if o.samples is not None:
         samples = o.samples
     seq = min(recipe.max_length, model.image_tokens * (1 if images_per_sample else 0) + text_tokens)
@@ -191,7 +199,7 @@ def build_job(o: EstimateOptions):
 
         calibration = tuple(sorted(load_calibration(o.calibration).items()))
         ctx["assumptions"].append(f"calibration applied from {o.calibration}")
-    job = Job(calibration=calibration, model=model, recipe=recipe, hardware=hw, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
+    job = Job(calibration=calibration, mean_seq_len=min(mean_seq, seq) if mean_seq else 0, model=model, recipe=recipe, hardware=hw, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
               seq_len=seq, images_per_sample=images_per_sample, samples=max(1, samples), epochs=recipe.epochs,
               compute_dtype=compute, quant=quant, headroom=o.headroom, device=device, cpu_ram_bytes=cpu_ram,
               disk_free_bytes=disk, dataset_bytes=dataset_bytes, base_weights_on_disk=model.path is not None,

@@ -11,6 +11,19 @@ def _g(b) -> str:
     return f"{b / GiB:.1f}"
 
 
+def _short(c: dict, data: dict) -> str:
+    """A short table verdict; the full reasons are in --json and below the table."""
+    usable = data["hardware"]["memory_bytes"] * (1 - data["headroom"])
+    r = c["reasons"][0]
+    if r.startswith("needs") and "per GPU" in r:
+        return f"VRAM {c['vram_per_gpu_bytes'] / GiB:.1f} > {usable / GiB:.1f} GiB"
+    if "CPU RAM" in r:
+        return "CPU RAM"
+    if "disk" in r:
+        return "disk"
+    return r if len(r) < 40 else r[:37] + "..."
+
+
 def _best_rows(cands: list[dict], pick: int | None) -> list[int]:
     """One row per (GPUs, ZeRO, offload): the pick, else its fastest fitting candidate, else its smallest."""
     groups: dict[tuple, list[int]] = {}
@@ -61,9 +74,9 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
         t.add_column(col, justify="right" if col not in ("offload", "verdict", "ckpt") else "left")
     for i in rows:
         c = cands[i]
-        verdict = "PICK" if i == pick else ("fits" if c["fits"] else "no: " + c["reasons"][0])
+        verdict = "PICK" if i == pick else ("fits" if c["fits"] else "no: " + _short(c, data))
         style = "bold green" if i == pick else ("" if c["fits"] else "dim")
-        t.add_row(str(i), str(c["gpus"]), str(c["zero_stage"]), OFF_SHORT[c["offload"]],
+        t.add_row(f"*{i}" if i == pick else str(i), str(c["gpus"]), str(c["zero_stage"]), OFF_SHORT[c["offload"]],
                   f"{c['micro_batch']} x {c['grad_accum']}", "on" if c["grad_checkpointing"] else "off",
                   _g(c["vram_per_gpu_bytes"]), _g(c["cpu_ram_bytes"]), _g(c["disk_bytes"]),
                   _g(c["checkpoint_bytes"]), fmt_seconds(c["time_seconds"]), Text(verdict), style=style)
@@ -144,7 +157,7 @@ def render_infer(con, data: dict) -> None:
         t.add_column(col, justify="right" if col != "verdict" else "left")
     for i, c in enumerate(data["candidates"]):
         verdict = "PICK" if i == data["pick"] else ("fits" if c["fits"] else "no: " + c["reasons"][0])
-        t.add_row(str(i), str(c["gpus"]), _g(c["vram_breakdown"].get("weights", 0)),
+        t.add_row(f"*{i}" if i == pick else str(i), str(c["gpus"]), _g(c["vram_breakdown"].get("weights", 0)),
                   _g(c["vram_breakdown"].get("kv_cache", 0)), _g(c["vram_per_gpu_bytes"]),
                   f"{c['time_detail']['decode_tokens_per_s']:.0f}", Text(verdict),
                   style="bold green" if i == data["pick"] else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,8 +16,9 @@ GiB = 2**30
 
 
 def est(*args, check_code=None):
+    env = {**os.environ, "COLUMNS": "200"}
     p = subprocess.run([sys.executable, "-m", "vramplan", "estimate", *args], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=env)
     if check_code is not None:
         assert p.returncode == check_code, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
     return p
