@@ -108,3 +108,17 @@ def test_corrupt_offsets_detected(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(30))
     with pytest.raises(UsageError, match="corrupt"):
         load_model_dir(tmp_path)
+
+
+def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UsageError) as e:
+        resolve_model("someorg/tiny-llava")
+    assert "Hugging Face cache" in e.value.hint and "huggingface-cli download someorg/tiny-llava" in e.value.hint
+    repo = tmp_path / "hub" / "models--someorg--tiny-llava"
+    snap = repo / "snapshots" / "abc123"
+    tiny_llava(torch.bfloat16).save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    spec = resolve_model("someorg/tiny-llava")
+    assert spec.path == str(snap.resolve()) and spec.vision is not None and spec.stored_total_bytes > 0

@@ -155,6 +155,9 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
     d = Path(path).expanduser()
     fix = "pass a local Hugging Face model dir (with config.json) or a profile name (`vramplan profiles`)"
     if not d.exists():
+        if str(path).count("/") == 1 and not str(path).startswith(("/", ".", "~")):
+            fix = (f"not a local dir and not in the Hugging Face cache ({hf_cache_dir()}): download it first "
+                   f"(huggingface-cli download {path}) or pass its local dir, or a profile name (`vramplan profiles`)")
         raise UsageError(f"--model {path}: no such directory", fix, code="model_not_found")
     if not d.is_dir():
         raise UsageError(f"--model {path}: is a file, not a model directory", fix, code="model_not_found")
@@ -201,8 +204,38 @@ def looks_like_path(arg: str) -> bool:
     return os.sep in arg or "/" in arg or arg.startswith((".", "~")) or Path(arg).exists()
 
 
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache (HF_HUB_CACHE > HF_HOME/hub > ~/.cache/huggingface/hub), as huggingface_hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot dir of a hub repo id already in the HF cache (refs/main, else the newest), or None.
+    Reads the cache layout only; never touches the network."""
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
+        return None
+    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snaps = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    try:
+        if ref.is_file() and (snaps / ref.read_text().strip() / "config.json").is_file():
+            return snaps / ref.read_text().strip()
+        cands = [d for d in snaps.iterdir() if (d / "config.json").is_file()] if snaps.is_dir() else []
+    except OSError:
+        return None
+    return max(cands, key=lambda d: d.stat().st_mtime) if cands else None
+
+
 def resolve_model(arg: str) -> ModelSpec:
-    """`--model` value: an existing path (or anything path-like) -> load_model_dir, else a profile id."""
+    """`--model` value: a local dir -> load_model_dir; a hub id already in the HF cache -> its snapshot;
+    anything else path-like -> load_model_dir (which says what is missing); else a profile id."""
+    if not Path(arg).expanduser().exists():
+        snap = cached_snapshot(arg)
+        if snap is not None:
+            return load_model_dir(snap)
     if looks_like_path(arg):
         return load_model_dir(arg)
     from vramplan.profiles import load_model
