@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -111,6 +112,17 @@ def test_env_dir_overrides_and_extends(tmp_path, monkeypatch):
     from vramplan.gpus import parse_gpus
 
     assert parse_gpus("2xMyCard").hardware.name == "my-card"
+    monkeypatch.setenv("VRAMPLAN_PROFILES", str(tmp_path / "typo"))
+    with pytest.raises(UsageError, match="VRAMPLAN_PROFILES: .*typo is not a directory"):
+        P.load_hardware("rtx-4090")
+
+
+def test_future_schema_version_rejected(tmp_path):
+    src = (REPO / "profiles" / "recipes" / "qlora.toml").read_text()
+    f = tmp_path / "qlora.toml"
+    f.write_text(src.replace("schema_version = 1", "schema_version = 2"))
+    with pytest.raises(ProfileError, match="schema_version: 2 is not supported"):
+        P.load_file(f)
 
 
 def invoke(*args):
@@ -168,3 +180,14 @@ def test_wheel_carries_profiles(tmp_path):
                          timeout=60, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["llava-llama3-8b-instruct", "a10"]
+
+
+def test_listing_skips_broken_user_profile_with_warning(tmp_path, monkeypatch):
+    (tmp_path / "hardware").mkdir()
+    shutil.copy(DATA / "unknown-key.toml", tmp_path / "hardware" / "broken.toml")
+    monkeypatch.setenv("VRAMPLAN_PROFILES", str(tmp_path))
+    env = json.loads(invoke("profiles", "--json").stdout)
+    assert env["exit_code"] == 0 and "broken" not in {r["id"] for r in env["data"]["hardware"]}
+    assert any("broken.toml: memory_gb: unknown key" in w for w in env["warnings"])
+    r = invoke("profiles", "show", str(tmp_path / "hardware" / "broken.toml"))
+    assert r.exit_code == 2 and "did you mean 'memory_gib'" in r.stderr

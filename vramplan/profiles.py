@@ -84,6 +84,10 @@ def profiles_dirs() -> list[Path]:
 
     pkg = Path(vramplan.__file__).resolve().parent
     cands = [Path(p).expanduser() for p in os.environ.get("VRAMPLAN_PROFILES", "").split(os.pathsep) if p.strip()]
+    for c in cands:
+        if not c.is_dir():
+            raise UsageError(f"VRAMPLAN_PROFILES: {c} is not a directory",
+                             "point it at a dir holding models/, hardware/ or recipes/, or unset it")
     cands += [pkg.parent / "profiles", pkg / "_profiles"]
     out: list[Path] = []
     for c in cands:
@@ -190,6 +194,9 @@ def validate_data(data: dict, file: str, expected_kind: str | None = None) -> st
     kind = data.get("kind")
     if kind is None:
         raise ProfileError(file, "kind", "missing required key", f"one of: {', '.join(KINDS)}")
+    if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise ProfileError(file, "schema_version", f"{data['schema_version']!r} is not supported "
+                           f"(this vramplan reads schema_version = {SCHEMA_VERSION})", "upgrade vramplan or fix the file")
     if kind not in KINDS:
         close = difflib.get_close_matches(str(kind), KINDS, n=1)
         raise ProfileError(file, "kind", f"{kind!r} is not one of {', '.join(KINDS)}",
