@@ -146,14 +146,24 @@ def run_command(command: str, json_mode: bool, fn: Callable[[], CommandResult]) 
             print_error(msg, hint)
         sys.exit(int(ExitCode.ERROR))
 
-    if json_mode:
-        emit_json(envelope(command, result.status, result.exit_code, result.data,
-                           result.warnings, result.errors))
-    else:
-        for w in result.warnings:
-            warn(w)
-        if result.render is not None:
-            result.render(stdout_console())
-        for e in result.errors:
-            print_error(e.get("message", ""), e.get("hint", ""))
+    try:
+        if json_mode:
+            emit_json(envelope(command, result.status, result.exit_code, result.data,
+                               result.warnings, result.errors))
+        else:
+            for w in result.warnings:
+                warn(w)
+            if result.render is not None:
+                result.render(stdout_console())
+            for e in result.errors:
+                print_error(e.get("message", ""), e.get("hint", ""))
+    except BrokenPipeError:  # `vramplan estimate | head`: the reader left; not an error
+        sys.stderr.close()
+        sys.exit(int(result.exit_code))
+    except Exception as e:  # noqa: BLE001 - a rendering bug must not print a traceback either
+        if debug_enabled():
+            traceback.print_exc()
+        print_error(f"internal error while printing the result: {type(e).__name__}: {e}",
+                    "rerun with --json, or with VRAMPLAN_DEBUG=1 for a traceback, and report it")
+        sys.exit(int(ExitCode.ERROR))
     sys.exit(int(result.exit_code))

@@ -15,7 +15,7 @@ def _short(c: dict, data: dict) -> str:
     """A short table verdict; the full reasons are in --json and below the table."""
     usable = data["hardware"]["memory_bytes"] * (1 - data["headroom"])
     r = c["reasons"][0]
-    if r.startswith("needs") and "per GPU" in r:
+    if r.startswith("needs") and ("per GPU" in r or "fullest GPU" in r):
         return f"VRAM {c['vram_per_gpu_bytes'] / GiB:.1f} > {usable / GiB:.1f} GiB"
     if "CPU RAM" in r:
         return "CPU RAM"
@@ -155,8 +155,9 @@ def render_infer(con, data: dict) -> None:
     t = Table(title="device_map='auto' split (GiB per GPU, nvidia-smi)", title_justify="left")
     for col in ("#", "GPUs", "weights GiB", "KV cache GiB", "VRAM max GPU GiB", "decode tok/s", "verdict"):
         t.add_column(col, justify="right" if col != "verdict" else "left")
+    pick = data["pick"]
     for i, c in enumerate(data["candidates"]):
-        verdict = "PICK" if i == data["pick"] else ("fits" if c["fits"] else "no: " + c["reasons"][0])
+        verdict = "PICK" if i == data["pick"] else ("fits" if c["fits"] else "no: " + _short(c, data))
         t.add_row(f"*{i}" if i == pick else str(i), str(c["gpus"]), _g(c["vram_breakdown"].get("weights", 0)),
                   _g(c["vram_breakdown"].get("kv_cache", 0)), _g(c["vram_per_gpu_bytes"]),
                   f"{c['time_detail']['decode_tokens_per_s']:.0f}", Text(verdict),
