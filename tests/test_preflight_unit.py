@@ -233,6 +233,14 @@ def test_cached_base_weights_are_not_counted(tmp_path):
     assert disk.disk_needs(ctx).cache_bytes == 4990  # llm missing there; the cached vision bytes subtracted
 
 
+def test_base_repo_ids_prefers_the_assembled_llava_repo():
+    from vramplan.preflight.hfcache import base_repo_ids
+
+    assert base_repo_ids({"llava": "x/llava", "llm": "x/llm", "vision": "x/v"}) == ["x/llava"]
+    assert base_repo_ids({"llm": "x/llm", "vision": "x/v", "bad": None}) == ["x/llm", "x/v"]
+    assert base_repo_ids(None) == []
+
+
 def test_hub_cache_dir_follows_huggingface_env():
     assert hub_cache_dir({"HF_HUB_CACHE": "/a"}) == Path("/a")
     assert hub_cache_dir({"HF_HOME": "/h"}) == Path("/h/hub")
@@ -313,8 +321,13 @@ def test_no_gpu_here_is_said_plainly(tmp_path):
     assert res["accelerators"].status == "WARN" and "no GPU or NPU found" in res["accelerators"].detail
     assert snap.error in res["accelerators"].detail
     assert res["gpu"].status == "SKIP"
-    planned = run_checks(_plan(), tmp_path, only=["accelerators"])[0]
-    assert planned.status == "FAIL" and "the plan uses 1 CUDA GPU" in planned.detail
+    res = {r.name: r for r in run_checks(_plan(), tmp_path, only=["accelerators", "gpu", "bitsandbytes",
+                                                                     "deepspeed"])}
+    assert res["accelerators"].status == "FAIL" and "the plan uses 1 CUDA GPU" in res["accelerators"].detail
+    assert res["gpu"].status == "SKIP" and "see 'accelerators'" in res["gpu"].detail  # not a second FAIL
+    bnb, ds = res["bitsandbytes"], res["deepspeed"]
+    assert bnb.status == "SKIP" and "torch.cuda.is_available() is False" in bnb.detail
+    assert ds.status == "PASS" and "no cuda device here" in ds.detail
 
 
 def test_visible_devices_parsing():

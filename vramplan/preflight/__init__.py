@@ -96,8 +96,9 @@ def _probe_device(ctx: Context) -> str:
 
 def _start_probes(ctx: Context, names: set) -> None:
     env = dict(ctx.env)
-    device = _probe_device(ctx) if "accel" in names else None
-    if "DS_ACCELERATOR" not in env and (device or _probe_device(ctx)) == "cpu":
+    device = _probe_device(ctx)
+    ctx.cache["probe_device"] = device
+    if "DS_ACCELERATOR" not in env and device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise guess and print a warning on stdout
     if "npu-smi" in names:
         start_npu_smi(ctx.probes, env)

@@ -196,6 +196,9 @@ def probe_bitsandbytes(device):
     d = {"installed": True, "version": bnb.__version__, "device": device}
     if device == "npu":
         import torch_npu  # noqa: F401
+    if device in ("cuda", "npu") and not getattr(torch, device).is_available():
+        d["device_unavailable"] = f"torch.{device}.is_available() is False"
+        return d
     lin = torch.nn.Linear(64, 32)
     q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
     q.load_state_dict(lin.state_dict())

@@ -188,10 +188,10 @@ def gpu_result(snap: NvmlSnapshot, env: Mapping[str, str], plan_device: str | No
     vis, note = visible_gpus(snap.gpus, env) if snap.ok else ([], "")
     if not vis:
         why = (snap.error or "NVML found no GPU") if not snap.ok or not snap.gpus else note
-        if plan_device == "cuda":
-            return CheckResult(name, "FAIL", f"the plan needs CUDA GPUs; none visible ({why})",
-                               "nvidia-smi   # in docker: --gpus all", {"nvml_error": snap.error})
-        return CheckResult(name, "SKIP", f"no NVIDIA GPU to check ({why})", "", {"nvml_error": snap.error})
+        # the plan-vs-count verdict (FAIL for a CUDA plan) is check 'accelerators'; not repeated here
+        return CheckResult(name, "SKIP", f"no NVIDIA GPU to check ({why})"
+                           + ("; the plan needs CUDA GPUs, see 'accelerators'" if plan_device == "cuda" else ""),
+                           "", {"nvml_error": snap.error})
     used = vis[: gpus_per_node or len(vis)] if plan_device == "cuda" else vis
     fails, warns, fixes = [], [], []
     facts: dict = {"driver": snap.driver, "driver_cuda": snap.cuda_driver, "torch_cuda": torch_cuda,

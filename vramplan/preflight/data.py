@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vramplan.dataset_check import DatasetError, scan_dataset
 from vramplan.preflight.base import CheckResult, Context
-from vramplan.preflight.hfcache import cached_model, hub_cache_dir, inspect_model_dir
+from vramplan.preflight.hfcache import base_repo_ids, cached_model, hub_cache_dir, inspect_model_dir
 from vramplan.units import fmt_bytes
 
 PROJECTOR_SUFFIXES = (".pth", ".bin", ".safetensors", ".pt")
@@ -20,7 +20,7 @@ def _model_sources(ctx: Context) -> tuple[list[tuple[str, Path]], list[str]]:
     for p in ctx.model_paths:
         if all(Path(p) != q for _, q in paths):
             paths.append(("--model", Path(p)))
-    ids = [] if paths else [v for v in (m.get("hf_ids") or {}).values() if isinstance(v, str) and v]
+    ids = [] if paths else base_repo_ids(m.get("hf_ids"))
     return paths, ids
 
 

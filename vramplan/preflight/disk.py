@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vramplan.preflight.base import CheckResult, Context, nearest_existing, plan_hint
-from vramplan.preflight.hfcache import cached_model, hub_cache_dir
+from vramplan.preflight.hfcache import base_repo_ids, cached_model, hub_cache_dir
 from vramplan.units import fmt_bytes
 
 MARGIN = 0.10  # llava-recipes.md §8: "+ 10% margin"
@@ -66,7 +66,7 @@ def _uncached_base_weights(ctx: Context, value: int, notes: list[str]) -> int:
     if local and all(Path(p).exists() for p in local):
         notes.append("base weights are local dirs: no download counted")
         return 0
-    ids = [v for v in (m.get("hf_ids") or {}).values() if isinstance(v, str) and v]
+    ids = base_repo_ids(m.get("hf_ids"))
     if not ids:
         notes.append(f"base weights ({fmt_bytes(value)}) counted as a download to the Hugging Face cache")
         return value

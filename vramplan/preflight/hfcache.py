@@ -19,6 +19,15 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def base_repo_ids(hf_ids: dict | None) -> list[str]:
+    """The repos the base weights come from: the assembled HF-format LLaVA repo when the profile names one
+    (`llava`), else the parts (`llm`, `vision`). The parts of a `llava` profile are provenance only."""
+    ids = {k: v for k, v in (hf_ids or {}).items() if isinstance(v, str) and v}
+    if "llava" in ids:
+        return [ids["llava"]]
+    return list(ids.values())
+
+
 def hub_cache_dir(env: Mapping[str, str], override: Path | None = None) -> Path:
     if override is not None:
         return Path(override)

@@ -137,7 +137,10 @@ def check_bitsandbytes(ctx: Context) -> CheckResult:
     if st.get("ok") and not st.get("installed"):
         return CheckResult(name, bad, f"bitsandbytes is not installed; {ctx_txt}",
                            f"pip install -c constraints.txt 'bitsandbytes>={MINIMUMS['bitsandbytes']}'", st)
-    device = st.get("device") or "?"
+    device = st.get("device") or ctx.cache.get("probe_device") or "?"
+    if st.get("device_unavailable"):
+        return CheckResult(name, "SKIP", f"bitsandbytes {st.get('version')} is installed, but NF4 on {device} cannot be "
+                                         f"tested here: {st['device_unavailable']} (see 'accelerators')", "", st)
     if not st.get("ok"):
         hint = ("bitsandbytes has no official Ascend build: plan bf16 LoRA instead (vramplan estimate --quant none)"
                 if device == "npu" else "python -m bitsandbytes   # its diagnostics\n"
@@ -169,8 +172,10 @@ def check_deepspeed(ctx: Context) -> CheckResult:
     acc = st.get("accelerator")
     found = f"deepspeed {st.get('version')}, accelerator {acc}"
     if uses and ctx.device in ("cuda", "npu") and acc and acc != ctx.device:
-        return CheckResult(name, "FAIL", f"{found}, but the plan runs on {ctx.device}",
-                           f"export DS_ACCELERATOR={ctx.device}", st)
+        if _device_present(ctx, ctx.device):
+            return CheckResult(name, "FAIL", f"{found}, but the plan runs on {ctx.device}",
+                               f"export DS_ACCELERATOR={ctx.device}", st)
+        found += f" (no {ctx.device} device here, see 'accelerators'; on the training machine it picks {ctx.device})"
     offload = ctx.offload if ctx.plan is not None else None
     cpu_adam, missing = _cpu_adam(st)
     if offload in ("optimizer", "optimizer+params"):
@@ -182,6 +187,16 @@ def check_deepspeed(ctx: Context) -> CheckResult:
         return CheckResult(name, "WARN", f"{found}; CPU Adam (needed by offload plans) cannot be built here: "
                                          f"{'; '.join(missing)}", _cpu_adam_fix(st), st)
     return CheckResult(name, "PASS", f"{found}; CPU Adam (offload plans): {cpu_adam}", "", st)
+
+
+def _device_present(ctx: Context, device: str) -> bool:
+    if device == "cuda":
+        from vramplan.preflight.accelerators import _nvml
+
+        return bool(_nvml(ctx).gpus)
+    from vramplan.preflight.ascend import npu_state
+
+    return npu_state(ctx).count > 0
 
 
 def _cpu_adam(st: dict) -> tuple[str, list[str]]:
