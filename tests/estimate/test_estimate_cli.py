@@ -141,3 +141,14 @@ def test_estimate_path_imports_no_torch():
             "heavy = {'torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes'} & set(sys.modules)\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", [["--gpus", "1x24G", "--task", "infer"],
+                                  ["--gpus", "2x24G", "--task", "infer", "--quant", "none", "--context", "32768"],
+                                  ["--gpus", "1x24G", "--disk", "45GB"],
+                                  ["--gpus", "2x8xA100-80G", "--all"]])
+def test_human_output_renders_without_traceback(args):
+    p = est(*args)
+    assert p.returncode in (0, 3), p.stderr
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr
+    assert "GiB" in p.stdout
