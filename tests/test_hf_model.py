@@ -122,3 +122,32 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("abc123")
     spec = resolve_model("someorg/tiny-llava")
     assert spec.path == str(snap.resolve()) and spec.vision is not None and spec.stored_total_bytes > 0
+
+
+# config.json of xtuner/llava-llama-3-8b-v1_1-transformers, verbatim (llava-recipes.md section 6): it omits keys
+# that take transformers' defaults (hidden_size 4096, 32 layers, 32 heads), which the loader must fill the same way.
+XTUNER_CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 128257,
+    "model_type": "llava", "pad_token_id": 128258, "projector_hidden_act": "gelu",
+    "text_config": {"architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": 128001,
+                    "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "llama",
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                    "torch_dtype": "float16", "vocab_size": 128320},
+    "torch_dtype": "float16", "transformers_version": "4.40.1",
+    "vision_config": {"architectures": ["CLIPVisionModel"], "dropout": 0.0, "hidden_size": 1024, "image_size": 336,
+                      "intermediate_size": 4096, "model_type": "clip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768, "torch_dtype": "float32"},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
+
+
+def test_real_xtuner_config_equals_profile_and_transformers(tmp_path):
+    from vramplan.profiles import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps(XTUNER_CONFIG))
+    spec = load_model_dir(tmp_path)
+    prof = load_model("llava-llama3-8b-instruct")
+    assert (spec.text, spec.vision, spec.projector) == (prof.text, prof.vision, prof.projector)
+    assert spec.stored_dtype == "fp16" and spec.stored_total_bytes is None and spec.image_token_added
+    with torch.device("meta"):
+        model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**XTUNER_CONFIG))
+    assert count_params(spec).total == sum(p.numel() for p in model.parameters()) == 8_355_272_704
