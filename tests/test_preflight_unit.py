@@ -536,3 +536,37 @@ def test_result_shape():
     with pytest.raises(ValueError):
         CheckResult("x", "OK", "d")
     assert len(CHECK_NAMES) == len(set(CHECK_NAMES)) >= 17
+
+
+# --- probes that crash or hang ------------------------------------------------------------------------
+
+def _fake_torchvision(tmp_path: Path, body: str) -> dict:
+    pkg = tmp_path / "torchvision"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(body)
+    return dict(os.environ, PYTHONPATH=str(tmp_path))
+
+
+def test_probe_process_that_aborts_does_not_take_preflight_down(tmp_path):
+    """A torchvision whose import kills the interpreter (SIGABRT): the steps before it still count."""
+    env = _fake_torchvision(tmp_path, "import os\nos.abort()\n")
+    res = {r.name: r for r in run_checks(None, tmp_path, only=["torchvision", "transformers-import", "mkl-openmp"],
+                                         env=env)}
+    tv = res["torchvision"]
+    assert tv.status == "FAIL" and "crashed the process" in tv.detail and "exit -6" in tv.detail
+    assert tv.facts["torch"].startswith("2.")  # the torch step reported before the crash
+    assert res["transformers-import"].status == "FAIL" and "crashed" in res["transformers-import"].detail
+
+
+def test_probe_that_hangs_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.setenv("VRAMPLAN_PREFLIGHT_TIMEOUT", "4")
+    env = _fake_torchvision(tmp_path, "import time\ntime.sleep(120)\n")
+    (tv,) = run_checks(None, tmp_path, only=["torchvision"], env=env)
+    assert tv.status == "FAIL" and "hung and was stopped" in tv.detail
+
+
+def test_parse_steps_ignores_noise():
+    from vramplan.preflight.probes import MARK, parse_steps
+
+    out = f"[WARNING] deepspeed noise\n{MARK} {{\"key\": \"a\", \"value\": {{\"ok\": true}}}}\n{MARK} not json\n"
+    assert parse_steps(out) == {"a": {"ok": True}}
