@@ -152,3 +152,29 @@ def test_human_output_renders_without_traceback(args):
     assert p.returncode in (0, 3), p.stderr
     assert "Traceback" not in p.stderr and "internal error" not in p.stderr
     assert "GiB" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from train.tiny import build
+
+    return build(tmp_path_factory.mktemp("tiny-est"), samples=12, distinct=3)
+
+
+def test_dataset_and_local_model_dir(tiny):
+    d = est_json("--model", str(tiny / "model"), "--gpus", "1x24G", "--dataset", str(tiny / "data.json"),
+                 "--images", str(tiny / "images"))["data"]
+    assert d["samples"] == 12
+    assert d["model"]["path"] == str((tiny / "model").resolve()) or d["model"]["path"].endswith("model")
+    c = d["candidates"][d["pick"]]
+    assert c["disk_breakdown"]["base_weights"] == 0  # a local dir is already on disk
+    assert c["disk_breakdown"]["dataset"] > 0
+
+
+def test_dataset_errors_are_usage_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    p = est("--gpus", "1x24G", "--dataset", str(bad))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "bad.json" in p.stderr
