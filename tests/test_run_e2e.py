@@ -67,7 +67,7 @@ def verified_checkpoints(run_dir: Path) -> list[Path]:
 
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    p = vramplan("run", "--demo", "--output", str(out), "--json")
+    p = vramplan("run", "--demo", "--output", str(out), "--epochs", "1", "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     env = json.loads(p.stdout)
     assert env["status"] == "ok"
@@ -111,8 +111,9 @@ def test_preflight_fail_stops_before_launch(tiny, tmp_path):
 def test_oom_on_first_attempt_falls_back(tiny, tmp_path):
     out = tmp_path / "oom"
     env = dict(ENV, VRAMPLAN_TEST_INJECT_OOM_AT_STEP="1")
-    p = vramplan("run", "--auto", "--model", str(tiny / "model"), "--device", "cpu", "--gpus", "1xcpu",
+    p = vramplan("run", "--auto", "--model", str(tiny / "model"), "--device", "cpu", "--gpus", "1x16G",
                  "--dataset", str(tiny / "data.json"), "--images", str(tiny / "images"), "--global-batch", "4",
+                 "--seq-len", "192", "--lora-r", "16", "--epochs", "1",
                  "--output", str(out), "--json", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     attempts = json.loads((out / "attempts.json").read_text())["attempts"]

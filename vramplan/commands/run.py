@@ -15,8 +15,10 @@ from vramplan.errors import ExitCode, UsageError, VramplanError
 from vramplan.output import CommandResult, message, run_command
 
 DEMO_DIR = "vramplan-demo"
+DEMO_CPU_STANDIN = "1x16G"
 # demo knobs, each overridable by its estimate flag: a few steps that checkpoint twice
-DEMO_DEFAULTS = {"global_batch": 2, "epochs": 2, "save_steps": 2, "keep_checkpoints": 2}
+DEMO_DEFAULTS = {"global_batch": 2, "epochs": 2, "save_steps": 4, "keep_checkpoints": 2, "seq_len": 192,
+                 "lora_r": 16}
 
 
 def _load_plan(path: str) -> dict:
@@ -82,6 +84,20 @@ def _demo_kwargs(kwargs: dict, assets: Path) -> dict:
     return kw
 
 
+def _estimate(kwargs: dict, demo: bool) -> dict:
+    from vramplan.planning import options_from_kwargs, plan_from_options
+
+    try:
+        return plan_from_options(options_from_kwargs(**kwargs))
+    except UsageError as e:
+        # Until the estimate can size a CPU-only host by itself, the demo (device cpu, no --gpus) sizes
+        # its tiny model against the smallest card profile; the plan's device stays cpu.
+        if not (demo and not kwargs.get("gpus") and "no GPU or NPU detected" in e.message):
+            raise
+    message(f"vramplan: demo: no GPU here; sizing the CPU run against --gpus {DEMO_CPU_STANDIN} (device stays cpu)")
+    return plan_from_options(options_from_kwargs(**dict(kwargs, gpus=DEMO_CPU_STANDIN)))
+
+
 def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kwargs: dict, dry_run: bool,
             max_attempts: int, skip_preflight: bool, hosts: tuple[str, ...], node_rank: int | None,
             master_port: int | None, json_mode: bool) -> CommandResult:
@@ -112,15 +128,13 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
     elif mode == "plan":
         plan = saved
     else:
-        from vramplan.planning import options_from_kwargs, plan_from_options
-
         if estimate_kwargs.get("task", "train") != "train":
             raise UsageError("--task infer: `vramplan run` trains", "use `vramplan estimate --task infer` to plan inference")
         kwargs = dict(estimate_kwargs, output_dir=str(out))
         if mode == "demo":  # the estimate reads the tiny model dir, so the assets exist even for --dry-run
             out.mkdir(parents=True, exist_ok=True)
             kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
-        plan = plan_from_options(options_from_kwargs(**kwargs))
+        plan = _estimate(kwargs, demo=mode == "demo")
     plan = dict(plan, output_dir=str(out))
 
     launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
