@@ -68,6 +68,8 @@ def test_full_run_on_this_machine(tmp_path):
     assert by["transformers-import"]["status"] == "PASS"
     if shutil.which("nvidia-smi") is None:
         assert "no GPU or NPU found" in by["accelerators"]["detail"]
+        assert env["data"]["plan"]["source"].startswith("no plan")  # no hardware: needs unknown, said
+        assert by["disk-space"]["status"] == "SKIP" and "needs are unknown" in by["disk-space"]["detail"]
     assert wall < 30, f"preflight took {wall:.1f} s"  # < 5 s on an idle 2-core machine; CI cores are shared
 
 
@@ -126,6 +128,24 @@ def test_usage_errors_exit_2(args, needle):
 def test_plan_and_estimate_flags_conflict(tmp_path):
     p = _run(["preflight", "--plan", str(_plan_file(tmp_path)), "--gpus", "1x24G"])
     assert p.returncode == 2 and "--plan and --gpus" in p.stderr
+
+
+def test_estimate_flags_give_the_needs(tmp_path):
+    p = _run(["preflight", "--gpus", "1x24G", "--check", "disk-space", "--check", "cpu-ram", "--json",
+              "--output", str(tmp_path)])
+    env = _envelope(p)
+    assert env["data"]["plan"]["source"] == "the estimate for the given flags (the pick)"
+    assert "1 x" in env["data"]["plan"]["describe"]
+    disk, ram = env["data"]["checks"]
+    assert disk["status"] != "SKIP" and disk["facts"]["output_need_bytes"] > 0
+    assert ram["status"] != "SKIP" and ram["facts"]["need_bytes"] > 0
+    assert p.returncode == (4 if "FAIL" in (disk["status"], ram["status"]) else 0)
+
+
+def test_flags_that_fit_nowhere_exit_3():
+    p = _run(["preflight", "--gpus", "1x16G", "--recipe", "full", "--offload", "none", "--zero", "0",
+              "--check", "shm"])
+    assert p.returncode == 3 and "fits no candidate" in p.stderr
 
 
 def test_bad_plan_schema(tmp_path):

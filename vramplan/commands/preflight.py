@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from vramplan.commands.estimate import estimate_options
-from vramplan.errors import ExitCode, UsageError
+from vramplan.errors import ExitCode, NoFitError, UsageError
 from vramplan.output import CommandResult, run_command
 from vramplan.preflight import CHECK_NAMES
 
@@ -60,6 +60,10 @@ def resolve_plan(plan_file: str | None, explicit: list[str], kwargs: dict, outpu
     if explicit:
         try:
             plan = plan_from_options(opts)
+        except NoFitError as e:
+            raise NoFitError("the estimate flags describe a run that fits no candidate on that hardware: "
+                             "no plan to check against", "`vramplan estimate` with the same flags shows why; "
+                             "or check the machine alone: `vramplan preflight` without them") from e
         except ImportError as e:
             return None, f"the estimate is unavailable ({type(e).__name__}: {e})", \
                 [f"could not estimate from the flags: {e}"]
@@ -116,7 +120,8 @@ Examples:
   $ vramplan preflight --check disk-space --check dataset --dataset data.json --json
 \b
 Checks: """ + ", ".join(CHECK_NAMES) + """
-Exit codes: 0 no FAIL, 4 a check FAILed (or WARNed with --strict), 2 bad input.""")
+Exit codes: 0 no FAIL, 4 a check FAILed (or WARNed with --strict), 2 bad input,
+3 the estimate flags fit nowhere (no plan to check against).""")
 @estimate_options
 @click.option("--plan", "plan_file", type=click.Path(), help="A plan.json from `vramplan estimate --save-plan`.")
 @click.option("--output", "output_dir", type=click.Path(),
