@@ -204,7 +204,8 @@ def _oom_reason(record: dict) -> str:
     mem = f.get("memory") or {}
     from vramplan.progress import fmt_bytes
 
-    held = ", ".join(f"{k.replace('_bytes', '')} {fmt_bytes(v)}" for k, v in mem.items() if v)
+    held = ", ".join(f"{k} {fmt_bytes(mem[f'{k}_bytes'])}" for k in ("allocated", "reserved", "rss")
+                     if mem.get(f"{k}_bytes"))
     return (f"out of memory in phase {f.get('phase', '?')} at step {f.get('step', record.get('steps'))}"
             + (f" ({held})" if held else ""))
 
