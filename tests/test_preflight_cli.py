@@ -142,6 +142,16 @@ def test_estimate_flags_give_the_needs(tmp_path):
     assert p.returncode == (4 if "FAIL" in (disk["status"], ram["status"]) else 0)
 
 
+def test_malformed_dataset_is_a_check_fail_not_a_usage_error(tmp_path):
+    ds = tmp_path / "d.json"
+    ds.write_text('{"not": "a list"}')
+    p = _run(["preflight", "--gpus", "1x24G", "--dataset", str(ds), "--check", "dataset", "--json"])
+    env = _envelope(p)
+    assert p.returncode == 4
+    c = env["data"]["checks"][0]
+    assert c["status"] == "FAIL" and "top level is a JSON dict, not a list" in c["detail"]
+
+
 def test_flags_that_fit_nowhere_exit_3():
     p = _run(["preflight", "--gpus", "1x16G", "--recipe", "full", "--offload", "none", "--zero", "0",
               "--check", "shm"])

@@ -56,10 +56,14 @@ def resolve_plan(plan_file: str | None, explicit: list[str], kwargs: dict, outpu
         from vramplan.planning import options_from_kwargs, plan_from_options
     except ImportError as e:
         return None, f"the estimate is unavailable ({type(e).__name__}: {e})", []
+    from vramplan.dataset_check import DatasetError
+
     opts = options_from_kwargs(**dict(kwargs, output_dir=output_dir))  # bad flags: UsageError, exit 2
     if explicit:
         try:
             plan = plan_from_options(opts)
+        except DatasetError as e:  # the 'dataset' check reports it (FAIL, exit 4) with the records named
+            return None, f"the estimate could not read the dataset ({e.message})", []
         except NoFitError as e:
             raise NoFitError("the estimate flags describe a run that fits no candidate on that hardware: "
                              "no plan to check against", "`vramplan estimate` with the same flags shows why; "
