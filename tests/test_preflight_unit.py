@@ -570,3 +570,23 @@ def test_parse_steps_ignores_noise():
 
     out = f"[WARNING] deepspeed noise\n{MARK} {{\"key\": \"a\", \"value\": {{\"ok\": true}}}}\n{MARK} not json\n"
     assert parse_steps(out) == {"a": {"ok": True}}
+
+
+def test_npu_smi_on_path_is_run_and_parsed(tmp_path):
+    """An `npu-smi` executable (stand-in: no NPU can exist here) goes through the real subprocess path."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "out.txt").write_text(NPU_SMI)
+    exe = bin_dir / "npu-smi"
+    exe.write_text(f"#!/bin/sh\n[ \"$1\" = info ] && exec cat {tmp_path / 'out.txt'}\nexit 3\n")
+    exe.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("ASCEND_TOOLKIT_HOME", None)
+    env.pop("ASCEND_HOME_PATH", None)
+    res = {r.name: r for r in run_checks(None, tmp_path, only=["accelerators", "ascend"], env=env)}
+    assert res["accelerators"].status == "PASS" and "2 Ascend NPU(s) (npu-smi info)" in res["accelerators"].detail
+    a = res["ascend"]
+    assert a.status == "WARN" and "CANN environment is not sourced" in a.detail and "910B4 32768 MB" in a.detail
+    p = _plan() | {"hardware": {"device": "npu", "total_gpus": 2, "gpus_per_node": 2}}
+    (a,) = run_checks(p, tmp_path, only=["ascend"], env=env)
+    assert a.status == "FAIL" and "torch_npu is not installed" in a.detail

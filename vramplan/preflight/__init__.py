@@ -7,8 +7,10 @@ in concurrent subprocesses (vramplan/preflight/probes.py), so the whole run take
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass
@@ -89,7 +91,9 @@ def _probe_device(ctx: Context) -> str:
         return ctx.device
     if accelerators._nvml(ctx).gpus:
         return "cuda"
-    if ascend.npu_state(ctx).count and importlib.util.find_spec("torch_npu") is not None:
+    # not ascend.npu_state(): that waits for (and caches) npu-smi, which has not been started yet
+    if importlib.util.find_spec("torch_npu") is not None and (
+            shutil.which("npu-smi", path=ctx.env.get("PATH")) or glob.glob("/dev/davinci[0-9]*")):
         return "npu"
     return "cpu"
 
