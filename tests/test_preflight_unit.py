@@ -590,3 +590,12 @@ def test_npu_smi_on_path_is_run_and_parsed(tmp_path):
     p = _plan() | {"hardware": {"device": "npu", "total_gpus": 2, "gpus_per_node": 2}}
     (a,) = run_checks(p, tmp_path, only=["ascend"], env=env)
     assert a.status == "FAIL" and "torch_npu is not installed" in a.detail
+
+
+def test_in_process_checks_import_no_heavy_module(tmp_path):
+    code = ("import sys\nfrom vramplan.preflight import run_checks\n"
+            "run_checks(None, '.', only=['accelerators', 'packages', 'output-dir', 'cpu-ram', 'shm', 'memlock',"
+            " 'disk-space', 'model', 'zero3-qlora'])\n"
+            "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([PY, "-c", code], check=True, cwd=tmp_path)
