@@ -146,8 +146,11 @@ def check_transformers_import(ctx: Context) -> CheckResult:
         return CheckResult(name, "SKIP", f"torch does not import ({why or torch_st.get('error')}); see 'torchvision'")
     st = res.step("transformers")
     if st is None:
-        return CheckResult(name, "FAIL", f"importing transformers crashed the process: {res.died()}",
-                           "see the fix of check 'torchvision'")
+        where = "at `import torchvision`, before the transformers import" if res.step("torchvision") is None \
+            else "during `from transformers import LlavaForConditionalGeneration`"
+        return CheckResult(name, "FAIL", f"the process crashed {where}: {res.died()}",
+                           "see the fix of check 'torchvision'" if res.step("torchvision") is None else
+                           "pip install --force-reinstall -c constraints.txt transformers")
     if not st.get("ok"):
         err = st.get("error", "")
         tv = res.step("torchvision") or {}
