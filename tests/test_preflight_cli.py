@@ -70,7 +70,7 @@ def test_full_run_on_this_machine(tmp_path):
         assert "no GPU or NPU found" in by["accelerators"]["detail"]
         assert env["data"]["plan"]["source"].startswith("no plan")  # no hardware: needs unknown, said
         assert by["disk-space"]["status"] == "SKIP" and "needs are unknown" in by["disk-space"]["detail"]
-    assert wall < 30, f"preflight took {wall:.1f} s"  # < 5 s on an idle 2-core machine; CI cores are shared
+    assert wall < 60, f"preflight took {wall:.1f} s"  # ~4 s on an idle 2-core machine; loose: cores are shared
 
 
 def test_plan_disk_need_too_large_exits_4(tmp_path):
