@@ -87,3 +87,14 @@ def test_write_attempt_dir(tmp_path):
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
     sh = (tmp_path / "run" / "launch.sh").read_text()
     assert "--nproc_per_node=2" in sh and "export DS_ACCELERATOR=cpu" in sh and la.world_size == 2
+
+
+def test_tty_progress_bar(tmp_path):
+    stream = io.StringIO()
+    view = ProgressView(tmp_path, {"vram_per_gpu_bytes": 2**30}, stream=stream, tty=True, label="attempt 1")
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"event": "step", "step": 3, "max_steps": 4, "loss": 0.5, "elapsed_s": 3.0,
+                    "peak_reserved_bytes": [2**28], "device": "cuda"}) + "\n")
+    view.close()
+    out = stream.getvalue()
+    assert "3/4" in out and "ETA 0:01" in out and "VRAM 256.00 MiB (est 1.00 GiB)" in out

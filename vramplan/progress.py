@@ -152,11 +152,11 @@ class ProgressView:
         parts = []
         if st.loss is not None:
             parts.append(f"loss {st.loss:.4f}")
-        if st.tokens_per_s is not None:
-            parts.append(f"{st.tokens_per_s:,.0f} tok/s")
         est = estimated_memory(self.estimate, st.device or "cuda", self.world_size)
         if st.memory_bytes is not None:
             parts.append(f"{st.memory_label} {fmt_bytes(st.memory_bytes)}" + (f" (est {fmt_bytes(est)})" if est else ""))
+        if st.tokens_per_s is not None:
+            parts.append(f"{st.tokens_per_s:,.0f} tok/s")
         try:
             parts.append(f"{fmt_bytes(shutil.disk_usage(self.run_dir).free)} disk free")
         except OSError:
@@ -189,19 +189,33 @@ class ProgressView:
                 self._last_line, self._last_step_printed = now, self.state.step
         return self.state
 
+    def _console(self):
+        from vramplan.output import stderr_console
+
+        if self.stream is sys.stderr:
+            return stderr_console()
+        from rich.console import Console
+
+        return Console(file=self.stream, force_terminal=True, width=100, no_color=True)
+
     def _draw(self) -> None:
         if self._progress is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            from rich.table import Column
 
-            from vramplan.output import stderr_console
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
-                                      MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                      TextColumn("{task.fields[info]}", markup=False),
-                                      console=stderr_console(), transient=False)
+            # on a narrow terminal only the info column is cut short; step/total and ETA always show
+            fixed = {"no_wrap": True}
+            self._progress = Progress(TextColumn("{task.description}", table_column=Column(**fixed)),
+                                      BarColumn(bar_width=20), MofNCompleteColumn(table_column=Column(**fixed)),
+                                      TextColumn("ETA {task.fields[eta]}", table_column=Column(**fixed)),
+                                      TextColumn("{task.fields[info]}", markup=False,
+                                                 table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                                      console=self._console(), transient=False, expand=True)
             self._progress.start()
-            self._task = self._progress.add_task(self.label, total=self.state.max_steps, info="starting")
-        self._progress.update(self._task, completed=self.state.step, total=self.state.max_steps, info=self._info())
+            self._task = self._progress.add_task(self.label, total=self.state.max_steps, info="starting", eta="n/a")
+        # ETA from the trainer's own clock (elapsed_s), not from how often we happened to poll
+        self._progress.update(self._task, completed=self.state.step, total=self.state.max_steps, info=self._info(),
+                              eta=fmt_seconds(self.state.eta_s()))
 
     def close(self) -> ProgressState:
         self.poll(force=True)
