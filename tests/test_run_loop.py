@@ -48,6 +48,10 @@ for step in range(start + 1, steps + 1):
     if stop:
         (out / "summary.json").write_text(json.dumps({"status": "interrupted", "steps": step - 1}))
         sys.exit(130)
+    if step == int(os.environ.get("FAKE_DISK_FULL_AT", "0")):
+        (out / "failure.json").write_text(json.dumps({"kind": "disk_full", "phase": "save", "step": step,
+            "message": "No space left on device", "memory": {}, "exit_code": 7}))
+        sys.exit(7)
     if step == oom_at:
         (out / "failure.json").write_text(json.dumps({"kind": "oom", "phase": "train", "step": step,
             "message": "CUDA out of memory (injected)", "memory": {"allocated_bytes": 123}, "exit_code": 6}))
@@ -146,3 +150,12 @@ def test_ctrl_c_is_forwarded_and_resume_continues(tmp_path, stand_in):
     starts = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
               if '"start"' in line]
     assert starts[-1]["resumed_from"] == done
+
+
+def test_disk_full_stops_without_fallback(tmp_path, stand_in, monkeypatch):
+    monkeypatch.setenv("FAKE_DISK_FULL_AT", "3")
+    calls = []
+    outcome = runner.run_attempts(cpu_plan(tmp_path), settings(tmp_path / "run"), lambda p: calls.append(p) or [])
+    assert outcome["exit_code"] == ExitCode.DISK_FULL and outcome["status"] == "disk_full"
+    assert not calls and len(outcome["attempts"]) == 1  # a full disk is not fixed by another plan
+    assert len(list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))) == 2
