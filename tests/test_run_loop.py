@@ -150,6 +150,9 @@ def test_ctrl_c_is_forwarded_and_resume_continues(tmp_path, stand_in):
     starts = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
               if '"start"' in line]
     assert starts[-1]["resumed_from"] == done
+    r = subprocess.run([sys.executable, "-m", "vramplan", "run", "--resume", "--output", str(out), "--skip-preflight"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "already finished" in r.stderr
 
 
 def test_disk_full_stops_without_fallback(tmp_path, stand_in, monkeypatch):

@@ -121,6 +121,10 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
     if mode == "resume":
         att = runner.read_json(out / "attempts.json") or {}
         previous = att.get("attempts") or []
+        if previous and previous[-1].get("kind") == "ok":
+            raise UsageError(f"--resume: {out} already finished (attempt {previous[-1].get('attempt')} ended ok; "
+                             f"adapter in {Path(previous[-1]['dir']) / 'final'})",
+                             "start a new run with another --output")
         last_dir = Path(previous[-1]["dir"]) if previous else out
         plan = runner.read_json(last_dir / "plan.json")
         if plan is None:
