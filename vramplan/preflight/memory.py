@@ -64,7 +64,12 @@ def check_cpu_ram(ctx: Context) -> CheckResult:
 
 
 def memlock_result(offload: str | None, pinned_need: int | None, soft: int, hard: int) -> CheckResult:
-    """`ulimit -l` vs the page-locked (pinned) host memory that CPU offload uses."""
+    """`ulimit -l` vs the page-locked (pinned) host memory that CPU offload uses.
+
+    cudaHostAlloc pins through the driver without RLIMIT_MEMLOCK accounting, so this is a WARN, not a FAIL:
+    the limit bites mlock()-based pinning and RDMA memory registration (NCCL over InfiniBand), which is why
+    NVIDIA's NGC containers are started with `--ulimit memlock=-1`.
+    """
     name = "memlock"
     unl = resource.RLIM_INFINITY
     shown = "unlimited" if soft == unl else fmt_bytes(soft)
@@ -83,8 +88,10 @@ def memlock_result(offload: str | None, pinned_need: int | None, soft: int, hard
     fix = "ulimit -l unlimited   # in the launching shell; docker: --ulimit memlock=-1"
     if hard != unl:
         fix += f"\n# the hard limit is {fmt_bytes(hard)}: raise it in /etc/security/limits.conf (memlock) first"
-    return CheckResult(name, "WARN", f"ulimit -l is {shown} but offload ({offload}) pins {need_txt} of host memory; "
-                                     f"pinned allocations beyond the limit fail or fall back to slow pageable copies",
+    return CheckResult(name, "WARN", f"ulimit -l is {shown} but offload ({offload}) pins {need_txt} of host memory: "
+                                     f"CUDA's own pinned buffers are not counted against the limit, but mlock-based "
+                                     f"pinning and RDMA registration (NCCL over InfiniBand) are, and fail with "
+                                     f"'Cannot allocate memory'; NVIDIA's containers are run with --ulimit memlock=-1",
                        fix, facts)
 
 
