@@ -52,7 +52,7 @@ def resolve_plan(plan_file: str | None, explicit: list[str], kwargs: dict, outpu
                              "drop the estimate flags, or drop --plan to estimate from them")
         return load_plan(plan_file), f"plan file {plan_file}", []
     try:
-        # TODO(lead): the estimate API; until it imports, preflight degrades to "needs unknown".
+        # the estimate API (vramplan/planning.py); if it cannot import, the machine checks still run
         from vramplan.planning import options_from_kwargs, plan_from_options
     except ImportError as e:
         return None, f"the estimate is unavailable ({type(e).__name__}: {e})", []
