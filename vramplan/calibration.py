@@ -212,7 +212,8 @@ def load_calibration(path: str | Path) -> dict[str, float]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise UsageError(f"calibration file {path}: {e.strerror or e}", "write one with `vramplan calibrate RUN_DIR --write FILE`") from e
+        raise UsageError(f"calibration file {path}: {e.strerror or e}",
+                         "write one with `vramplan calibrate RUN_DIR --write FILE`") from e
     try:
         if path.suffix == ".toml":
             try:
@@ -235,7 +236,8 @@ def load_calibration(path: str | Path) -> dict[str, float]:
             raise UsageError(f"calibration file {path}: factors.{key}: unknown component"
                              + (f" (did you mean {close[0]!r}?)" if close else ""),
                              "known: " + ", ".join(COMPONENTS))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (FACTOR_RANGE[0] <= value <= FACTOR_RANGE[1]):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not FACTOR_RANGE[0] <= value <= FACTOR_RANGE[1]:
             raise UsageError(f"calibration file {path}: factors.{key} = {value!r}: must be a number in [0.05, 20]",
                              "a factor is measured / estimated; regenerate the file with `vramplan calibrate`")
         out[key] = float(value)

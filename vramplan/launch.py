@@ -230,7 +230,8 @@ def shell_join(argv) -> str:
 
 def render_launch_sh(launch: Launch, *, header: str = "") -> str:
     """The text of `launch.sh`: the exact environment and command of this attempt."""
-    lines = ["#!/usr/bin/env bash", "# Written by vramplan. It starts the bundled trainer exactly as `vramplan run` does."]
+    lines = ["#!/usr/bin/env bash",
+             "# Written by vramplan. It starts the bundled trainer exactly as `vramplan run` does."]
     if header:
         lines += [f"# {h}" for h in header.splitlines()]
     lines += ["set -euo pipefail",

@@ -154,7 +154,8 @@ class ProgressView:
             parts.append(f"loss {st.loss:.4f}")
         est = estimated_memory(self.estimate, st.device or "cuda", self.world_size)
         if st.memory_bytes is not None:
-            parts.append(f"{st.memory_label} {fmt_bytes(st.memory_bytes)}" + (f" (est {fmt_bytes(est)})" if est else ""))
+            vs = f" (est {fmt_bytes(est)})" if est else ""
+            parts.append(f"{st.memory_label} {fmt_bytes(st.memory_bytes)}{vs}")
         if st.tokens_per_s is not None:
             parts.append(f"{st.tokens_per_s:,.0f} tok/s")
         try:

@@ -71,7 +71,8 @@ def plan_shape(plan: dict) -> dict:
     hw, st, b = plan.get("hardware") or {}, plan.get("strategy") or {}, plan.get("batch") or {}
     return {"device": hw.get("device"), "nodes": hw.get("nodes", 1), "gpus": hw.get("total_gpus", 1),
             "zero_stage": st.get("zero_stage"), "offload": st.get("offload"), "launcher": st.get("launcher"),
-            "micro_batch": b.get("micro_batch"), "grad_accum": b.get("grad_accum"), "global_batch": b.get("global_batch")}
+            "micro_batch": b.get("micro_batch"), "grad_accum": b.get("grad_accum"),
+            "global_batch": b.get("global_batch")}
 
 
 def describe(plan: dict) -> str:

@@ -33,8 +33,8 @@ def command(run_dirs: tuple[str, ...], write_path: str | None, json_mode: bool) 
         skipped = [r for r in runs if r["status"] != "ok"]
         for r in skipped:
             f = r.get("failure") or {}
-            warnings.append(f"{r['dir']}: status {r['status']} (phase {f.get('phase', '?')}, step {f.get('step', '?')}): "
-                            "not used for factors")
+            where = f"phase {f.get('phase', '?')}, step {f.get('step', '?')}"
+            warnings.append(f"{r['dir']}: status {r['status']} ({where}): not used for factors")
         if not fac:
             if write_path:
                 raise UsageError(f"nothing to write to {write_path}: no finished run with measurements among "

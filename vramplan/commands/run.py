@@ -21,16 +21,18 @@ DEMO_DEFAULTS = {"global_batch": 2, "epochs": 2, "save_steps": 4, "keep_checkpoi
                  "lora_r": 16}
 
 
+PLAN_HINT = "write one with `vramplan estimate --save-plan FILE`"
+
+
 def _load_plan(path: str) -> dict:
     try:
         plan = json.loads(Path(path).read_text())
     except OSError as e:
-        raise UsageError(f"--plan {path}: {e.strerror or e}", "write one with `vramplan estimate --save-plan FILE`") from e
+        raise UsageError(f"--plan {path}: {e.strerror or e}", PLAN_HINT) from e
     except ValueError as e:
-        raise UsageError(f"--plan {path}: not valid JSON ({e})", "write one with `vramplan estimate --save-plan FILE`") from e
+        raise UsageError(f"--plan {path}: not valid JSON ({e})", PLAN_HINT) from e
     if not isinstance(plan, dict) or plan.get("schema") != "vramplan-plan/1":
-        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be 'vramplan-plan/1')",
-                         "write one with `vramplan estimate --save-plan FILE`")
+        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be 'vramplan-plan/1')", PLAN_HINT)
     return plan
 
 
@@ -94,8 +96,57 @@ def _estimate(kwargs: dict, demo: bool) -> dict:
         # its tiny model against the smallest card profile; the plan's device stays cpu.
         if not (demo and not kwargs.get("gpus") and "no GPU or NPU detected" in e.message):
             raise
-    message(f"vramplan: demo: no GPU here; sizing the CPU run against --gpus {DEMO_CPU_STANDIN} (device stays cpu)")
+    message(f"vramplan: demo: no GPU here; sizing the CPU run against --gpus {DEMO_CPU_STANDIN} "
+            "(device stays cpu)")
     return plan_from_options(options_from_kwargs(**dict(kwargs, gpus=DEMO_CPU_STANDIN)))
+
+
+def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dict) -> tuple[dict, list[dict]]:
+    """The plan to run first, and the attempts already recorded in the run dir (--resume)."""
+    from vramplan import runner
+
+    if mode == "plan":
+        return saved, []
+    if mode == "resume":
+        previous = (runner.read_json(out / "attempts.json") or {}).get("attempts") or []
+        if previous and previous[-1].get("kind") == "ok":
+            raise UsageError(f"--resume: {out} already finished (attempt {previous[-1].get('attempt')} ended ok; "
+                             f"adapter in {Path(previous[-1]['dir']) / 'final'})",
+                             "start a new run with another --output")
+        last_dir = Path(previous[-1]["dir"]) if previous else out
+        plan = runner.read_json(last_dir / "plan.json")
+        if plan is None:
+            raise UsageError(f"--resume: {last_dir / 'plan.json'} is missing or unreadable",
+                             "resume needs the run dir written by `vramplan run`")
+        return plan, previous
+    if estimate_kwargs.get("task", "train") != "train":
+        raise UsageError("--task infer: `vramplan run` trains",
+                         "use `vramplan estimate --task infer` to plan inference")
+    kwargs = dict(estimate_kwargs, output_dir=str(out))
+    if mode == "demo":  # the estimate reads the tiny model dir, so the assets exist even for --dry-run
+        out.mkdir(parents=True, exist_ok=True)
+        kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
+    return _estimate(kwargs, demo=mode == "demo"), []
+
+
+def _outcome_result(out: Path, outcome: dict, report: dict, checks: list[dict], warnings: list[str]) -> CommandResult:
+    data = {"run_dir": str(out), "report": report, "attempts": outcome["attempts"], "preflight": checks}
+    errors = []
+    if outcome["exit_code"] != ExitCode.OK:
+        final = outcome["final"]
+        msg = {"oom": f"out of memory in every attempt ({len(outcome['attempts'])})",
+               "interrupted": "interrupted; the last verified checkpoint is kept",
+               "disk_full": "the disk filled up; the last verified checkpoint is kept"}.get(
+            final["kind"], f"the trainer failed (exit {final['returncode']})")
+        hint = {"interrupted": f"continue with `vramplan run --resume --output {out}`",
+                "disk_full": f"free space, then `vramplan run --resume --output {out}`",
+                "oom": "try more GPUs, a shorter --seq-len, or --recipe qlora"}.get(
+            final["kind"], f"see {Path(final['dir']) / 'trainer.log'}")
+        errors.append({"code": outcome["status"], "message": msg, "hint": hint})
+        if outcome.get("log_tail") and final["kind"] == "error":
+            message(outcome["log_tail"])
+    return CommandResult(outcome["status"], outcome["exit_code"], data,
+                         lambda con: _render_report(con, report, outcome), warnings, errors)
 
 
 def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kwargs: dict, dry_run: bool,
@@ -116,29 +167,7 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
     if not dry_run:
         runner.check_output_dir(out, mode == "resume")
     warnings: list[str] = []
-    previous: list[dict] = []
-
-    if mode == "resume":
-        att = runner.read_json(out / "attempts.json") or {}
-        previous = att.get("attempts") or []
-        if previous and previous[-1].get("kind") == "ok":
-            raise UsageError(f"--resume: {out} already finished (attempt {previous[-1].get('attempt')} ended ok; "
-                             f"adapter in {Path(previous[-1]['dir']) / 'final'})",
-                             "start a new run with another --output")
-        last_dir = Path(previous[-1]["dir"]) if previous else out
-        plan = runner.read_json(last_dir / "plan.json")
-        if plan is None:
-            raise UsageError(f"--resume: {last_dir / 'plan.json'} is missing or unreadable", "")
-    elif mode == "plan":
-        plan = saved
-    else:
-        if estimate_kwargs.get("task", "train") != "train":
-            raise UsageError("--task infer: `vramplan run` trains", "use `vramplan estimate --task infer` to plan inference")
-        kwargs = dict(estimate_kwargs, output_dir=str(out))
-        if mode == "demo":  # the estimate reads the tiny model dir, so the assets exist even for --dry-run
-            out.mkdir(parents=True, exist_ok=True)
-            kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
-        plan = _estimate(kwargs, demo=mode == "demo")
+    plan, previous = _resolve_plan(mode, out, saved, estimate_kwargs)
     plan = dict(plan, output_dir=str(out))
 
     launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
@@ -171,30 +200,15 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
             raise UsageError(f"--node-rank {node_rank}: vramplan runs node 0 itself; on node {node_rank} run "
                              f"`bash {out / 'launch.sh'} {node_rank}`", "")
         if not hosts and not os.environ.get("MASTER_ADDR"):
-            raise UsageError("multi-node: node 0's address is unknown", "pass --hosts node0,node1,... or export MASTER_ADDR")
+            raise UsageError("multi-node: node 0's address is unknown",
+                             "pass --hosts node0,node1,... or export MASTER_ADDR")
         max_attempts = 1  # the other nodes run their own launch.sh: no coordinated fallback across nodes
 
     settings = runner.RunSettings(out, max_attempts=max_attempts, resume=mode == "resume", hosts=hosts,
                                   master_port=master_port, plain_progress=json_mode)
     outcome = runner.run_attempts(plan, settings, _fallbacks, previous)
     report = runner.finish_report(out, outcome)
-    data = {"run_dir": str(out), "report": report, "attempts": outcome["attempts"], "preflight": checks}
-    errors = []
-    if outcome["exit_code"] != ExitCode.OK:
-        final = outcome["final"]
-        msg = {"oom": f"out of memory in every attempt ({len(outcome['attempts'])})",
-               "interrupted": "interrupted; the last verified checkpoint is kept",
-               "disk_full": "the disk filled up; the last verified checkpoint is kept"}.get(
-            final["kind"], f"the trainer failed (exit {final['returncode']})")
-        hint = {"interrupted": f"continue with `vramplan run --resume --output {out}`",
-                "disk_full": f"free space, then `vramplan run --resume --output {out}`",
-                "oom": "try more GPUs, a shorter --seq-len, or --recipe qlora"}.get(
-            final["kind"], f"see {Path(final['dir']) / 'trainer.log'}")
-        errors.append({"code": outcome["status"], "message": msg, "hint": hint})
-        if outcome.get("log_tail") and final["kind"] == "error":
-            message(outcome["log_tail"])
-    return CommandResult(outcome["status"], outcome["exit_code"], data,
-                         lambda con: _render_report(con, report, outcome), warnings, errors)
+    return _outcome_result(out, outcome, report, checks, warnings)
 
 
 def _fallbacks(plan: dict) -> list[dict]:
