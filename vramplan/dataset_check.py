@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vramplan.errors import UsageError
+from vramplan.units import fmt_bytes
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -81,7 +82,7 @@ class DatasetReport:
     def summary(self) -> str:
         """One line: counts and text-length stats."""
         s = (f"{self.samples} samples, {self.with_image} with an image ({self.images_found} found, "
-             f"{self.image_bytes / 2**30:.2f} GiB), text ~{self.text_tokens['mean']:.0f} tokens/sample "
+             f"{fmt_bytes(self.image_bytes)}), text ~{self.text_tokens['mean']:.0f} tokens/sample "
              f"(p95 {self.text_tokens['p95']:.0f}, max {self.text_tokens['max']:.0f})")
         return s
 
