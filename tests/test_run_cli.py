@@ -58,6 +58,15 @@ def test_two_by_eight_prints_hostfile_and_per_node_commands(tmp_path):
     assert not (out / "trainer.log").exists()
 
 
+def test_nothing_fits_exits_3_and_writes_nothing(tmp_path):
+    out = tmp_path / "nofit"
+    p = run_cli("--auto", "--gpus", "1x16G", "--model", "llava-v1.5-13b", "--recipe", "full", "--cpu-ram", "8GiB",
+                "--output", str(out), "--json")
+    env = json.loads(p.stdout)
+    assert p.returncode == 3 and env["errors"][0]["code"] == "no_fit", p.stderr
+    assert not out.exists()
+
+
 def test_usage_errors(tmp_path):
     p = run_cli("--output", str(tmp_path / "x"))
     assert p.returncode == 2 and "exactly one of" in p.stderr and "Traceback" not in p.stderr

@@ -77,7 +77,8 @@ def plan_shape(plan: dict) -> dict:
 
 def describe(plan: dict) -> str:
     s = plan_shape(plan)
-    where = f"{s['gpus']} x {s['device']}" + (f" on {s['nodes']} nodes" if (s["nodes"] or 1) > 1 else "")
+    card = (plan.get("hardware") or {}).get("gpu_profile") if s["device"] != "cpu" else None
+    where = f"{s['gpus']} x {card or s['device']}" + (f" on {s['nodes']} nodes" if (s["nodes"] or 1) > 1 else "")
     return (f"ZeRO-{s['zero_stage']}, offload {s['offload']}, {where}, micro-batch {s['micro_batch']} x "
             f"accumulation {s['grad_accum']} (global batch {s['global_batch']})")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from vramplan.commands.estimate import estimate_options
-from vramplan.errors import ExitCode, UsageError, VramplanError
+from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.output import CommandResult, message, run_command
 
 DEMO_DIR = "vramplan-demo"
@@ -91,6 +91,9 @@ def _estimate(kwargs: dict, demo: bool) -> dict:
 
     try:
         return plan_from_options(options_from_kwargs(**kwargs))
+    except NoFitError as e:
+        raise NoFitError("nothing fits this hardware, so there is nothing to run",
+                         "`vramplan estimate` with the same flags shows why each option was rejected") from e
     except UsageError as e:
         # Until the estimate can size a CPU-only host by itself, the demo (device cpu, no --gpus) sizes
         # its tiny model against the smallest card profile; the plan's device stays cpu.
