@@ -155,6 +155,9 @@ def build_job(o: EstimateOptions):
         from vramplan.dataset_check import scan_dataset
 
         rep = scan_dataset(Path(o.dataset), Path(o.images) if o.images else None, open_images=False)
+        if rep.error_count:
+            ctx["assumptions"].append(f"--dataset has {rep.error_count} bad record(s), e.g. {rep.errors[0]}; "
+                                      "the trainer will stop on them (`vramplan preflight --dataset` lists them)")
         samples = rep.samples
         dataset_bytes = Path(o.dataset).stat().st_size + rep.image_bytes
         images_per_sample = (rep.with_image / rep.samples) if rep.samples else 0.0
