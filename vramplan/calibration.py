@@ -253,7 +253,9 @@ def render_rows(console, rows: list[dict], title: str) -> None:
     def fmt(row, v):
         if v is None:
             return "n/a"
-        return fmt_bytes(v) if row["unit"] == "bytes" else f"{v:.2f} s" if v < 120 else fmt_seconds(v)
+        if row["unit"] == "bytes":
+            return fmt_bytes(v)
+        return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s" if v < 120 else fmt_seconds(v)
 
     table = Table(title=Text(title), title_justify="left")
     for col in ("component", "measured", "estimated", "error", "note"):
