@@ -13,7 +13,7 @@ from trainhelpers import base_args, read_jsonl, run_train, train_env
 
 from train import checkpoint as ck
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ds_ops")]
 
 
 def _ds_config(stage: int, offload: bool = False, micro: int = 1, accum: int = 1, world: int = 2) -> dict:
@@ -62,11 +62,11 @@ def test_zero2_from_plan_and_resume(tiny, tmp_path):
             "ds_config": _ds_config(2), "data": {"dataset": str(tiny / "data.json"), "images": str(tiny / "images")},
             "output_dir": str(out), "estimate": {"checkpoint_bytes": 1_000_000}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    p = run_train(["--plan", str(tmp_path / "plan.json")], torchrun=2, port=29641)
+    p = run_train(["--plan", str(tmp_path / "plan.json")], torchrun=2, port=29641, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     _check_run(out, 4)
     assert json.loads((out / "summary.json").read_text())["estimate"] == {"checkpoint_bytes": 1_000_000}
-    p = run_train(["--plan", str(tmp_path / "plan.json"), "--max-steps", "6", "--resume"], torchrun=2, port=29642)
+    p = run_train(["--plan", str(tmp_path / "plan.json"), "--max-steps", "6", "--resume"], torchrun=2, port=29642, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "continuing from checkpoint-4" in p.stderr
     lines = read_jsonl(out / "metrics.jsonl")
@@ -79,7 +79,7 @@ def test_zero2_optimizer_offload(tiny, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "ds.json").write_text(json.dumps(_ds_config(2, offload=True)))
     p = run_train(base_args(tiny, out, "--recipe", "lora", "--max-steps", "4", "--save-steps", "2",
-                            "--deepspeed", str(tmp_path / "ds.json")), torchrun=2, port=29643, timeout=300)
+                            "--deepspeed", str(tmp_path / "ds.json")), torchrun=2, port=29643, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     _check_run(out, 4)
     ext = Path(train_env()["TORCH_EXTENSIONS_DIR"])
@@ -90,7 +90,7 @@ def test_zero3_qlora_nf4(tiny, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "ds.json").write_text(json.dumps(_ds_config(3)))
     p = run_train(base_args(tiny, out, "--recipe", "qlora", "--max-steps", "4", "--save-steps", "2",
-                            "--deepspeed", str(tmp_path / "ds.json")), torchrun=2, port=29644)
+                            "--deepspeed", str(tmp_path / "ds.json")), torchrun=2, port=29644, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     _check_run(out, 4)
     man = ck.verify(out / "checkpoints" / "checkpoint-4")
@@ -111,6 +111,6 @@ def test_deepspeed_launcher_passes_local_rank(tiny, tmp_path):
     p = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", "29645", "--module", "train",
                         *base_args(tiny, out, "--recipe", "lora", "--max-steps", "2", "--save-steps", "2",
                                    "--deepspeed", str(tmp_path / "ds.json"))],
-                       capture_output=True, text=True, timeout=240, env=env)
+                       capture_output=True, text=True, timeout=400, env=env)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     _check_run(out, 2, saves=(2,))
