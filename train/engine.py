@@ -9,7 +9,6 @@ import secrets
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
@@ -41,6 +40,7 @@ class RunState:
     peaks: list = field(default_factory=list)
     tokens: int = 0
     train_seconds: float = 0.0
+    save_seconds: float = 0.0  # inside train_seconds: checkpoint writing + fsync + sha256 verification
 
     @property
     def is_main(self) -> bool:
@@ -69,6 +69,7 @@ class SafeCheckpointTrainer(Trainer):
         root = cfg.run_dir / "checkpoints"
         step = self.state.global_step
         run.phase = "save"
+        t0 = time.time()
         err = None
         if run.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,7 @@ class SafeCheckpointTrainer(Trainer):
         if result[0] == "err":
             raise DiskFullError(result[1], result[2])
         run.last_checkpoint, run.checkpoint_bytes = result[1], result[2]
+        run.save_seconds += time.time() - t0
         if run.metrics:
             run.metrics.write("checkpoint", step=step, path=result[1], bytes=result[2], verified=True,
                               removed=result[3])

@@ -10,7 +10,6 @@ import os
 import socket
 import time
 import traceback
-from pathlib import Path
 
 from train import checkpoint as ck
 from train.config import TrainConfig
@@ -49,6 +48,7 @@ def _model_dir(cfg: TrainConfig, local_rank: int) -> str:
 def _summary(run, status: str, t0: float, final_dir: str | None) -> dict:
     peaks = run.peaks or [local_memory(run.device)]
     return {"status": status, "steps": run.step, "tokens": run.tokens, "train_seconds": round(run.train_seconds, 3),
+            "save_seconds": round(run.save_seconds, 3),
             "wall_seconds": round(time.time() - t0, 3),
             "peak_allocated_bytes": [m["peak_allocated"] for m in peaks],
             "peak_reserved_bytes": [m["peak_reserved"] for m in peaks],
