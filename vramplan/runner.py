@@ -147,6 +147,55 @@ def trainer_env(launch: Launch, settings: RunSettings, attempt: int) -> dict[str
     return env
 
 
+def send_stop(pgid: int, launcher: str, sig: signal.Signals) -> None:
+    """Ask the trainer to stop.
+
+    torchrun starts its workers in their own sessions and forwards a signal once, and a single trainer
+    is the group itself: signal the group. Under the deepspeed launcher the workers share the group and
+    launch.py sends them SIGTERM itself on SIGINT, so a group signal would reach them twice (the trainer
+    takes a second signal as "abort now"): signal only the launcher processes. SIGKILL hits everything.
+    """
+    if launcher == "deepspeed" and sig != signal.SIGKILL:
+        import psutil
+
+        try:
+            root = psutil.Process(pgid)
+            targets = [root] + [c for c in root.children(recursive=True)
+                                if "deepspeed.launcher" in " ".join(c.cmdline())]
+        except psutil.Error:
+            targets = []
+        for p in targets:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+        return
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) process left in process group `pgid`?"""
+    import psutil
+
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def wait_group(pgid: int, timeout: float = 90.0) -> None:
+    """Wait until no process of the trainer's process group is left (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+
+
 def launch_and_wait(launch: Launch, run_dir: Path, plan: dict, settings: RunSettings, label: str,
                     attempt: int = 1) -> dict:
     """Start the trainer, show progress, forward Ctrl-C; returns the attempt record (without plan)."""
@@ -170,10 +219,7 @@ def launch_and_wait(launch: Launch, run_dir: Path, plan: dict, settings: RunSett
             sig = {1: signal.SIGINT, 2: signal.SIGTERM}.get(interrupts, signal.SIGKILL)
             message(f"vramplan: stopping the trainer ({sig.name}); it keeps its last verified checkpoint"
                     + ("" if interrupts > 1 else " - press Ctrl-C again to force"))
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
+            send_stop(proc.pid, launch.launcher, sig)
 
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         view = ProgressView(run_dir, plan.get("estimate"), world_size=launch.world_size, label=label,
@@ -182,6 +228,7 @@ def launch_and_wait(launch: Launch, run_dir: Path, plan: dict, settings: RunSett
             while proc.poll() is None:
                 view.poll()
                 time.sleep(0.25)
+            wait_group(proc.pid)  # e.g. deepspeed's launch.py and its workers outlive a runner interrupted early
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
