@@ -33,7 +33,21 @@ steps = int(os.environ.get("FAKE_STEPS", "4"))
 delay = float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
 oom_at = int(os.environ.get("VRAMPLAN_TEST_INJECT_OOM_AT_STEP", "0") or 0)
 stop = []
-signal.signal(signal.SIGINT, lambda *a: stop.append(1))
+rank = int(os.environ.get("RANK", "0"))
+def on_signal(signum, frame):
+    stop.append(signum)
+    if len(stop) > 1:  # like the real trainer: a second signal means "abort now"
+        if rank == 0:
+            (out / "summary.json").write_text(json.dumps({"status": "aborted", "signals": stop}))
+        os._exit(1)
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+if rank != 0:  # only rank 0 writes (docs/contracts.md); the others wait for a signal or the end
+    for _ in range(int(os.environ.get("FAKE_STEPS", "4"))):
+        time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0.05")))
+        if stop:
+            sys.exit(130)
+    sys.exit(0)
 metrics = open(out / "metrics.jsonl", "a")
 def emit(**ev):
     metrics.write(json.dumps(ev) + "\n"); metrics.flush()
@@ -46,7 +60,7 @@ print("stand-in trainer", plan["batch"], flush=True)
 for step in range(start + 1, steps + 1):
     time.sleep(delay)
     if stop:
-        (out / "summary.json").write_text(json.dumps({"status": "interrupted", "steps": step - 1}))
+        (out / "summary.json").write_text(json.dumps({"status": "interrupted", "steps": step - 1, "signals": stop}))
         sys.exit(130)
     if step == int(os.environ.get("FAKE_DISK_FULL_AT", "0")):
         (out / "failure.json").write_text(json.dumps({"kind": "disk_full", "phase": "save", "step": step,
@@ -162,3 +176,22 @@ def test_disk_full_stops_without_fallback(tmp_path, stand_in, monkeypatch):
     assert outcome["exit_code"] == ExitCode.DISK_FULL and outcome["status"] == "disk_full"
     assert not calls and len(outcome["attempts"]) == 1  # a full disk is not fixed by another plan
     assert len(list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))) == 2
+
+
+def test_ctrl_c_under_deepspeed_launcher_reaches_workers_once(tmp_path, stand_in):
+    """deepspeed's launch.py SIGTERMs its workers itself: vramplan must not signal them a second time."""
+    plan = make_plan(tmp_path, device="cpu", per_node=2, launcher="deepspeed")
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "run"
+    env = dict(os.environ, FAKE_STEPS="200", FAKE_STEP_SECONDS="0.1", DS_ACCELERATOR="cpu")
+    p = subprocess.Popen([sys.executable, "-m", "vramplan", "run", "--plan", str(tmp_path / "plan.json"),
+                          "--output", str(out), "--skip-preflight"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((out / "checkpoints").glob("checkpoint-2")):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and len(summary["signals"]) == 1, summary
