@@ -266,6 +266,7 @@ def run_attempts(first_plan: dict, settings: RunSettings, fallbacks: Callable[[d
     attempts = list(previous or [])
     tried = {json.dumps(a["plan"], sort_keys=True) for a in attempts if a.get("plan")}
     queue: list[dict] | None = None
+    no_more = "no other plan fits this hardware"
     plan, resume, why = first_plan, settings.resume, "resume" if settings.resume else "first plan"
     while True:
         n = len(attempts) + 1
@@ -301,7 +302,7 @@ def run_attempts(first_plan: dict, settings: RunSettings, fallbacks: Callable[[d
             try:
                 queue = list(fallbacks(first_plan))
             except VramplanError as e:  # e.g. a hand-written plan without the options to re-estimate
-                message(f"vramplan: cannot compute fallback plans: {e.message}")
+                no_more = f"no fallback plan: {e.message}"
                 queue = []
         nxt = None
         while queue:
@@ -310,7 +311,7 @@ def run_attempts(first_plan: dict, settings: RunSettings, fallbacks: Callable[[d
                 nxt = cand
                 break
         if nxt is None:
-            message(f"vramplan: attempt {n} ran {reason}; no other plan fits this hardware")
+            message(f"vramplan: attempt {n} ran {reason}; {no_more}")
             return {"exit_code": ExitCode.OUT_OF_MEMORY, "status": "oom", "attempts": attempts, "final": record}
         why = f"attempt {n} ran {reason}; falling back to {describe(nxt)}"
         message(f"vramplan: {why}")

@@ -215,8 +215,12 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
 
 
 def _fallbacks(plan: dict) -> list[dict]:
+    """Next plans after an OOM, from the estimate that made `plan` (its saved `options`)."""
     from vramplan.planning import fallback_plans
 
+    if not plan.get("options"):  # re-estimating without them would plan the default model instead
+        raise UsageError("the plan has no `options` (not written by `vramplan estimate`/`run`), so it cannot "
+                         "be re-estimated", "")
     return fallback_plans(plan)
 
 
