@@ -47,13 +47,20 @@ class RunState:
         return self.rank == 0
 
 
-def _is_disk_full(e: BaseException) -> bool:
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain. torch.save reports a full disk as
+    `RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos` with the OSError chained."""
     import errno
 
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    s = str(e).lower()
-    return "no space left" in s or "file write failed" in s or "disk quota" in s
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        s = str(e).lower()
+        if "no space left" in s or "file write failed" in s or "disk quota" in s:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 class SafeCheckpointTrainer(Trainer):
@@ -86,9 +93,17 @@ class SafeCheckpointTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as e:  # noqa: BLE001 - classified just below
-            if not _is_disk_full(e):
+            # torch.save may report a full disk only as "unexpected pos" / "iostream error": look at the disk
+            # itself before the cleanup frees the space again
+            full = _is_disk_full(e) or ck.free_bytes(root) < max(16 * 2**20, ck.last_size(root) or 0)
+            if run.is_main:  # a partial write is never trusted: remove it now (it also frees the space)
+                import shutil
+
+                shutil.rmtree(ck.tmp_dir(root, step, tag), ignore_errors=True)
+            if not full:
                 raise
-            local = (f"checkpoint {step}: write failed: {e}", "free disk space, then rerun with --resume")
+            local = (f"checkpoint {step}: write failed, disk full ({str(e).splitlines()[0][:200]})",
+                     "free disk space, then rerun with --resume")
         finally:
             self._staging = None
         errs = [x for x in gather(local) if x]

@@ -58,6 +58,13 @@ def _summary(run, status: str, t0: float, final_dir: str | None) -> dict:
 
 
 def _failure(run, kind: str, message: str, code: ExitCode, t0: float) -> None:
+    try:
+        _write_failure(run, kind, message, code, t0)
+    except OSError as e:  # e.g. the disk is full: the exit code still tells the story
+        log.error("could not write failure.json/summary.json: %s", e)
+
+
+def _write_failure(run, kind: str, message: str, code: ExitCode, t0: float) -> None:
     mem = local_memory(run.device)
     path = run.cfg.run_dir / "failure.json"
     # an OOM or crash often hits one rank only: that rank writes the record unless rank 0 already has
@@ -85,6 +92,12 @@ def _resume_point(cfg: TrainConfig, is_main: bool) -> str | None:
         else:
             log.info("--resume: continuing from %s", path.name)
     return str(path) if path else None
+
+
+def engine_disk_full(e: BaseException) -> bool:
+    from train.engine import _is_disk_full
+
+    return _is_disk_full(e)
 
 
 def run(cfg: TrainConfig) -> tuple[int, object]:
@@ -117,6 +130,10 @@ def run(cfg: TrainConfig) -> tuple[int, object]:
         _failure(state, "interrupted", "interrupted by a second signal", ExitCode.INTERRUPTED, t0)
         return int(ExitCode.INTERRUPTED), None
     except BaseException as e:  # noqa: BLE001 - OOM and crashes become failure.json
+        if engine_disk_full(e):
+            _failure(state, "disk_full", f"disk full: {str(e).splitlines()[0][:300]}", ExitCode.DISK_FULL, t0)
+            log.error("disk full in phase %s at step %d: %s", state.phase, state.step, str(e).splitlines()[0][:300])
+            return int(ExitCode.DISK_FULL), None
         if is_oom(e):
             _failure(state, "oom", f"{type(e).__name__}: {str(e)[:500]}", ExitCode.OUT_OF_MEMORY, t0)
             log.error("out of memory in phase %s at step %d: %s", state.phase, state.step, str(e)[:300])

@@ -242,3 +242,32 @@ def test_assembly_from_parts_trains_via_cli(tiny, tmp_path):
                    "--recipe", "pretrain", "--compute-dtype", "fp32", "--max-steps", "3", "--save-steps", "2",
                    "--resume"])
     assert p.returncode == 0 and "continuing from checkpoint-2" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 2.5 MiB filesystem (tmpfs), room for one tiny checkpoint but not two. Needs mount rights."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {p.stderr.strip()[:100]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_real_enospc_during_write_exit_7_keeps_last_checkpoint(tiny, small_fs):
+    """The free-space check is fooled (expected size 1 byte), so the 2nd save really hits ENOSPC mid-write."""
+    out = small_fs / "run"
+    p = run_train(base_args(tiny, out, "--max-steps", "6", "--save-steps", "2", "--keep-checkpoints", "1",
+                            "--expected-checkpoint-bytes", "1"))
+    assert p.returncode == 7, p.stderr[-2000:]
+    f = json.loads((out / "failure.json").read_text())
+    assert f["kind"] == "disk_full" and f["phase"] == "save" and f["step"] == 4
+    assert [c.name for _s, c in ck.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+    assert ck.verify(out / "checkpoints" / "checkpoint-2")
+    assert not list((out / "checkpoints").glob(ck.TMP_PREFIX + "*"))  # the partial write was removed
+    assert "saved checkpoint-2" in p.stderr and "saved checkpoint-4" not in p.stderr
