@@ -326,3 +326,21 @@ def test_flags_accept_deepspeed_local_rank_and_plan_overrides(tiny, tmp_path):
     (tmp_path / "bad.json").write_text('{"schema": "other"}')
     with pytest.raises(UsageError, match="not a vramplan plan"):
         from_args(ap.parse_args(["--plan", str(tmp_path / "bad.json")]))
+
+
+def test_text_only_record_mixes_with_image_records_in_a_batch(tiny, tok_ip):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    tok, ip = tok_ip
+    model = LlavaForConditionalGeneration.from_pretrained(tiny / "model")
+    recs = D.load_records(str(tiny / "data.json"), str(tiny / "images"))
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}
+    D.validate_record(text_only, 0, tiny / "images")
+    ds = D.LlavaDataset([recs[0], text_only], tok, ip, "vicuna_v1", model.config.image_token_index, 4, 512,
+                        str(tiny / "images"))
+    batch = D.collate([ds[0], ds[1]], tok.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 1 and "pixel_values" not in ds[1]
+    with torch.no_grad():
+        out = model(**batch)
+    assert torch.isfinite(out.loss)
