@@ -156,18 +156,11 @@ def send_stop(pgid: int, launcher: str, sig: signal.Signals) -> None:
     takes a second signal as "abort now"): signal only the launcher processes. SIGKILL hits everything.
     """
     if launcher == "deepspeed" and sig != signal.SIGKILL:
-        import psutil
-
-        try:
-            root = psutil.Process(pgid)
-            targets = [root] + [c for c in root.children(recursive=True)
-                                if "deepspeed.launcher" in " ".join(c.cmdline())]
-        except psutil.Error:
-            targets = []
-        for p in targets:
+        for p in _group_members(pgid):
             try:
-                p.send_signal(sig)
-            except psutil.Error:
+                if p.pid == pgid or "deepspeed.launcher" in " ".join(p.cmdline()):
+                    p.send_signal(sig)
+            except psutil_errors():
                 pass
         return
     try:
@@ -176,17 +169,28 @@ def send_stop(pgid: int, launcher: str, sig: signal.Signals) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
-    """Any live (non-zombie) process left in process group `pgid`?"""
+def psutil_errors() -> tuple:
     import psutil
 
+    return (OSError, psutil.Error)
+
+
+def _group_members(pgid: int) -> list:
+    """Live (non-zombie) processes of process group `pgid` (the launcher may already be gone)."""
+    import psutil
+
+    out = []
     for p in psutil.process_iter(["status"]):
         try:
             if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
-                return True
-        except (OSError, psutil.Error):
+                out.append(p)
+        except psutil_errors():
             continue
-    return False
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    return bool(_group_members(pgid))
 
 
 def wait_group(pgid: int, timeout: float = 90.0) -> None:
