@@ -186,11 +186,19 @@ def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: D
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
 
-    overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES_PER_RANK if n > 1 else 0)
     reserve = int(peak * (ALLOCATOR_RESERVE_FACTOR - 1))
     comps.append(Component("allocator_reserve", reserve, "overhead",
                            f"peak allocated x {ALLOCATOR_RESERVE_FACTOR - 1:.2f} (caching-allocator blocks)",
                            "fms-acceleration a100_80gb.csv reserved/allocated (F11)"))
+    if device == "cpu":
+        from vramplan.resources import CPU_PROCESS_BASE_RSS
+
+        overhead = CPU_PROCESS_BASE_RSS
+        comps.append(Component("process_base", CPU_PROCESS_BASE_RSS, "overhead",
+                               "Python + torch + transformers/peft/bitsandbytes loaded (CPU device: memory is RSS)",
+                               "measured here: tiny-LLaVA trainer peak RSS ~467 MiB"))
+        return GpuMemory(comps, int(peak), int(peak + reserve + overhead), peak_phase)
+    overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES_PER_RANK if n > 1 else 0)
     comps.append(Component("cuda_context", CUDA_CONTEXT_BYTES, "overhead", "CUDA context + library workspaces",
                            "vramcalc 0.75 GB; transformers docs 1343 MB (F11)"))
     if n > 1:

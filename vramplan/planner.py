@@ -161,7 +161,8 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
     host = host_needs(groups, s, compute_bytes=bc, deepspeed=deepspeed,
                       base_weights_bytes=job.model.stored_total_bytes or groups.total_params * 2,
                       base_weights_on_disk=job.base_weights_on_disk, dataset_bytes=job.dataset_bytes,
-                      keep_checkpoints=r.keep_checkpoints, workers=job.workers, merge_export=job.merge_export)
+                      keep_checkpoints=r.keep_checkpoints, workers=job.workers, merge_export=job.merge_export,
+                      device=job.device)
     t = estimate_time(job.model, job.hardware, groups, s, seq=job.mean_seq_len or job.seq_len, images=job.images_per_sample,
                       samples=job.samples, epochs=job.epochs, quant=job.quant, compute_dtype=job.compute_dtype,
                       vision_trainable=bool(r.vision_lora), device=job.device)
@@ -205,6 +206,7 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
         time_seconds=seconds,
         time_detail={"steps": t.steps, "flops_per_step": t.flops_per_step, "compute_s_per_step": t.compute_s_per_step,
                      "zero3_comm_s_per_step": t.comm_s_per_step, "offload_s_per_step": t.offload_s_per_step,
+                     "overhead_s_per_step": t.overhead_s_per_step,
                      "tokens_per_s": t.tokens_per_s, "utilisation_prior": t.mfu, "peak_tflops": t.peak_tflops},
         ds_config=ds, compatible=compat is None)
 

@@ -125,6 +125,9 @@ def build_job(o: EstimateOptions):
     if o.gpus:
         sel = gpus_mod.parse_gpus(o.gpus)
         ctx["gpus_source"] = "--gpus"
+    elif o.device == "cpu":
+        sel = cpu_host_selection()
+        ctx["gpus_source"] = "this host's CPU (--device cpu)"
     else:
         sel = gpus_mod.detect_local_gpus()
         if sel is None:
@@ -167,8 +170,18 @@ def build_job(o: EstimateOptions):
                           "mean_text_tokens": rep.text_tokens.get("mean", 0),
                           "p95_text_tokens": rep.text_tokens.get("p95", 0)}
     mean_seq = 0
-    if o.dataset and ctx["dataset"].get("mean_text_tokens"):
-        mean_seq = int(model.image_tokens * images_per_sample + ctx["dataset"]["mean_text_tokens"])
+    if o.dataset:
+        from vramplan.token_count import token_stats
+
+        ts = token_stats(Path(o.dataset), model.chat_template, model.path)
+        if ts:
+            # the longest sample sets the peak (LLaVA #697: OOM after tens of batches); the mean sets the time
+            text_tokens = int(ts["max"])
+            mean_seq = int(model.image_tokens * images_per_sample + ts["mean"])
+            ctx["dataset"]["text_tokens"] = ts
+            ctx["assumptions"].append(
+                f"--dataset: longest record {ts['max']} text tokens, mean {ts['mean']:.0f} "
+                f"({ts['method']}{', sampled' if ts['sampled'] else ''})")
     else:
         ctx["assumptions"].append("time assumes every sample is seq-len tokens long (an upper bound); "
                                   "--dataset FILE gives the real lengths")
@@ -181,7 +194,7 @@ def build_job(o: EstimateOptions):
 
     cpu_ram = parse_size(o.cpu_ram, "--cpu-ram") if o.cpu_ram else None
     disk = parse_size(o.disk, "--disk") if o.disk else None
-    if ctx["gpus_source"] == "detected on this host":
+    if ctx["gpus_source"] != "--gpus":
         import shutil
 
         import psutil
@@ -215,6 +228,26 @@ def build_job(o: EstimateOptions):
                         "gpu": hw.name, "gpu_name": hw.display_name, "memory_bytes": hw.memory_bytes,
                         "by_size_only": getattr(sel, "by_size_only", False)}
     return job, ctx
+
+
+def cpu_host_selection():
+    """This host's CPU as the device (tests, the demo, tiny models): memory = its RAM."""
+    import psutil
+
+    from vramplan.gpus import GpuSelection
+    from vramplan.specs import HardwareSpec
+    from vramplan.timing import CPU_TFLOPS
+
+    ram = psutil.virtual_memory().total
+    cores = os.cpu_count() or 1
+    hw = HardwareSpec(name="cpu", source="this host (psutil, os.cpu_count)", vendor="cpu",
+                      display_name=f"CPU ({cores} cores)", memory_gib=ram / 2**30, marketed_memory_gb=0,
+                      bf16_tflops=CPU_TFLOPS, fp16_tflops=CPU_TFLOPS, bf16_supported=False,
+                      hbm_bandwidth_gbps=20.0, host_link_gbps=0.0, interconnect="none", interconnect_gbps=0.0,
+                      bnb_4bit_supported=True)
+    return GpuSelection(nodes=1, gpus_per_node=1, hardware=hw, text="cpu",
+                        note=f"device: this host's CPU, {ram / 2**30:.1f} GiB RAM (measured), "
+                             f"{CPU_TFLOPS:g} TFLOPS prior")
 
 
 @dataclass

@@ -47,8 +47,9 @@ def _header(con, data: dict) -> None:
     from rich.text import Text
 
     m, r, hw = data["model"], data["recipe"], data["hardware"]
+    size = f"{m['params'] / 1e9:.2f} B" if m["params"] >= 1e8 else f"{m['params'] / 1e6:.2f} M"
     lines = [
-        f"model     {m['name']}: {m['params'] / 1e9:.2f} B params, {m['trainable_params'] / 1e6:.1f} M trainable"
+        f"model     {m['name']}: {size} params, {m['trainable_params'] / 1e6:.1f} M trainable"
         f" ({data['quant']} LLM, {data['compute_dtype']} compute)",
         f"recipe    {r['name']}: seq {data['seq_len']} tokens ({m['image_tokens']} image), "
         f"{data['samples']} samples x {data['epochs']} epoch(s), global batch {r['global_batch']}",
@@ -68,7 +69,10 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
     _header(con, data)
     cands, pick = data["candidates"], data["pick"]
     rows = list(range(len(cands))) if show_all else _best_rows(cands, pick)
-    t = Table(title="Candidates (VRAM = what nvidia-smi shows at peak; GiB = 2^30 bytes)", title_justify="left")
+    cpu = data.get("device") == "cpu"
+    title = ("Candidates (device: this CPU; VRAM/GPU = peak memory of the training process; GiB = 2^30 bytes)"
+             if cpu else "Candidates (VRAM = what nvidia-smi shows at peak; GiB = 2^30 bytes)")
+    t = Table(title=title, title_justify="left")
     for col in ("#", "GPUs", "ZeRO", "offload", "micro x accum", "ckpt", "VRAM/GPU GiB", "CPU RAM GiB",
                 "disk GiB", "checkpoint GiB", "time", "verdict"):
         t.add_column(col, justify="right" if col not in ("offload", "verdict", "ckpt") else "left")
@@ -93,7 +97,7 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
                    style="bold"))
     for n in c["notes"]:
         con.print(Text(f"  note: {n}"))
-    _bar(con, c, cap, data["headroom"])
+    _bar(con, c, cap, data["headroom"], cpu)
     if data.get("why_not_faster"):
         con.print(Text("Faster-looking options rejected:"))
         for w in data["why_not_faster"]:
@@ -105,11 +109,11 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
         _explain(con, c, data)
 
 
-def _bar(con, c: dict, cap: int, headroom: float) -> None:
+def _bar(con, c: dict, cap: int, headroom: float, cpu: bool = False) -> None:
     from rich.text import Text
 
     width = 50
-    con.print(Text(f"Per-GPU memory of the pick against {cap / GiB:.1f} GiB "
+    con.print(Text(f"{'Process' if cpu else 'Per-GPU'} memory of the pick against {cap / GiB:.1f} GiB "
                    f"(| marks the {1 - headroom:.0%} usable limit):"))
     limit_col = int(width * (1 - headroom))
     for name, b in sorted(c["vram_breakdown"].items(), key=lambda kv: -kv[1]):
@@ -119,7 +123,8 @@ def _bar(con, c: dict, cap: int, headroom: float) -> None:
         bar = ("#" * n).ljust(width)
         bar = bar[:limit_col] + "|" + bar[limit_col:]
         con.print(Text(f"  {name:<26} {bar} {b / GiB:7.2f} GiB"))
-    con.print(Text(f"  {'= nvidia-smi at peak':<26} {'':{width + 1}} {c['vram_per_gpu_bytes'] / GiB:7.2f} GiB "
+    total = "= peak RSS" if cpu else "= nvidia-smi at peak"
+    con.print(Text(f"  {total:<26} {'':{width + 1}} {c['vram_per_gpu_bytes'] / GiB:7.2f} GiB "
                    f"(allocated {c['vram_allocated_per_gpu_bytes'] / GiB:.2f} GiB)"))
 
 

@@ -9,6 +9,7 @@ from vramplan.param_groups import ParamGroups
 from vramplan.units import GiB
 
 PROCESS_BASE_RSS = 3 * GiB  # python + torch + CUDA libs + transformers/peft/deepspeed per rank (prior)
+CPU_PROCESS_BASE_RSS = 450 * 2**20  # the same without CUDA: measured here, the tiny-LLaVA trainer peaks at ~467 MiB RSS
 HF_SHARD_BYTES = 5 * 10**9  # transformers save_pretrained default max_shard_size "5GB": loading holds ~1 shard
 DEEPSPEED_CPU_FACTOR = 1.5  # DeepSpeed estimators' additional_buffer_factor for CPU-side states
 WORKER_RSS = int(0.5 * GiB)  # one DataLoader worker (forked interpreter + image decode buffers), prior
@@ -29,14 +30,15 @@ class HostNeeds:
 
 def host_needs(g: ParamGroups, s: Strategy, *, compute_bytes: int, deepspeed: bool, base_weights_bytes: int,
                base_weights_on_disk: bool, dataset_bytes: int, keep_checkpoints: int, workers: int,
-               merge_export: bool = False, largest_shard_bytes: int = HF_SHARD_BYTES) -> HostNeeds:
+               merge_export: bool = False, largest_shard_bytes: int = HF_SHARD_BYTES,
+               device: str = "cuda") -> HostNeeds:
     T = g.trainable
     per_node = max(1, s.gpus // max(1, s.nodes))
     off_opt = s.offload in ("optimizer", "optimizer+params")
     off_par = s.offload == "optimizer+params"
 
     cpu = {
-        "processes": per_node * PROCESS_BASE_RSS,
+        "processes": per_node * (CPU_PROCESS_BASE_RSS if device == "cpu" else PROCESS_BASE_RSS),
         "model_loading": per_node * min(largest_shard_bytes, base_weights_bytes),
         "dataloader_workers": per_node * workers * WORKER_RSS,
     }

@@ -23,7 +23,9 @@ MFU_PRIOR = 0.40
 QLORA_SLOWDOWN = 0.80  # bnb dequant per matmul: fms 2904 vs 3324 tok/s (0.87), torchtune 2413/3083 (0.78)
 ZERO3_COMM_EFFICIENCY = 0.7  # achieved fraction of interconnect bandwidth for all-gathers (prior)
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeedCPUAdam throughput per node (prior; depends on cores/AVX)
-CPU_SLOWDOWN_TFLOPS = 0.2  # when the device is a CPU (tests/demo): effective TFLOPS for fp32 training
+CPU_TFLOPS = 0.2  # a CPU device (tests, the demo): effective fp32 training TFLOPS of a few cores (prior)
+STEP_OVERHEAD_S = {"cuda": 0.02, "npu": 0.03, "cpu": 0.35}  # fixed cost per micro-step: Python, HF Trainer,
+#   kernel launches, data loading (prior; the CPU figure was measured here: tiny-LLaVA steps take 0.3-1 s)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class TimeEstimate:
     compute_s_per_step: float
     comm_s_per_step: float
     offload_s_per_step: float
+    overhead_s_per_step: float
     tokens_per_s: float
     mfu: float
     peak_tflops: float
@@ -68,7 +71,7 @@ def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strateg
     flops_step = flops_per_sample(model, g, seq, images, s.grad_ckpt, vision_trainable) * global_batch
     peak = (hw.bf16_tflops if compute_dtype == "bf16" else hw.fp16_tflops) * 1e12
     if device == "cpu":
-        peak = CPU_SLOWDOWN_TFLOPS * 1e12
+        peak = CPU_TFLOPS * 1e12
     mfu = MFU_PRIOR * (QLORA_SLOWDOWN if quant == "nf4" else 1.0)
     compute = flops_step / (s.gpus * peak * mfu) if peak > 0 else float("inf")
 
@@ -94,7 +97,8 @@ def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strateg
         # each rank uploads its partition of every layer per pass before the all-gather
         passes = (3 if s.grad_ckpt else 2) * s.grad_accum
         offload += passes * wbytes / s.gpus / host if host else 0.0
-    per_step = compute + comm + offload
+    overhead = STEP_OVERHEAD_S.get(device, 0.02) * s.grad_accum
+    per_step = compute + comm + offload + overhead
     total = per_step * steps
     tokens_per_s = (global_batch * seq) / per_step if per_step else 0.0
-    return TimeEstimate(total, steps, flops_step, compute, comm, offload, tokens_per_s, mfu, peak / 1e12)
+    return TimeEstimate(total, steps, flops_step, compute, comm, offload, overhead, tokens_per_s, mfu, peak / 1e12)
