@@ -214,12 +214,27 @@ class RunCallback(TrainerCallback):
             peak_rss_bytes=[m["peak_rss"] for m in mems], rss_bytes=mems[0]["rss"])
 
 
+SAME_REQUEST_WINDOW_S = 5.0  # a SIGTERM this soon after a SIGINT (or the reverse) is the same stop request
+
+
 def install_signal_handlers(run: RunState) -> dict:
-    """First SIGINT/SIGTERM: stop at the next step boundary. Second: KeyboardInterrupt now."""
+    """First SIGINT/SIGTERM: stop at the next step boundary. Second: KeyboardInterrupt now.
+
+    A Ctrl-C in a terminal reaches the workers twice under the deepspeed launcher: the terminal's
+    SIGINT to the whole process group, then the SIGTERM the launcher forwards. A signal of the other
+    kind within SAME_REQUEST_WINDOW_S of the first is therefore not taken as "abort now".
+    """
+    first: dict = {}
+
     def handler(signum, frame):
+        now = time.monotonic()
         if run.stop_requested:
+            if signum != first.get("signum") and now - first.get("t", 0.0) < SAME_REQUEST_WINDOW_S:
+                log.warning("signal %d right after signal %d: the same stop request", signum, first["signum"])
+                return
             raise KeyboardInterrupt
         run.stop_requested = True
+        first.update(signum=signum, t=now)
         log.warning("signal %d: stopping at the next step boundary (again to abort now)", signum)
 
     old = {}

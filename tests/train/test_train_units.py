@@ -344,3 +344,26 @@ def test_text_only_record_mixes_with_image_records_in_a_batch(tiny, tok_ip):
     with torch.no_grad():
         out = model(**batch)
     assert torch.isfinite(out.loss)
+
+
+def test_sigint_then_forwarded_sigterm_is_one_stop_request(tmp_path):
+    """deepspeed launcher + terminal Ctrl-C: workers get SIGINT, then the launcher's SIGTERM."""
+    import signal
+
+    from train.config import TrainConfig
+    from train.engine import RunState, install_signal_handlers
+
+    (tmp_path / "d.json").write_text("[]")
+    cfg = TrainConfig(output_dir=str(tmp_path), dataset=str(tmp_path / "d.json"), model_path=str(tmp_path))
+    run = RunState(cfg=cfg, device="cpu")
+    old = install_signal_handlers(run)
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)
+        assert run.stop_requested
+        handler(signal.SIGTERM, None)  # forwarded by the launcher: same request, no abort
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)  # a second Ctrl-C: abort now
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
