@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from vramplan import profiles as P
 from vramplan.cli import cli
 from vramplan.errors import ProfileError, UsageError
-from vramplan.specs import HardwareSpec, ModelSpec, RecipeSpec
+from vramplan.specs import HardwareSpec, ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "profiles"

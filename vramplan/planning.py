@@ -81,6 +81,22 @@ class EstimateOptions:
             bad("--images", f"no such directory: {self.images}")
 
 
+def load_plan(path: str) -> dict:
+    """Read a plan.json (docs/contracts.md); a bad file is one UsageError naming --plan."""
+    import json
+
+    hint = "write one with `vramplan estimate --save-plan FILE`"
+    try:
+        plan = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"--plan {path}: {e.strerror or e}", hint) from None
+    except ValueError as e:
+        raise UsageError(f"--plan {path}: not valid JSON ({e})", hint) from None
+    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
+        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", hint)
+    return plan
+
+
 def options_from_kwargs(**kwargs) -> EstimateOptions:
     names = {f.name for f in fields(EstimateOptions)}
     return EstimateOptions(**{k: v for k, v in kwargs.items() if k in names and v is not None})

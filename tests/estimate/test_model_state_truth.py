@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 
 
 def _trainer_model(model_dir, tmp_path, **kw):
-    from train.config import LoraSpec, TrainConfig
+    from train.config import TrainConfig
     from train.model import load_base, prepare
 
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), dataset=str(model_dir.parent / "data.json"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import click
 from vramplan.commands.estimate import estimate_options
 from vramplan.errors import ExitCode, NoFitError, UsageError
 from vramplan.output import CommandResult, run_command
+from vramplan.planning import load_plan
 from vramplan.preflight import CHECK_NAMES
 
 PLAN_SCHEMA = "vramplan-plan/1"
@@ -19,19 +19,6 @@ PLAN_SCHEMA = "vramplan-plan/1"
 # "the default estimate for this machine", not "an explicit plan request"
 _PATH_FLAGS = {"dataset", "images", "output_dir"}
 STATUS_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
-
-
-def load_plan(path: str) -> dict:
-    hint = "write one with `vramplan estimate --save-plan FILE`"
-    try:
-        plan = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--plan {path}: {e.strerror or e}", hint) from None
-    except ValueError as e:
-        raise UsageError(f"--plan {path}: not valid JSON ({e})", hint) from None
-    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
-        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", hint)
-    return plan
 
 
 def describe_plan(plan: dict) -> str:

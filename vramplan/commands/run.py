@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,27 +12,11 @@ import click
 from vramplan.commands.estimate import estimate_options
 from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.output import CommandResult, message, run_command
+from vramplan.planning import load_plan
 
 DEMO_DIR = "vramplan-demo"
-DEMO_CPU_STANDIN = "1x16G"
 # demo knobs, each overridable by its estimate flag: a few steps that checkpoint twice
-DEMO_DEFAULTS = {"global_batch": 2, "epochs": 2, "save_steps": 4, "keep_checkpoints": 2, "seq_len": 192,
-                 "lora_r": 16}
-
-
-PLAN_HINT = "write one with `vramplan estimate --save-plan FILE`"
-
-
-def _load_plan(path: str) -> dict:
-    try:
-        plan = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--plan {path}: {e.strerror or e}", PLAN_HINT) from e
-    except ValueError as e:
-        raise UsageError(f"--plan {path}: not valid JSON ({e})", PLAN_HINT) from e
-    if not isinstance(plan, dict) or plan.get("schema") != "vramplan-plan/1":
-        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be 'vramplan-plan/1')", PLAN_HINT)
-    return plan
+DEMO_DEFAULTS = {"global_batch": 2, "epochs": 2, "save_steps": 4, "keep_checkpoints": 2, "lora_r": 16}
 
 
 def _model_paths(plan: dict) -> list[str]:
@@ -94,14 +77,6 @@ def _estimate(kwargs: dict, demo: bool) -> dict:
     except NoFitError as e:
         raise NoFitError("nothing fits this hardware, so there is nothing to run",
                          "`vramplan estimate` with the same flags shows why each option was rejected") from e
-    except UsageError as e:
-        # Until the estimate can size a CPU-only host by itself, the demo (device cpu, no --gpus) sizes
-        # its tiny model against the smallest card profile; the plan's device stays cpu.
-        if not (demo and not kwargs.get("gpus") and "no GPU or NPU detected" in e.message):
-            raise
-    message(f"vramplan: demo: no GPU here; sizing the CPU run against --gpus {DEMO_CPU_STANDIN} "
-            "(device stays cpu)")
-    return plan_from_options(options_from_kwargs(**dict(kwargs, gpus=DEMO_CPU_STANDIN)))
 
 
 def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dict) -> tuple[dict, list[dict]]:
@@ -160,7 +135,7 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
 
     if mode == "demo" and not output:
         output = _fresh_demo_dir()
-    saved = _load_plan(plan_file) if mode == "plan" else None
+    saved = load_plan(plan_file) if mode == "plan" else None
     if saved is not None and not output:
         output = saved.get("output_dir")  # the dir given to `estimate --output` when the plan was saved
     if not output:
