@@ -116,7 +116,7 @@ def compare(summary: dict, plan: dict | None, run_dir: Path | None = None) -> li
         from vramplan.progress import estimated_memory
 
         rows.append(_row("cpu_process_memory", max(rss) if rss else None, estimated_memory(est, "cpu", world),
-                         "CPU run: device share + host share of the estimate per process"))
+                         "CPU run: the estimate's per-process peak (device = this CPU)"))
     rows.append(_row("checkpoint", summary.get("checkpoint_bytes"), est.get("checkpoint_bytes")))
     if run_dir is not None:
         measured = sum(dir_bytes(run_dir / d) for d in ("checkpoints", "final") if (run_dir / d).exists())

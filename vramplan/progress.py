@@ -75,12 +75,9 @@ def estimated_memory(estimate: dict, device: str, world_size: int = 1) -> int | 
     """The estimate matching `device_memory`: what nvidia-smi shows per GPU, or per-process CPU RAM."""
     if not estimate:
         return None
-    if device != "cpu":
-        return estimate.get("vram_per_gpu_bytes")
-    # On CPU the "device" memory lives in the process too: per process = device share + host share.
-    dev = estimate.get("vram_per_gpu_bytes") or 0
-    host = estimate.get("cpu_ram_bytes") or 0
-    return int(dev + host / max(1, world_size)) or None
+    # With the CPU as the device, the estimate's per-"GPU" figure is already the training process's
+    # peak memory (model states + activations + the process base; memory.py), so both cases read it.
+    return estimate.get("vram_per_gpu_bytes")
 
 
 @dataclass

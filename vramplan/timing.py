@@ -24,8 +24,9 @@ QLORA_SLOWDOWN = 0.80  # bnb dequant per matmul: fms 2904 vs 3324 tok/s (0.87), 
 ZERO3_COMM_EFFICIENCY = 0.7  # achieved fraction of interconnect bandwidth for all-gathers (prior)
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeedCPUAdam throughput per node (prior; depends on cores/AVX)
 CPU_TFLOPS = 0.2  # a CPU device (tests, the demo): effective fp32 training TFLOPS of a few cores (prior)
-STEP_OVERHEAD_S = {"cuda": 0.02, "npu": 0.03, "cpu": 0.35}  # fixed cost per micro-step: Python, HF Trainer,
-#   kernel launches, data loading (prior; the CPU figure was measured here: tiny-LLaVA steps take 0.3-1 s)
+STEP_OVERHEAD_S = {"cuda": 0.02, "npu": 0.03, "cpu": 0.06}  # fixed cost per micro-step: Python, HF Trainer,
+#   kernel launches, data loading (prior; the CPU figure was measured here: `vramplan run --demo` takes
+#   ~63 ms per step on 2 idle cores, more under load)
 
 
 @dataclass(frozen=True)
