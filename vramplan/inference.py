@@ -18,7 +18,8 @@ HBM_EFFICIENCY = 0.6  # achieved fraction of HBM bandwidth in HF generate() deco
 
 
 def run_inference_estimate(o) -> dict:
-    from vramplan.planning import build_job, recipe_dict
+    from vramplan.job import build_job
+    from vramplan.planning import recipe_dict
 
     job, ctx = build_job(o)
     m, hw = job.model, job.hardware

@@ -69,7 +69,7 @@ def command(json_mode: bool, explain: bool, show_all: bool, save_plan: str | Non
     ZeRO stage x offload x GPU count x micro-batch x checkpointing combination, and pick one."""
 
     def body() -> CommandResult:
-        from vramplan.planning import options_from_kwargs
+        from vramplan.options import options_from_kwargs
 
         opts = options_from_kwargs(**kwargs)
         if opts.task == "infer":

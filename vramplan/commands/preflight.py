@@ -11,7 +11,7 @@ import click
 from vramplan.commands.estimate import estimate_options
 from vramplan.errors import ExitCode, NoFitError, UsageError
 from vramplan.output import CommandResult, run_command
-from vramplan.planning import load_plan
+from vramplan.options import load_plan
 from vramplan.preflight import CHECK_NAMES
 
 PLAN_SCHEMA = "vramplan-plan/1"
@@ -40,7 +40,8 @@ def resolve_plan(plan_file: str | None, explicit: list[str], kwargs: dict, outpu
         return load_plan(plan_file), f"plan file {plan_file}", []
     try:
         # the estimate API (vramplan/planning.py); if it cannot import, the machine checks still run
-        from vramplan.planning import options_from_kwargs, plan_from_options
+        from vramplan.options import options_from_kwargs
+        from vramplan.planning import plan_from_options
     except ImportError as e:
         return None, f"the estimate is unavailable ({type(e).__name__}: {e})", []
     from vramplan.dataset_check import DatasetError

@@ -12,7 +12,7 @@ import click
 from vramplan.commands.estimate import estimate_options
 from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.output import CommandResult, message, run_command
-from vramplan.planning import load_plan
+from vramplan.options import load_plan
 
 DEMO_DIR = "vramplan-demo"
 # demo knobs, each overridable by its estimate flag: a few steps that checkpoint twice
@@ -70,7 +70,8 @@ def _demo_kwargs(kwargs: dict, assets: Path) -> dict:
 
 
 def _estimate(kwargs: dict, demo: bool) -> dict:
-    from vramplan.planning import options_from_kwargs, plan_from_options
+    from vramplan.options import options_from_kwargs
+    from vramplan.planning import plan_from_options
 
     try:
         return plan_from_options(options_from_kwargs(**kwargs))
