@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ class TrainConfig:
             bad("--model", "give either --model or --llm/--vision, not both")
         for flag, p in (("--model", self.model_path), ("--llm", self.llm_path), ("--vision", self.vision_path),
                         ("--projector", self.projector_path), ("--dataset", self.dataset), ("--images", self.images)):
+            if flag in ("--model", "--llm", "--vision") and p and is_hub_id(p):
+                continue  # a Hugging Face hub id: from_pretrained resolves it (the local cache when offline)
             if p and not Path(p).exists():
                 bad(flag, f"{p} does not exist", "check the path")
         if not self.output_dir:
@@ -131,6 +134,11 @@ class TrainConfig:
         return int(((self.ds_config or {}).get("zero_optimization") or {}).get("stage", 0))
 
 
+def is_hub_id(p: str) -> bool:
+    """'org/name' that is not a local path: a Hugging Face hub repo id."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", p)) and not Path(p).exists()
+
+
 def _recipe_defaults(recipe: str) -> dict:
     """Defaults per stage: XTuner's single-GPU LLaVA-Llama-3 QLoRA, LLaVA-1.5 LoRA/pretrain (llava-recipes.md §1, §5)."""
     if recipe == "qlora":
@@ -157,7 +165,10 @@ def from_plan(path: str, overrides: dict) -> TrainConfig:
     kw: dict[str, Any] = dict(
         output_dir=plan.get("output_dir") or str(Path(path).resolve().parent),
         dataset=d.get("dataset"), images=d.get("images"),
-        model_path=m.get("path"), llm_path=m.get("llm_path"), vision_path=m.get("vision_path"),
+        # a plan made from a profile names no local dir: use the profile's HF-format LLaVA repo id
+        model_path=m.get("path") or (None if (m.get("llm_path") or m.get("vision_path"))
+                                     else (m.get("hf_ids") or {}).get("llava")),
+        llm_path=m.get("llm_path"), vision_path=m.get("vision_path"),
         projector_path=m.get("projector_path"), chat_template=m.get("chat_template") or "llama3",
         llm_lora=LoraSpec.from_dict(r.get("llm_lora"), "plan recipe.llm_lora"),
         vision_lora=LoraSpec.from_dict(r.get("vision_lora"), "plan recipe.vision_lora"),
