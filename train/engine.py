@@ -3,6 +3,7 @@ the checkpoint protocol hooked into Trainer._save_checkpoint, metrics, OOM and s
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -90,7 +91,13 @@ class SafeCheckpointTrainer(Trainer):
         tag = broadcast(secrets.token_hex(4))
         self._staging = ck.tmp_dir(root, step, tag)
         local = None
+        engine = self.model_wrapped if self.is_deepspeed_enabled and self._trainable_only() else None
         try:
+            if engine is not None:
+                # HF passes exclude_frozen_parameters only for PEFT models: without it DeepSpeed writes the
+                # whole frozen model (26 GB for LLaVA-13B) into every projector-only checkpoint
+                orig = engine.save_checkpoint
+                engine.save_checkpoint = functools.partial(orig, exclude_frozen_parameters=True)
             super()._save_checkpoint(model, trial)
         except Exception as e:  # noqa: BLE001 - classified just below
             # torch.save may report a full disk only as "unexpected pos" / "iostream error": look at the disk
@@ -106,6 +113,8 @@ class SafeCheckpointTrainer(Trainer):
                      "free disk space, then rerun with --resume")
         finally:
             self._staging = None
+            if engine is not None:
+                engine.save_checkpoint = orig
         errs = [x for x in gather(local) if x]
         if errs:
             if run.is_main:
@@ -212,6 +221,21 @@ class RunCallback(TrainerCallback):
             peak_allocated_bytes=[m["peak_allocated"] for m in mems],
             peak_reserved_bytes=[m["peak_reserved"] for m in mems],
             peak_rss_bytes=[m["peak_rss"] for m in mems], rss_bytes=mems[0]["rss"])
+
+
+def relax_frozen_resume(trainer: "SafeCheckpointTrainer") -> None:
+    """A projector-only DeepSpeed checkpoint (saved with exclude_frozen_parameters) resumes with a
+    non-strict module load; HF asks for a strict one unless the model is a PEFT model."""
+    if not (trainer.is_deepspeed_enabled and trainer._trainable_only()):
+        return
+    import transformers.trainer as hf_trainer
+
+    strict_load = hf_trainer.deepspeed_load_checkpoint
+
+    def non_strict(engine, path, load_module_strict=True):
+        return strict_load(engine, path, load_module_strict=False)
+
+    hf_trainer.deepspeed_load_checkpoint = non_strict
 
 
 SAME_REQUEST_WINDOW_S = 5.0  # a SIGTERM this soon after a SIGINT (or the reverse) is the same stop request

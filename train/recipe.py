@@ -172,6 +172,8 @@ def _train(cfg: TrainConfig, state, local_rank: int, t0: float):
                                            callbacks=[engine.RunCallback(state)])
     trainer.run = state
     resume = _resume_point(cfg, state.is_main)
+    if resume:
+        engine.relax_frozen_resume(trainer)
     state.phase = "train"
     t_train = time.time()
     trainer.train(resume_from_checkpoint=resume)

@@ -114,3 +114,30 @@ def test_deepspeed_launcher_passes_local_rank(tiny, tmp_path):
                        capture_output=True, text=True, timeout=400, env=env)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     _check_run(out, 2, saves=(2,))
+
+
+def test_zero2_pretrain_checkpoints_hold_only_the_projector(tiny, tmp_path):
+    """Projector-only recipe under DeepSpeed: checkpoints exclude the frozen model (what the estimate's
+    checkpoint size assumes) and still resume."""
+    out = tmp_path / "run"
+    plan = {"schema": "vramplan-plan/1", "model": {"path": str(tiny / "model"), "chat_template": "llama3"},
+            "recipe": {"name": "pretrain", "quant": "none", "compute_dtype": "fp32", "llm_lora": None,
+                       "vision_lora": None, "train_projector": True, "learning_rate": 1e-3, "max_steps": 2,
+                       "save_steps": 2, "keep_checkpoints": 2, "max_length": 256, "seed": 3},
+            "batch": {"micro_batch": 1, "grad_accum": 1, "global_batch": 2},
+            "hardware": {"device": "cpu", "total_gpus": 2}, "strategy": {"zero_stage": 2, "offload": "none"},
+            "ds_config": _ds_config(2), "data": {"dataset": str(tiny / "data.json"), "images": str(tiny / "images")},
+            "output_dir": str(out), "estimate": {}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    p = run_train(["--plan", str(tmp_path / "plan.json")], torchrun=2, port=29647, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    man = ck.verify(out / "checkpoints" / "checkpoint-2", deep=True)
+    states = [f for f in man["files"] if f.endswith("model_states.pt")]
+    import torch
+
+    sd = torch.load(out / "checkpoints" / "checkpoint-2" / states[0], map_location="cpu", weights_only=False)["module"]
+    assert sd and all("multi_modal_projector" in k for k in sd), sorted(sd)[:5]  # no frozen weights
+    p = run_train(["--plan", str(tmp_path / "plan.json"), "--max-steps", "3", "--resume"], torchrun=2, port=29648,
+                  timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "continuing from checkpoint-2" in p.stderr
