@@ -3,7 +3,7 @@ estimate each, mark what fits, rank by time and pick one, saying why faster opti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from vramplan.activations import activation_bytes
 from vramplan.ds_config import buckets_for, make_ds_config
@@ -80,7 +80,6 @@ class Candidate:
     time_detail: dict
     ds_config: dict | None
     compatible: bool = True
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         s = self.strategy
@@ -279,7 +278,3 @@ def pick(cands: list[Candidate]) -> tuple[int | None, list[str]]:
         if len(lines) >= 8:
             break
     return best, lines
-
-
-def with_recipe(job: Job, **changes) -> Job:
-    return replace(job, recipe=replace(job.recipe, **changes))
