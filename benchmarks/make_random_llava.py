@@ -30,7 +30,7 @@ def main() -> None:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration)
 
-    from vramplan.profiles import load_model
+    from vramplan.inputs.profiles import load_model
 
     m = load_model(a.profile)
     t, v = m.text, m.vision

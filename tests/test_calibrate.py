@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.calibration import compare, factors, load_calibration, load_run, write_calibration
+from vramplan.run.calibration import compare, factors, load_calibration, load_run, write_calibration
 from vramplan.errors import UsageError
 
 GiB = 2**30

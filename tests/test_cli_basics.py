@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from vramplan.errors import ExitCode
-from vramplan.output import ENVELOPE_KEYS, envelope
+from vramplan.commands.output import ENVELOPE_KEYS, envelope
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -45,7 +45,7 @@ def test_help_lists_commands():
 
 
 def test_cli_import_pulls_no_heavy_stack():
-    code = ("import sys, vramplan.cli, vramplan.output, vramplan.errors, vramplan.specs; "
+    code = ("import sys, vramplan.cli, vramplan.commands.output, vramplan.errors, vramplan.estimate.specs; "
             "heavy = {'torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

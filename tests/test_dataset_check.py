@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.dataset_check import CHARS_PER_TOKEN, TEMPLATE_TOKENS_PER_TURN, DatasetError, scan_dataset
+from vramplan.inputs.dataset import CHARS_PER_TOKEN, TEMPLATE_TOKENS_PER_TURN, DatasetError, scan_dataset
 
 
 def _png(path: Path, size=(24, 16), color=(200, 30, 30)) -> int:
@@ -140,7 +140,7 @@ def test_without_pillow_checks_existence_only(tmp_path):
     _png(tmp_path / "images" / "0.png")
     path = _write(tmp_path, [_rec(0, "0.png"), _rec(1, "gone.png")])
     code = ("import sys, json; sys.modules['PIL'] = None\n"
-            "from vramplan.dataset_check import scan_dataset\n"
+            "from vramplan.inputs.dataset import scan_dataset\n"
             f"r = scan_dataset({str(path)!r}, {str(tmp_path / 'images')!r})\n"
             "print(json.dumps(r.to_dict()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -150,7 +150,7 @@ def test_without_pillow_checks_existence_only(tmp_path):
 
 
 def test_no_torch_import():
-    code = ("import sys; import vramplan.dataset_check\n"
+    code = ("import sys; import vramplan.inputs.dataset\n"
             "bad = [m for m in ('torch', 'transformers', 'PIL') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vramplan import gpus as G
+from vramplan.inputs import gpus as G
 from vramplan.errors import UsageError
-from vramplan.profiles import all_hardware
+from vramplan.inputs.profiles import all_hardware
 
 
 @pytest.mark.parametrize("text,nodes,per_node,card,by_size", [

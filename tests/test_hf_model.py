@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from vramplan.errors import UsageError  # noqa: E402
-from vramplan.hf_model import load_model_dir, read_safetensors_header, resolve_model, safetensors_files  # noqa: E402
-from vramplan.params import count_params  # noqa: E402
+from vramplan.inputs.model_dir import load_model_dir, read_safetensors_header, resolve_model, safetensors_files  # noqa: E402
+from vramplan.estimate.params import count_params  # noqa: E402
 
 DT = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
@@ -141,7 +141,7 @@ XTUNER_CONFIG = {
 
 
 def test_real_xtuner_config_equals_profile_and_transformers(tmp_path):
-    from vramplan.profiles import load_model
+    from vramplan.inputs.profiles import load_model
 
     (tmp_path / "config.json").write_text(json.dumps(XTUNER_CONFIG))
     spec = load_model_dir(tmp_path)

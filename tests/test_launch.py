@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vramplan.errors import UsageError
-from vramplan.launch import build_launch, render_launch_sh, write_launch_files
+from vramplan.run.launch import build_launch, render_launch_sh, write_launch_files
 
 
 def make_plan(tmp: Path, *, device="cuda", nodes=1, per_node=1, launcher="python", zero=None,

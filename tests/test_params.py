@@ -17,10 +17,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from vramplan import profiles as P  # noqa: E402
-from vramplan.params import (count_params, decoder_layer_params, largest_layer_params, linear_groups,  # noqa: E402
+from vramplan.inputs import profiles as P  # noqa: E402
+from vramplan.estimate.params import (count_params, decoder_layer_params, largest_layer_params, linear_groups,  # noqa: E402
                              lora_modules, lora_params, vision_linear_groups, vision_params)
-from vramplan.specs import LoraSpec, ModelSpec, ProjectorSpec, TextSpec, VisionSpec  # noqa: E402
+from vramplan.estimate.specs import LoraSpec, ModelSpec, ProjectorSpec, TextSpec, VisionSpec  # noqa: E402
 
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2",
                 "linear_1", "linear_2"}
@@ -187,7 +187,7 @@ def test_estimate_path_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from vramplan import params, profiles, gpus, hf_model; "
+    code = ("import sys; from vramplan.estimate import params; from vramplan.inputs import profiles, gpus, model_dir; "
             "[params.count_params(profiles.load_model(n)) for n in profiles.list_profiles('model')]; "
             "gpus.parse_gpus('2x8xA100-80G'); "
             "bad = {'torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes'} & set(sys.modules); "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.output import ENVELOPE_KEYS
+from vramplan.commands.output import ENVELOPE_KEYS
 from vramplan.preflight import CHECK_NAMES
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vramplan import profiles as P
+from vramplan.inputs import profiles as P
 from vramplan.cli import cli
 from vramplan.errors import ProfileError, UsageError
-from vramplan.specs import HardwareSpec, ModelSpec
+from vramplan.estimate.specs import HardwareSpec, ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "profiles"
@@ -109,7 +109,7 @@ def test_env_dir_overrides_and_extends(tmp_path, monkeypatch):
     assert P.profiles_dirs()[0] == tmp_path
     assert P.load_hardware("rtx-4090").memory_gib == 20.0
     assert "my-card" in P.list_profiles("hardware") and "a100-80gb" in P.list_profiles("hardware")
-    from vramplan.gpus import parse_gpus
+    from vramplan.inputs.gpus import parse_gpus
 
     assert parse_gpus("2xMyCard").hardware.name == "my-card"
     monkeypatch.setenv("VRAMPLAN_PROFILES", str(tmp_path / "typo"))
@@ -171,7 +171,7 @@ def test_wheel_carries_profiles(tmp_path):
         names = set(z.namelist())
         assert {f"vramplan/_profiles/{f.relative_to(REPO / 'profiles')}" for f in SHIPPED} <= names
         z.extractall(tmp_path / "site")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import vramplan, vramplan.profiles as P; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import vramplan, vramplan.inputs.profiles as P; "
             "assert vramplan.__file__.startswith(sys.argv[1]), vramplan.__file__; "
             "d = P.profiles_dirs(); assert [x.name for x in d] == ['_profiles'], d; "
             "print(P.load_model('llava-llama3-8b-instruct').name, P.load_hardware('a10').name)")

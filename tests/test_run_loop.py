@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from test_launch import make_plan
-from vramplan import runner
+from vramplan.run import attempts as runner
 from vramplan.errors import ExitCode
 
 STAND_IN = r'''

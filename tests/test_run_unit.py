@@ -10,10 +10,10 @@ import time
 import pytest
 
 from test_launch import make_plan
-from vramplan import runner
+from vramplan.run import attempts as runner
 from vramplan.errors import UsageError
-from vramplan.launch import build_launch
-from vramplan.progress import ProgressView, tail_events
+from vramplan.run.launch import build_launch
+from vramplan.run.progress import ProgressView, tail_events
 
 
 def test_tail_events_waits_for_complete_lines(tmp_path):

@@ -2,7 +2,7 @@
 
 Each command lives in `vramplan/commands/<name>.py` and exposes a click command named
 `command`. Commands parse flags, call plain functions, and return a CommandResult to
-`vramplan.output.run_command`, which renders it and sets the exit code.
+`vramplan.commands.output.run_command`, which renders it and sets the exit code.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import click
 
 from vramplan import __version__
 from vramplan.errors import ExitCode
-from vramplan.output import emit_json, envelope, print_error
+from vramplan.commands.output import emit_json, envelope, print_error
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

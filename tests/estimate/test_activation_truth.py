@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from vramplan.activations import llm_layer_bytes_per_token, vision_layer_bytes_per_token  # noqa: E402
-from vramplan.specs import LoraSpec, TextSpec, VisionSpec  # noqa: E402
+from vramplan.estimate.activations import llm_layer_bytes_per_token, vision_layer_bytes_per_token  # noqa: E402
+from vramplan.estimate.specs import LoraSpec, TextSpec, VisionSpec  # noqa: E402
 
 from .act_measure import saved_bytes  # noqa: E402
 

@@ -65,10 +65,10 @@ def tiny_dir(tmp_path_factory):
 def test_qlora_tiny_llava_groups_match_trainer_tensors(tiny_dir, tmp_path, double_quant):
     from train.config import LoraSpec as TL
 
-    from vramplan.hf_model import load_model_dir
-    from vramplan.param_groups import param_groups
-    from vramplan.profiles import load_recipe
-    from vramplan.specs import LoraSpec
+    from vramplan.inputs.model_dir import load_model_dir
+    from vramplan.estimate.param_groups import param_groups
+    from vramplan.inputs.profiles import load_recipe
+    from vramplan.estimate.specs import LoraSpec
 
     model, _ = _trainer_model(tiny_dir, tmp_path, recipe="qlora", quant="nf4", double_quant=double_quant,
                               llm_lora=TL(8, 16, 0.05, "all-linear"),
@@ -89,10 +89,10 @@ def test_qlora_tiny_llava_groups_match_trainer_tensors(tiny_dir, tmp_path, doubl
 def test_lora_tiny_llava_groups_match_trainer_tensors(tiny_dir, tmp_path):
     from train.config import LoraSpec as TL
 
-    from vramplan.hf_model import load_model_dir
-    from vramplan.param_groups import param_groups
-    from vramplan.profiles import load_recipe
-    from vramplan.specs import LoraSpec
+    from vramplan.inputs.model_dir import load_model_dir
+    from vramplan.estimate.param_groups import param_groups
+    from vramplan.inputs.profiles import load_recipe
+    from vramplan.estimate.specs import LoraSpec
 
     model, _ = _trainer_model(tiny_dir, tmp_path, recipe="lora", quant="none", llm_lora=TL(16, 32, 0.05, "all-linear"))
     measured = _measured_groups(model)
@@ -112,8 +112,8 @@ def test_real_architectures_on_meta_device(name, recipe_name):
     from accelerate import init_empty_weights
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from vramplan.param_groups import param_groups
-    from vramplan.profiles import load_model, load_recipe
+    from vramplan.estimate.param_groups import param_groups
+    from vramplan.inputs.profiles import load_model, load_recipe
 
     m, r = load_model(name), load_recipe(recipe_name)
     t, v = m.text, m.vision

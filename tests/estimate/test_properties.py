@@ -7,12 +7,12 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vramplan.activations import activation_bytes
-from vramplan.ds_config import buckets_for
-from vramplan.memory import Strategy, gpu_memory
-from vramplan.param_groups import ParamGroups
-from vramplan.resources import host_needs
-from vramplan.specs import LoraSpec, TextSpec
+from vramplan.estimate.activations import activation_bytes
+from vramplan.estimate.ds_config import buckets_for
+from vramplan.estimate.gpu_memory import Strategy, gpu_memory
+from vramplan.estimate.param_groups import ParamGroups
+from vramplan.estimate.host import host_needs
+from vramplan.estimate.specs import LoraSpec, TextSpec
 
 SHARDED = ("weights_frozen", "weights_trainable", "weights_quantized", "gradients", "optimizer_states",
            "fp32_grad_partition")

@@ -15,7 +15,7 @@ def test_counts_match_trainer_encoding(tmp_path, template):
 
     from train.data import encode
     from train.tiny import build
-    from vramplan.token_count import token_stats
+    from vramplan.inputs.token_count import token_stats
 
     out = build(tmp_path / "t", samples=6, distinct=6)
     records = json.loads((out / "data.json").read_text())
@@ -34,7 +34,7 @@ def test_counts_match_trainer_encoding(tmp_path, template):
 
 
 def test_approximation_without_tokenizer(tmp_path):
-    from vramplan.token_count import token_stats
+    from vramplan.inputs.token_count import token_stats
 
     p = tmp_path / "d.json"
     p.write_text(json.dumps([{"id": 1, "conversations": [{"from": "human", "value": "x" * 400},

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from vramplan.activations import ActivationBreakdown
-from vramplan.memory import DsBuckets, Strategy, gpu_memory
-from vramplan.param_groups import ParamGroups
-from vramplan.resources import host_needs
+from vramplan.estimate.activations import ActivationBreakdown
+from vramplan.estimate.gpu_memory import DsBuckets, Strategy, gpu_memory
+from vramplan.estimate.param_groups import ParamGroups
+from vramplan.estimate.host import host_needs
 
 P = 8_030_261_248  # Llama-3-8B (cpu-stack-facts.md §7)
 LARGEST = 525_336_576  # its embed_tokens

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ds_ops")]
 
 
 def _ds_config(stage: int, offload: bool = False, micro: int = 1, accum: int = 1, world: int = 2) -> dict:
-    """Shaped like vramplan's generated config (vramplan/ds_config.py): explicit sizes, AdamW 'auto' params."""
+    """Shaped like vramplan's generated config (vramplan/estimate/ds_config.py): explicit sizes, AdamW 'auto' params."""
     zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
     if stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False, "stage3_param_persistence_threshold": 640})

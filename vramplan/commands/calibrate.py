@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vramplan.errors import ExitCode, UsageError
-from vramplan.output import CommandResult, run_command
+from vramplan.commands.output import CommandResult, run_command
 
 
 @click.command("calibrate")
@@ -23,7 +23,7 @@ def command(run_dirs: tuple[str, ...], write_path: str | None, json_mode: bool) 
     """
 
     def body() -> CommandResult:
-        from vramplan import calibration as cal
+        from vramplan.run import calibration as cal
 
         runs = []
         for d in run_dirs:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from vramplan.errors import ExitCode, UsageError
-from vramplan.output import CommandResult, run_command
+from vramplan.commands.output import CommandResult, run_command
 
 
 def estimate_options(f):
@@ -69,19 +69,19 @@ def command(json_mode: bool, explain: bool, show_all: bool, save_plan: str | Non
     ZeRO stage x offload x GPU count x micro-batch x checkpointing combination, and pick one."""
 
     def body() -> CommandResult:
-        from vramplan.options import options_from_kwargs
+        from vramplan.plan.request import options_from_kwargs
 
         opts = options_from_kwargs(**kwargs)
         if opts.task == "infer":
-            from vramplan.inference import run_inference_estimate
-            from vramplan.render_estimate import render_infer
+            from vramplan.estimate.inference import run_inference_estimate
+            from vramplan.commands.estimate_render import render_infer
 
             data = run_inference_estimate(opts)
             ok = data["pick"] is not None
             return CommandResult("ok" if ok else "no_fit", ExitCode.OK if ok else ExitCode.NO_FIT, data,
                                  render=lambda con: render_infer(con, data))
-        from vramplan.planning import plan_dict, run_estimate
-        from vramplan.render_estimate import render_estimate
+        from vramplan.plan.service import plan_dict, run_estimate
+        from vramplan.commands.estimate_render import render_estimate
 
         res = run_estimate(opts)
         data = res.data()

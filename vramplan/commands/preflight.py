@@ -10,8 +10,8 @@ import click
 
 from vramplan.commands.estimate import estimate_options
 from vramplan.errors import ExitCode, NoFitError, UsageError
-from vramplan.output import CommandResult, run_command
-from vramplan.options import load_plan
+from vramplan.commands.output import CommandResult, run_command
+from vramplan.plan.request import load_plan
 from vramplan.preflight import CHECK_NAMES
 
 PLAN_SCHEMA = "vramplan-plan/1"
@@ -39,12 +39,12 @@ def resolve_plan(plan_file: str | None, explicit: list[str], kwargs: dict, outpu
                              "drop the estimate flags, or drop --plan to estimate from them")
         return load_plan(plan_file), f"plan file {plan_file}", []
     try:
-        # the estimate API (vramplan/planning.py); if it cannot import, the machine checks still run
-        from vramplan.options import options_from_kwargs
-        from vramplan.planning import plan_from_options
+        # the estimate API (vramplan/plan/service.py); if it cannot import, the machine checks still run
+        from vramplan.plan.request import options_from_kwargs
+        from vramplan.plan.service import plan_from_options
     except ImportError as e:
         return None, f"the estimate is unavailable ({type(e).__name__}: {e})", []
-    from vramplan.dataset_check import DatasetError
+    from vramplan.inputs.dataset import DatasetError
 
     opts = options_from_kwargs(**dict(kwargs, output_dir=output_dir))  # bad flags: UsageError, exit 2
     if explicit:

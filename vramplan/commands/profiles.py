@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from vramplan.errors import ExitCode, UsageError
-from vramplan.output import CommandResult, run_command
+from vramplan.commands.output import CommandResult, run_command
 
 JSON_HELP = "Print the versioned JSON envelope on stdout."
 UNITS = (("_gib", "GiB"), ("_gb", "GB"), ("_tflops", "TFLOPS"), ("_gbps", "GB/s"), ("_bytes", "bytes"))
@@ -18,7 +18,7 @@ def _unit(key: str) -> str:
 
 
 def _param_summary(spec) -> dict:
-    from vramplan.params import count_params
+    from vramplan.estimate.params import count_params
 
     c = count_params(spec)
     return {"total": c.total, "llm": c.llm_total, "vision": c.vision_total, "projector": c.projector,
@@ -27,9 +27,9 @@ def _param_summary(spec) -> dict:
 
 
 def _listing() -> tuple[dict, list[str]]:
-    from vramplan import profiles as P
-    from vramplan.params import vision_params
-    from vramplan.specs import HardwareSpec, ModelSpec, RecipeSpec
+    from vramplan.inputs import profiles as P
+    from vramplan.estimate.params import vision_params
+    from vramplan.estimate.specs import HardwareSpec, ModelSpec, RecipeSpec
 
     data: dict = {"dirs": [str(d) for d in P.profiles_dirs()], "models": [], "hardware": [], "recipes": []}
     warnings: list[str] = []
@@ -110,7 +110,7 @@ def command(ctx: click.Context, json_mode: bool) -> None:
 
 def _find_any(name: str):
     """(kind, path, raw data) of a profile id or a .toml path."""
-    from vramplan import profiles as P
+    from vramplan.inputs import profiles as P
 
     p = Path(name)
     if p.suffix == ".toml" or "/" in name:
@@ -139,7 +139,7 @@ def show(ctx: click.Context, name: str, json_mode: bool) -> None:
     json_mode = json_mode or bool((ctx.obj or {}).get("json"))
 
     def body() -> CommandResult:
-        from vramplan import profiles as P
+        from vramplan.inputs import profiles as P
 
         kind, path, raw = _find_any(name)
         sources = raw.get("sources", {})
@@ -182,7 +182,7 @@ def validate(ctx: click.Context, paths: tuple[str, ...], json_mode: bool) -> Non
     json_mode = json_mode or bool((ctx.obj or {}).get("json"))
 
     def body() -> CommandResult:
-        from vramplan.profiles import validate_file
+        from vramplan.inputs.profiles import validate_file
 
         files: list[Path] = []
         for p in map(Path, paths):

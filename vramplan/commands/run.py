@@ -11,8 +11,8 @@ import click
 
 from vramplan.commands.estimate import estimate_options
 from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
-from vramplan.output import CommandResult, message, run_command
-from vramplan.options import load_plan
+from vramplan.commands.output import CommandResult, message, run_command
+from vramplan.plan.request import load_plan
 
 DEMO_DIR = "vramplan-demo"
 # demo knobs, each overridable by its estimate flag: a few steps that checkpoint twice
@@ -70,8 +70,8 @@ def _demo_kwargs(kwargs: dict, assets: Path) -> dict:
 
 
 def _estimate(kwargs: dict, demo: bool) -> dict:
-    from vramplan.options import options_from_kwargs
-    from vramplan.planning import plan_from_options
+    from vramplan.plan.request import options_from_kwargs
+    from vramplan.plan.service import plan_from_options
 
     try:
         return plan_from_options(options_from_kwargs(**kwargs))
@@ -82,7 +82,7 @@ def _estimate(kwargs: dict, demo: bool) -> dict:
 
 def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dict) -> tuple[dict, list[dict]]:
     """The plan to run first, and the attempts already recorded in the run dir (--resume)."""
-    from vramplan import runner
+    from vramplan.run import attempts as runner
 
     if mode == "plan":
         return saved, []
@@ -131,8 +131,8 @@ def _outcome_result(out: Path, outcome: dict, report: dict, checks: list[dict], 
 def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kwargs: dict, dry_run: bool,
             max_attempts: int, skip_preflight: bool, hosts: tuple[str, ...], node_rank: int | None,
             master_port: int | None, json_mode: bool) -> CommandResult:
-    from vramplan import runner
-    from vramplan.launch import build_launch, child_env, render_launch_sh
+    from vramplan.run import attempts as runner
+    from vramplan.run.launch import build_launch, child_env, render_launch_sh
 
     if mode == "demo" and not output:
         output = _fresh_demo_dir()
@@ -192,7 +192,7 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
 
 def _fallbacks(plan: dict) -> list[dict]:
     """Next plans after an OOM, from the estimate that made `plan` (its saved `options`)."""
-    from vramplan.planning import fallback_plans
+    from vramplan.plan.service import fallback_plans
 
     if not plan.get("options"):  # re-estimating without them would plan the default model instead
         raise UsageError("the plan has no `options` (not written by `vramplan estimate`/`run`), so it cannot "
@@ -216,9 +216,9 @@ def _render_checks(con, checks: list[dict], title: str) -> None:
 def _render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
     from rich.text import Text
 
-    from vramplan.launch import shell_join
-    from vramplan.progress import fmt_bytes, fmt_seconds
-    from vramplan.runner import describe
+    from vramplan.run.launch import shell_join
+    from vramplan.run.progress import fmt_bytes, fmt_seconds
+    from vramplan.run.attempts import describe
 
     est = plan.get("estimate") or {}
     con.print(Text(f"plan: {describe(plan)}"))
@@ -247,7 +247,7 @@ def _render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
 def _render_report(con, report: dict, outcome: dict) -> None:
     from rich.text import Text
 
-    from vramplan.calibration import render_rows
+    from vramplan.run.calibration import render_rows
 
     for a in outcome["attempts"]:
         con.print(Text(f"attempt {a['attempt']}: {a['kind']} after {a['steps']} steps, {a['wall_seconds']:.1f} s "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vramplan.dataset_check import DatasetError, scan_dataset
+from vramplan.inputs.dataset import DatasetError, scan_dataset
 from vramplan.preflight.base import CheckResult, Context
 from vramplan.preflight.hfcache import base_repo_ids, cached_model, hub_cache_dir, inspect_model_dir
 from vramplan.units import fmt_bytes

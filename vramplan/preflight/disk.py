@@ -1,6 +1,6 @@
 """Output dir writable (write + fsync + delete a probe file, inodes) and free space vs the plan's disk need.
 
-The need comes from the plan's `estimate.disk_breakdown` (vramplan/resources.py, estimation-formulas.md
+The need comes from the plan's `estimate.disk_breakdown` (vramplan/estimate/host.py, estimation-formulas.md
 F13): checkpoints x (keep + the one being written), exports, logs go to the output dir's filesystem;
 base weights go to the Hugging Face cache unless already there or given as local dirs; the dataset
 counts only when it is not on this machine yet. A 10% margin on top (llava-recipes.md §8).

@@ -5,7 +5,7 @@ brings) first: `Error: mkl-service + Intel(R) MKL: MKL_THREADING_LAYER=INTEL is 
 libgomp.so.1 library. Try to import numpy first or set the threading layer accordingly. Set
 MKL_SERVICE_FORCE_INTEL to force it.` Fix from InternLM/xtuner#350 and the InternLM tutorials:
 `export MKL_SERVICE_FORCE_INTEL=1` and `export MKL_THREADING_LAYER=GNU` (llava-recipes.md §4).
-`vramplan run` exports both for the trainer (vramplan/launch.py); other launches need them.
+`vramplan run` exports both for the trainer (vramplan/run/launch.py); other launches need them.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vramplan.errors import ProfileError, UsageError
-from vramplan.specs import HardwareSpec, LoraSpec, ModelSpec, ProjectorSpec, RecipeSpec, TextSpec, VisionSpec
+from vramplan.estimate.specs import HardwareSpec, LoraSpec, ModelSpec, ProjectorSpec, RecipeSpec, TextSpec, VisionSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -260,7 +260,7 @@ def _to_spec(data: dict, name: str, kind: str):
     spec = ModelSpec(name=name, source=src, text=text, vision=vision, projector=proj,
                      hf_ids=dict(data.get("hf_ids", {})), **extra)
     # built-in profiles: stored bytes derived from the exact parameter count x the stored dtype
-    from vramplan.params import count_params
+    from vramplan.estimate.params import count_params
 
     dt = spec.stored_dtype
     stored = count_params(spec).total * {"fp32": 4, "bf16": 2, "fp16": 2}[dt]

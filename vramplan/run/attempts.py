@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from vramplan.errors import ExitCode, UsageError, VramplanError
-from vramplan.launch import Launch, build_launch, child_env, write_launch_files
-from vramplan.output import message
+from vramplan.run.launch import Launch, build_launch, child_env, write_launch_files
+from vramplan.commands.output import message
 
 KIND_EXIT = {"ok": ExitCode.OK, "oom": ExitCode.OUT_OF_MEMORY, "disk_full": ExitCode.DISK_FULL,
              "interrupted": ExitCode.INTERRUPTED, "error": ExitCode.TRAIN_FAILED}
@@ -203,7 +203,7 @@ def wait_group(pgid: int, timeout: float = 90.0) -> None:
 def launch_and_wait(launch: Launch, run_dir: Path, plan: dict, settings: RunSettings, label: str,
                     attempt: int = 1) -> dict:
     """Start the trainer, show progress, forward Ctrl-C; returns the attempt record (without plan)."""
-    from vramplan.progress import ProgressView
+    from vramplan.run.progress import ProgressView
 
     env = trainer_env(launch, settings, attempt)
     log_path = run_dir / "trainer.log"
@@ -255,7 +255,7 @@ def log_tail(run_dir: Path, lines: int = 15) -> str:
 def _oom_reason(record: dict) -> str:
     f = record.get("failure") or {}
     mem = f.get("memory") or {}
-    from vramplan.progress import fmt_bytes
+    from vramplan.run.progress import fmt_bytes
 
     held = ", ".join(f"{k} {fmt_bytes(mem[f'{k}_bytes'])}" for k in ("allocated", "reserved", "rss")
                      if mem.get(f"{k}_bytes"))
@@ -324,7 +324,7 @@ def run_attempts(first_plan: dict, settings: RunSettings, fallbacks: Callable[[d
 
 def finish_report(root: Path, outcome: dict) -> dict:
     """report.json (and the final summary.json's `vs_estimate`) from the final attempt."""
-    from vramplan.calibration import compare
+    from vramplan.run.calibration import compare
 
     final = outcome["final"]
     run_dir = Path(final["dir"])

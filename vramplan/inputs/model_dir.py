@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 
 from vramplan.errors import UsageError
-from vramplan.specs import ModelSpec, ProjectorSpec, TextSpec, VisionSpec
+from vramplan.estimate.specs import ModelSpec, ProjectorSpec, TextSpec, VisionSpec
 
 # safetensors dtype -> (our name, bytes per element)
 ST_DTYPES = {"BF16": ("bf16", 2), "F16": ("fp16", 2), "F32": ("fp32", 4), "F64": ("fp64", 8),
@@ -238,6 +238,6 @@ def resolve_model(arg: str) -> ModelSpec:
             return load_model_dir(snap)
     if looks_like_path(arg):
         return load_model_dir(arg)
-    from vramplan.profiles import load_model
+    from vramplan.inputs.profiles import load_model
 
     return load_model(arg)

@@ -9,17 +9,17 @@ tokens/s ~ batch x HBM bandwidth x efficiency / bytes read per step.
 
 from __future__ import annotations
 
-from vramplan.memory import ALLOCATOR_RESERVE_FACTOR, CUDA_CONTEXT_BYTES
-from vramplan.param_groups import param_groups
-from vramplan.params import count_params
+from vramplan.estimate.gpu_memory import ALLOCATOR_RESERVE_FACTOR, CUDA_CONTEXT_BYTES
+from vramplan.estimate.param_groups import param_groups
+from vramplan.estimate.params import count_params
 from vramplan.units import gib
 
 HBM_EFFICIENCY = 0.6  # achieved fraction of HBM bandwidth in HF generate() decode (prior)
 
 
 def run_inference_estimate(o) -> dict:
-    from vramplan.job import build_job
-    from vramplan.planning import recipe_dict
+    from vramplan.plan.resolve import build_job
+    from vramplan.plan.service import recipe_dict
 
     job, ctx = build_job(o)
     m, hw = job.model, job.hardware

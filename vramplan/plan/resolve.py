@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vramplan.errors import UsageError
-from vramplan.options import DEFAULT_MODEL, EstimateOptions
+from vramplan.plan.request import DEFAULT_MODEL, EstimateOptions
 
 def _apply_overrides(recipe, o: EstimateOptions, model):
     changes = {}
@@ -35,10 +35,10 @@ def _apply_overrides(recipe, o: EstimateOptions, model):
 
 def build_job(o: EstimateOptions):
     """Resolve names, files and this host's facts into a planner Job. Returns (job, context dict)."""
-    from vramplan import gpus as gpus_mod
-    from vramplan.hf_model import resolve_model
-    from vramplan.planner import Job
-    from vramplan.profiles import load_recipe
+    from vramplan.inputs import gpus as gpus_mod
+    from vramplan.inputs.model_dir import resolve_model
+    from vramplan.estimate.search import Job
+    from vramplan.inputs.profiles import load_recipe
     from vramplan.units import parse_size
 
     ctx: dict = {"assumptions": [], "host": {}}
@@ -78,7 +78,7 @@ def build_job(o: EstimateOptions):
     samples, dataset_bytes, images_per_sample = recipe.samples, recipe.dataset_bytes, 1.0 if model.vision else 0.0
     text_tokens = recipe.text_tokens
     if o.dataset:
-        from vramplan.dataset_check import scan_dataset
+        from vramplan.inputs.dataset import scan_dataset
 
         rep = scan_dataset(Path(o.dataset), Path(o.images) if o.images else None, open_images=False)
         if rep.error_count:
@@ -94,7 +94,7 @@ def build_job(o: EstimateOptions):
                           "p95_text_tokens": rep.text_tokens.get("p95", 0)}
     mean_seq = 0
     if o.dataset:
-        from vramplan.token_count import token_stats
+        from vramplan.inputs.token_count import token_stats
 
         ts = token_stats(Path(o.dataset), model.chat_template, model.path)
         if ts:
@@ -134,7 +134,7 @@ def build_job(o: EstimateOptions):
 
     calibration = ()
     if o.calibration:
-        from vramplan.calibration import load_calibration
+        from vramplan.run.calibration import load_calibration
 
         calibration = tuple(sorted(load_calibration(o.calibration).items()))
         ctx["assumptions"].append(f"calibration applied from {o.calibration}")
@@ -157,9 +157,9 @@ def cpu_host_selection():
     """This host's CPU as the device (tests, the demo, tiny models): memory = its RAM."""
     import psutil
 
-    from vramplan.gpus import GpuSelection
-    from vramplan.specs import HardwareSpec
-    from vramplan.timing import CPU_TFLOPS
+    from vramplan.inputs.gpus import GpuSelection
+    from vramplan.estimate.specs import HardwareSpec
+    from vramplan.estimate.timing import CPU_TFLOPS
 
     ram = psutil.virtual_memory().total
     cores = os.cpu_count() or 1

@@ -2,14 +2,14 @@
 
 Groups (issue #2): 4-bit/8-bit quantized frozen Linear weights; frozen 16-bit (or fp32-upcast)
 weights; trainable parameters (LoRA adapters, projector, or the whole LLM for `full`).
-Counts come from vramplan.params (exact, checked against transformers on the meta device).
+Counts come from vramplan.estimate.params (exact, checked against transformers on the meta device).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.specs import ModelSpec, RecipeSpec
+from vramplan.estimate.specs import ModelSpec, RecipeSpec
 
 # bitsandbytes 4-bit storage (bitsandbytes.functional.quantize_4bit, Linear4bit defaults):
 NF4_BLOCKSIZE = 64  # elements per absmax block
@@ -61,7 +61,7 @@ class ParamGroups:
 
 
 def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
-    from vramplan.params import count_params, decoder_layer_params, linear_groups, lora_params
+    from vramplan.estimate.params import count_params, decoder_layer_params, linear_groups, lora_params
 
     counts = count_params(model)
     groups = linear_groups(model)

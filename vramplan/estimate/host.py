@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.memory import ADAM_STATE_BYTES, FP32_GRAD_BYTES, MASTER_BYTES, Strategy
-from vramplan.param_groups import ParamGroups
+from vramplan.estimate.gpu_memory import ADAM_STATE_BYTES, FP32_GRAD_BYTES, MASTER_BYTES, Strategy
+from vramplan.estimate.param_groups import ParamGroups
 from vramplan.units import GiB
 
 PROCESS_BASE_RSS = 3 * GiB  # python + torch + CUDA libs + transformers/peft/deepspeed per rank (prior)

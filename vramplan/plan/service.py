@@ -11,9 +11,9 @@ from pathlib import Path
 
 from vramplan import __version__
 from vramplan.errors import NoFitError, UsageError
-from vramplan.job import build_job
-from vramplan.options import PLAN_SCHEMA, EstimateOptions, options_from_kwargs
-from vramplan.specs import LoraSpec
+from vramplan.plan.resolve import build_job
+from vramplan.plan.request import PLAN_SCHEMA, EstimateOptions, options_from_kwargs
+from vramplan.estimate.specs import LoraSpec
 
 @dataclass
 class EstimateResult:
@@ -26,7 +26,7 @@ class EstimateResult:
 
     def data(self) -> dict:
         j = self.job
-        from vramplan.param_groups import param_groups
+        from vramplan.estimate.param_groups import param_groups
 
         g = param_groups(j.model, j.recipe)
         return {
@@ -60,7 +60,7 @@ def recipe_dict(r) -> dict:
 
 
 def run_estimate(o: EstimateOptions) -> EstimateResult:
-    from vramplan.planner import pick, sweep
+    from vramplan.estimate.search import pick, sweep
 
     job, ctx = build_job(o)
     cands = sweep(job)
@@ -145,7 +145,7 @@ def fallback_plans(plan: dict, limit: int = 5) -> list[dict]:
         if c.vram_per_gpu_bytes >= limit_bytes:
             continue
         order.append(i)
-    from vramplan.planner import rank_key
+    from vramplan.estimate.search import rank_key
 
     order.sort(key=lambda i: rank_key(res.candidates[i]))
     return [plan_dict(res, i, plan.get("output_dir")) for i in order[:limit]]

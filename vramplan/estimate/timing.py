@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.memory import Strategy
-from vramplan.param_groups import ParamGroups
-from vramplan.specs import HardwareSpec, ModelSpec
+from vramplan.estimate.gpu_memory import Strategy
+from vramplan.estimate.param_groups import ParamGroups
+from vramplan.estimate.specs import HardwareSpec, ModelSpec
 
 # Utilisation prior (model FLOPs / peak): fms-acceleration Mistral-7B LoRA on 1xA100 = 3324 tok/s
 # ~ 46% with the 6P convention; LLaVA-1.5-13B pretrain on 8xA100 in ~5.5 h (LLaVA README) ~ 40-55%.
@@ -45,7 +45,7 @@ class TimeEstimate:
 
 def flops_per_sample(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_ckpt: bool,
                      vision_trainable: bool) -> float:
-    from vramplan.params import count_params
+    from vramplan.estimate.params import count_params
 
     t = model.text
     c = count_params(model)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.activations import activation_bytes
-from vramplan.ds_config import buckets_for, make_ds_config
-from vramplan.memory import Strategy, gpu_memory
-from vramplan.param_groups import ParamGroups, param_groups
-from vramplan.resources import host_needs
-from vramplan.specs import HardwareSpec, ModelSpec, RecipeSpec
-from vramplan.timing import estimate_time
+from vramplan.estimate.activations import activation_bytes
+from vramplan.estimate.ds_config import buckets_for, make_ds_config
+from vramplan.estimate.gpu_memory import Strategy, gpu_memory
+from vramplan.estimate.param_groups import ParamGroups, param_groups
+from vramplan.estimate.host import host_needs
+from vramplan.estimate.specs import HardwareSpec, ModelSpec, RecipeSpec
+from vramplan.estimate.timing import estimate_time
 from vramplan.units import gib
 
 OFFLOADS = {0: ("none",), 1: ("none", "optimizer"), 2: ("none", "optimizer"), 3: ("none", "optimizer", "optimizer+params")}

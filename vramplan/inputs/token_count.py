@@ -14,7 +14,7 @@ import math
 import re
 from pathlib import Path
 
-from vramplan.dataset_check import CHARS_PER_TOKEN
+from vramplan.inputs.dataset import CHARS_PER_TOKEN
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")

@@ -10,7 +10,7 @@ Layout follows XTuner's deepspeed_zero{1,2,2_offload,3,3_offload}.json and LLaVA
 
 from __future__ import annotations
 
-from vramplan.memory import DsBuckets, Strategy
+from vramplan.estimate.gpu_memory import DsBuckets, Strategy
 
 DEFAULT_BUCKET = 200_000_000  # elements; DeepSpeed's own default is 5e8 (= 2 GB of bf16 x 2 with overlap_comm):
 #   smaller buckets cost a little overlap but bound the transient (transformers DeepSpeed docs, F7)

@@ -188,7 +188,7 @@ class ProgressView:
         return self.state
 
     def _console(self):
-        from vramplan.output import stderr_console
+        from vramplan.commands.output import stderr_console
 
         if self.stream is sys.stderr:
             return stderr_console()

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.activations import ActivationBreakdown
-from vramplan.param_groups import ParamGroups
+from vramplan.estimate.activations import ActivationBreakdown
+from vramplan.estimate.param_groups import ParamGroups
 
 # Named overhead factors (documented priors; `vramplan calibrate` reports how far off they were).
 CUDA_CONTEXT_BYTES = int(0.75 * 2**30)  # CUDA context + cuBLAS/cuDNN workspaces: vramcalc 0.75 GB (A6000,
@@ -191,7 +191,7 @@ def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: D
                            f"peak allocated x {ALLOCATOR_RESERVE_FACTOR - 1:.2f} (caching-allocator blocks)",
                            "fms-acceleration a100_80gb.csv reserved/allocated (F11)"))
     if device == "cpu":
-        from vramplan.resources import CPU_PROCESS_BASE_RSS
+        from vramplan.estimate.host import CPU_PROCESS_BASE_RSS
 
         overhead = CPU_PROCESS_BASE_RSS
         comps.append(Component("process_base", CPU_PROCESS_BASE_RSS, "overhead",

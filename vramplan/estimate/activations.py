@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.specs import LoraSpec, TextSpec, VisionSpec
+from vramplan.estimate.specs import LoraSpec, TextSpec, VisionSpec
 
 LOGIT_PEAK_BYTES = 14  # F9: s*b*V*(2 + 4 + 4 + 4) at the log-softmax backward (vramcalc)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.specs import LoraSpec, ModelSpec, TextSpec, VisionSpec
+from vramplan.estimate.specs import LoraSpec, ModelSpec, TextSpec, VisionSpec
 
 ALL_LINEAR = "all-linear"
 

@@ -1,7 +1,7 @@
 """Typed, frozen descriptions of what the estimate needs: model, hardware, recipe.
 
-These are filled from profile TOML files (`vramplan.profiles`) or from a local Hugging Face
-model dir (`vramplan.hf_model`). Sizes are element counts; bytes are computed by the
+These are filled from profile TOML files (`vramplan.inputs.profiles`) or from a local Hugging Face
+model dir (`vramplan.inputs.model_dir`). Sizes are element counts; bytes are computed by the
 estimate modules. Keys carry their unit where they have one.
 """
 

@@ -113,7 +113,7 @@ def compare(summary: dict, plan: dict | None, run_dir: Path | None = None) -> li
         rows.append(_row("vram_reserved", max(reserved) if reserved else None, est.get("vram_per_gpu_bytes")))
         rows.append(_row("cpu_ram", sum(rss) if rss else None, est.get("cpu_ram_bytes")))
     else:
-        from vramplan.progress import estimated_memory
+        from vramplan.run.progress import estimated_memory
 
         rows.append(_row("cpu_process_memory", max(rss) if rss else None, estimated_memory(est, "cpu", world),
                          "CPU run: the estimate's per-process peak (device = this CPU)"))
@@ -248,7 +248,7 @@ def render_rows(console, rows: list[dict], title: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from vramplan.progress import fmt_bytes, fmt_seconds
+    from vramplan.run.progress import fmt_bytes, fmt_seconds
 
     def fmt(row, v):
         if v is None:

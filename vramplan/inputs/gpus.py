@@ -24,7 +24,7 @@ import subprocess
 from dataclasses import dataclass, field, replace
 
 from vramplan.errors import UsageError
-from vramplan.specs import HardwareSpec
+from vramplan.estimate.specs import HardwareSpec
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)(?:g|gb|gib)$")
 _COUNTS = re.compile(r"^(?:(\d+)x)?(?:(\d+)x)?(.+)$")
@@ -60,7 +60,7 @@ def normalize(name: str) -> str:
 
 def _name_table() -> tuple[dict[str, set[str]], dict[str, dict]]:
     """normalized name -> profile ids; and id -> raw profile."""
-    from vramplan.profiles import hardware_raw
+    from vramplan.inputs.profiles import hardware_raw
 
     raw = hardware_raw()
     table: dict[str, set[str]] = {}
@@ -72,7 +72,7 @@ def _name_table() -> tuple[dict[str, set[str]], dict[str, dict]]:
 
 def representative(size_gb: int) -> tuple[HardwareSpec, list[HardwareSpec]]:
     """The representative card of a marketed size (see module doc) and all cards of that size."""
-    from vramplan.profiles import all_hardware
+    from vramplan.inputs.profiles import all_hardware
 
     cards = [h for h in all_hardware() if h.marketed_memory_gb == size_gb]
     if not cards:
@@ -90,7 +90,7 @@ def _count(v: str | None, what: str, text: str) -> int:
 
 def parse_gpus(text: str) -> GpuSelection:
     """Parse a `--gpus` value (grammar in the module doc). Unknown cards raise UsageError with close matches."""
-    from vramplan.profiles import load_hardware
+    from vramplan.inputs.profiles import load_hardware
 
     raw_text = text
     s = re.sub(r"\s+", "", text or "").replace("*", "x").replace("×", "x")
@@ -108,7 +108,7 @@ def parse_gpus(text: str) -> GpuSelection:
         size = float(sm.group(1))
         hw, cards = representative(int(size)) if size.is_integer() else (None, [])
         if hw is None:
-            from vramplan.profiles import all_hardware
+            from vramplan.inputs.profiles import all_hardware
 
             sizes = sorted({h.marketed_memory_gb for h in all_hardware()})
             raise UsageError(f"--gpus {raw_text!r}: no {sm.group(1)} GB card in the hardware profiles",
@@ -151,7 +151,7 @@ def parse_gpus(text: str) -> GpuSelection:
 def match_detected(name: str, memory_bytes: int, vendor: str) -> HardwareSpec:
     """The profile whose detect_names occur in `name` and whose memory is closest to the measured
     total; otherwise an ad-hoc spec with the measured memory and unknown (zero) compute figures."""
-    from vramplan.profiles import hardware_raw, load_hardware
+    from vramplan.inputs.profiles import hardware_raw, load_hardware
 
     gib = memory_bytes / 2**30
     best = None

@@ -1,0 +1,1 @@
+"""vramplan.estimate: see docs/architecture.md."""

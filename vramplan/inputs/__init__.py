@@ -1,0 +1,1 @@
+"""vramplan.inputs: see docs/architecture.md."""

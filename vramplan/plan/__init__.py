@@ -1,0 +1,1 @@
+"""vramplan.plan: see docs/architecture.md."""

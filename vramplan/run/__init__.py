@@ -1,0 +1,1 @@
+"""vramplan.run: see docs/architecture.md."""
