@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from vramplan.inputs import profiles as P  # noqa: E402
 from vramplan.estimate.params import (count_params, decoder_layer_params, largest_layer_params, linear_groups,  # noqa: E402
-                             lora_modules, lora_params, vision_linear_groups, vision_params)
+                             lora_modules, lora_params, vision_params)
+from vramplan.estimate.families import clip  # noqa: E402
 from vramplan.estimate.specs import LoraSpec, ModelSpec, ProjectorSpec, TextSpec, VisionSpec  # noqa: E402
 
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2",
@@ -134,7 +135,7 @@ def test_clip_part_equals_clip_vision_model():
     with torch.device("meta"):
         model = transformers.CLIPVisionModel(vision_config(v))
     assert vision_params(v) == sum(p.numel() for p in model.parameters()) == 303_507_456
-    groups = Counter({(g.name, g.d_in, g.d_out): g.count for g in vision_linear_groups(v)})
+    groups = Counter({(g.name, g.d_in, g.d_out): g.count for g in clip.linear_groups(v)})
     real = Counter((n.split(".")[-1], mod.in_features, mod.out_features) for n, mod in model.named_modules()
                    if isinstance(mod, torch.nn.Linear))
     assert groups == real

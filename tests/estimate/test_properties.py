@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from vramplan.estimate.activations import activation_bytes
 from vramplan.estimate.ds_config import buckets_for
-from vramplan.estimate.gpu_memory import Strategy, gpu_memory
+from vramplan.estimate.gpu_memory import gpu_memory
+from vramplan.estimate.types import Strategy
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.host import host_needs
 from vramplan.estimate.specs import LoraSpec, TextSpec

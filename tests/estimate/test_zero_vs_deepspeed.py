@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from vramplan.estimate.activations import ActivationBreakdown
-from vramplan.estimate.gpu_memory import DsBuckets, Strategy, gpu_memory
+from vramplan.estimate.gpu_memory import gpu_memory
+from vramplan.estimate.types import DsBuckets, Strategy
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.host import host_needs
 

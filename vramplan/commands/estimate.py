@@ -42,6 +42,10 @@ def estimate_options(f):
         click.option("--context", type=int, default=4096, show_default=True, help="Inference: KV-cache tokens."),
         click.option("--batch", type=int, default=1, show_default=True, help="Inference: concurrent sequences."),
         click.option("--device", type=click.Choice(["cuda", "npu", "cpu"]), help="Override the device kind."),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="DataLoader worker processes per GPU (more CPU RAM; faster image decoding)."),
+        click.option("--attn", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
+                     help="Attention implementation (eager also saves the attention probabilities: more memory)."),
         click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
     ]
     for o in reversed(opts):
@@ -73,14 +77,15 @@ def command(json_mode: bool, explain: bool, show_all: bool, save_plan: str | Non
 
         opts = options_from_kwargs(**kwargs)
         if opts.task == "infer":
-            from vramplan.estimate.inference import run_inference_estimate
+            from vramplan.plan.service import run_inference_estimate
             from vramplan.commands.estimate_render import render_infer
 
             data = run_inference_estimate(opts)
             ok = data["pick"] is not None
             return CommandResult("ok" if ok else "no_fit", ExitCode.OK if ok else ExitCode.NO_FIT, data,
                                  render=lambda con: render_infer(con, data))
-        from vramplan.plan.service import plan_dict, run_estimate
+        from vramplan.plan.plan_json import plan_dict
+        from vramplan.plan.service import run_estimate
         from vramplan.commands.estimate_render import render_estimate
 
         res = run_estimate(opts)

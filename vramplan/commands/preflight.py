@@ -11,7 +11,7 @@ import click
 from vramplan.commands.estimate import estimate_options
 from vramplan.errors import ExitCode, NoFitError, UsageError
 from vramplan.commands.output import CommandResult, run_command
-from vramplan.plan.request import load_plan
+from vramplan.plan.plan_json import load_plan
 from vramplan.preflight import CHECK_NAMES
 
 PLAN_SCHEMA = "vramplan-plan/1"

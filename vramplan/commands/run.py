@@ -12,7 +12,7 @@ import click
 from vramplan.commands.estimate import estimate_options
 from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.commands.output import CommandResult, message, run_command
-from vramplan.plan.request import load_plan
+from vramplan.plan.plan_json import load_plan
 
 DEMO_DIR = "vramplan-demo"
 # demo knobs, each overridable by its estimate flag: a few steps that checkpoint twice

@@ -1,26 +1,24 @@
 """The DeepSpeed config vramplan generates for each candidate.
 
 Pure and JSON-serialisable. Bucket sizes are explicit numbers (not "auto") because the memory
-model charges them (memory.DsBuckets); optimizer/scheduler hyper-parameters are "auto" so the
+model charges them (types.DsBuckets; docs/estimate.md#deepspeed-config); optimizer/scheduler hyper-parameters are "auto" so the
 HF Trainer fills them from the same plan (transformers' DeepSpeed integration checks they agree);
 no scheduler section, so the Trainer builds the recipe's warmup + cosine schedule itself.
-Layout follows XTuner's deepspeed_zero{1,2,2_offload,3,3_offload}.json and LLaVA's zero{2,3}.json
-(llava-recipes.md §2).
+Layout follows XTuner's xtuner/configs/deepspeed/deepspeed_zero{1,2,2_offload,3,3_offload}.json and LLaVA's
+scripts/zero{2,3}.json.
 """
 
 from __future__ import annotations
 
-from vramplan.estimate.gpu_memory import DsBuckets, Strategy
-
-DEFAULT_BUCKET = 200_000_000  # elements; DeepSpeed's own default is 5e8 (= 2 GB of bf16 x 2 with overlap_comm):
-#   smaller buckets cost a little overlap but bound the transient (transformers DeepSpeed docs, F7)
+from vramplan.estimate.priors import DEFAULT_BUCKET_ELEMS
+from vramplan.estimate.types import DsBuckets, Offload, Strategy, offloads_optimizer
 
 
 def buckets_for(hidden_size: int, trainable: int) -> DsBuckets:
     """Bucket sizes: HF's ZeRO-3 "auto" rules (reduce = h^2, prefetch = 0.9 h^2; transformers
     integration/deepspeed.py fill_match) and a 2e8 cap for ZeRO-1/2 buckets."""
     h2 = hidden_size * hidden_size
-    return DsBuckets(reduce_bucket=DEFAULT_BUCKET, allgather_bucket=DEFAULT_BUCKET, overlap_comm=True,
+    return DsBuckets(reduce_bucket=DEFAULT_BUCKET_ELEMS, allgather_bucket=DEFAULT_BUCKET_ELEMS, overlap_comm=True,
                      stage3_prefetch_bucket=int(0.9 * h2), stage3_max_live_parameters=1_000_000_000)
 
 
@@ -47,9 +45,9 @@ def make_ds_config(s: Strategy, b: DsBuckets, *, compute_dtype: str, hidden_size
             "sub_group_size": 1_000_000_000,  # params per optimizer sub-step; lower it if OOM hits in the step
             "stage3_gather_16bit_weights_on_model_save": False,  # adapters are saved by peft, no full gather
         })
-    if s.offload in ("optimizer", "optimizer+params") and s.zero_stage >= 1:
+    if offloads_optimizer(s.offload) and s.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}  # GPU memory -> CPU RAM; slower step
-    if s.offload == "optimizer+params" and s.zero_stage == 3:
+    if s.offload == Offload.PARAMS and s.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}  # weights live in CPU RAM; much slower
     cfg = {
         "train_micro_batch_size_per_gpu": s.micro_batch,

@@ -1,14 +1,14 @@
 """Per-GPU peak memory for one candidate: ZeRO stage x offload x GPU count x micro-batch x checkpointing.
 
-Phase model (llm-analysis, vramcalc; estimation-formulas.md F10):
+Phase model (llm-analysis, vramcalc; docs/estimate.md#peak-and-overheads):
     peak_allocated = persistent + max(train-step transient, optimizer-step transient, load transient)
-    nvidia_smi     = peak_allocated * ALLOCATOR_RESERVE_FACTOR + CUDA_CONTEXT (+ NCCL per rank if >1 GPU)
+    nvidia_smi     = peak_allocated * ALLOCATOR_RESERVE_FACTOR + CUDA context (+ NCCL per rank if >1 GPU)
 Persistent model states follow the ZeRO paper (Rajbhandari et al. 2019, arXiv:1910.02054 §5) and
-DeepSpeed's estimators (stage_1_and_2.estimate_zero2_model_states_mem_needs, stage3.estimate_zero3_...),
-applied per parameter group: frozen weights are replicated under stages 0-2 and partitioned under 3.
-Under DeepSpeed with bf16/fp16 enabled the engine casts the whole module to the 16-bit dtype
-(DeepSpeed engine `_configure_distributed_model`: module.bfloat16()), so every non-quantized weight is
-16-bit on the GPU and trainable ones get an fp32 master copy in the optimizer.
+DeepSpeed's estimators (runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs, stage3.py
+estimate_zero3_model_states_mem_needs), per parameter group: frozen weights are replicated under stages
+0-2 and partitioned under 3 (docs/estimate.md#model-states). Under DeepSpeed with bf16/fp16 the engine casts
+the whole module to the 16-bit dtype (runtime/engine.py `_configure_distributed_model`: module.bfloat16()),
+so every non-quantized weight is 16-bit on the GPU and trainable ones get an fp32 master copy.
 """
 
 from __future__ import annotations
@@ -17,39 +17,16 @@ from dataclasses import dataclass, field
 
 from vramplan.estimate.activations import ActivationBreakdown
 from vramplan.estimate.param_groups import ParamGroups
-
-# Named overhead factors (documented priors; `vramplan calibrate` reports how far off they were).
-CUDA_CONTEXT_BYTES = int(0.75 * 2**30)  # CUDA context + cuBLAS/cuDNN workspaces: vramcalc 0.75 GB (A6000,
-#   CUDA 13); transformers model_memory_anatomy measured 1343 MB incl. kernels; gpu_poor 650 MB (F11)
-NCCL_BYTES_PER_RANK = int(0.5 * 2**30)  # NCCL communicator buffers, multi-GPU only: 0.3-1 GB (F11)
-ALLOCATOR_RESERVE_FACTOR = 1.12  # torch caching allocator reserved/allocated: fms-acceleration a100_80gb.csv
-#   nvidia-smi/peak-alloc median 1.26 incl. the CUDA context; ~1.12 once the context is split out (F11)
+from vramplan.estimate.priors import (ALLOCATOR_RESERVE_FACTOR, CPU_PROCESS_BASE_RSS, CUDA_CONTEXT_BYTES,
+                                      NCCL_BYTES_PER_RANK)
+from vramplan.estimate.types import DsBuckets, Quant, Strategy, offloads_optimizer, offloads_params
 
 ADAM_STATE_BYTES = 8  # fp32 exp_avg + exp_avg_sq
 MASTER_BYTES = 4  # fp32 master weights
-FP32_GRAD_BYTES = 4  # DeepSpeed's fp32 gradient partition (the "18" in estimate_zero2 = 2+2+12+... ; F4)
+FP32_GRAD_BYTES = 4  # DeepSpeed's fp32 gradient partition: estimate_zero2 charges 2 B replicated + 18 B / GPUs
+#   per parameter = 2 (16-bit grad) + 4 (master) + 8 (Adam) + 4 (this) (runtime/zero/stage_1_and_2.py)
 
-
-@dataclass(frozen=True)
-class Strategy:
-    zero_stage: int  # 0..3
-    offload: str  # "none" | "optimizer" | "optimizer+params"
-    gpus: int  # data-parallel world size
-    nodes: int
-    micro_batch: int
-    grad_accum: int
-    grad_ckpt: bool
-
-
-@dataclass(frozen=True)
-class DsBuckets:
-    """The bucket sizes (elements) of the DeepSpeed config vramplan generates (ds_config.py)."""
-
-    reduce_bucket: int
-    allgather_bucket: int
-    overlap_comm: bool
-    stage3_prefetch_bucket: int
-    stage3_max_live_parameters: int
+ZERO_SOURCE = "ZeRO paper §5 (arXiv:1910.02054); DeepSpeed estimate_zero2/3_model_states_mem_needs"
 
 
 @dataclass(frozen=True)
@@ -76,132 +53,143 @@ def _div(x: float, n: int) -> int:
     return int(-(-x // n)) if n > 1 else int(x)
 
 
-def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: DsBuckets, *,
-               compute_bytes: int = 2, quant: str = "nf4", device: str = "cuda",
-               load_bytes_per_param: int = 2) -> GpuMemory:
-    """Per-GPU peak memory of one candidate, as named components."""
-    n, z, off = s.gpus, s.zero_stage, s.offload
-    T = g.trainable
-    bc = compute_bytes
-    part_w = z == 3  # weights partitioned
-    off_opt = off in ("optimizer", "optimizer+params")
-    off_par = off == "optimizer+params"
-    comps: list[Component] = []
-
-    def add(name, b, kind, formula, source):
-        comps.append(Component(name, int(b), kind, formula, source))
-
-    zsrc = "ZeRO paper §5 (arXiv:1910.02054); DeepSpeed estimate_zero2/3_model_states_mem_needs"
-    # --- persistent model states -------------------------------------------------------------
+def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str) -> list[Component]:
+    n, part_w, off_par = s.gpus, s.zero_stage == 3, offloads_params(s.offload)
+    out = []
     if g.quantized_bytes:
         qb = 0 if off_par else (_div(g.quantized_bytes, n) if part_w else g.quantized_bytes)
-        add("weights_quantized", qb, "persistent",
+        out.append(Component(
+            "weights_quantized", int(qb), "persistent",
             f"{quant} storage incl. quant state" + (" / GPUs (ZeRO-3 partitions it)" if part_w else "")
             + (" -> CPU (offload params)" if off_par else ""),
-            "QLoRA arXiv:2305.14314 §3; bitsandbytes quantize_4bit (blocksize 64, nested 256)")
+            "QLoRA arXiv:2305.14314 §3; bitsandbytes quantize_4bit (blocksize 64, nested 256)"))
     fb = g.frozen_params * bc
-    add("weights_frozen", 0 if off_par else (_div(fb, n) if part_w else fb), "persistent",
-        f"frozen params x {bc} B (module cast to the compute dtype)"
-        + (" / GPUs" if part_w else " (replicated under ZeRO 0-2)"), zsrc)
-    add("weights_trainable", 0 if off_par else (_div(T * bc, n) if part_w else T * bc), "persistent",
-        f"trainable params x {bc} B" + (" / GPUs" if part_w else ""), zsrc)
+    out.append(Component("weights_frozen", 0 if off_par else (_div(fb, n) if part_w else fb), "persistent",
+                         f"frozen params x {bc} B (module cast to the compute dtype)"
+                         + (" / GPUs" if part_w else " (replicated under ZeRO 0-2)"), ZERO_SOURCE))
+    T = g.trainable
+    out.append(Component("weights_trainable", 0 if off_par else (_div(T * bc, n) if part_w else T * bc), "persistent",
+                         f"trainable params x {bc} B" + (" / GPUs" if part_w else ""), ZERO_SOURCE))
+    return out
+
+
+def _optimizer_states(g: ParamGroups, s: Strategy, bc: int) -> list[Component]:
+    """Gradients, fp32 master + Adam states, and DeepSpeed's fp32 gradient partition."""
+    n, z, T, off_opt = s.gpus, s.zero_stage, g.trainable, offloads_optimizer(s.offload)
     if off_opt:
-        grads = 0
-        gform = "reduced into pinned CPU buffers (offload_optimizer)"
+        grads, gform = 0, "reduced into pinned CPU buffers (offload_optimizer)"
     elif z == 3:
         grads = 0
         gform = "reduced straight into the fp32 gradient partition (counted there), as DeepSpeed's stage-3 estimator"
     elif z == 2:
-        grads = _div(T * bc, n)
-        gform = f"trainable x {bc} B / GPUs (ZeRO-2 partitions gradients)"
+        grads, gform = _div(T * bc, n), f"trainable x {bc} B / GPUs (ZeRO-2 partitions gradients)"
     else:
-        grads = T * bc
-        gform = f"trainable x {bc} B (full gradients under ZeRO 0-1)"
-    add("gradients", grads, "persistent", gform, zsrc)
+        grads, gform = T * bc, f"trainable x {bc} B (full gradients under ZeRO 0-1)"
     if off_opt:
-        opt = 0
-        oform = "fp32 master + Adam m, v live in CPU RAM (offload_optimizer)"
+        opt, oform = 0, "fp32 master + Adam m, v live in CPU RAM (offload_optimizer)"
     elif z >= 1:
-        opt = _div(T * (MASTER_BYTES + ADAM_STATE_BYTES), n)
-        oform = "trainable x (4 master + 8 Adam) B / GPUs"
+        opt, oform = _div(T * (MASTER_BYTES + ADAM_STATE_BYTES), n), "trainable x (4 master + 8 Adam) B / GPUs"
     else:
         opt = T * (MASTER_BYTES + ADAM_STATE_BYTES)
         oform = "trainable x (4 master + 8 Adam) B (ZeRO-0: DeepSpeed bf16 optimizer, not partitioned)"
-    add("optimizer_states", opt, "persistent", oform, zsrc + "; F4")
     fp32g = 0 if off_opt else (T * FP32_GRAD_BYTES if z == 0 else _div(T * FP32_GRAD_BYTES, n))
-    add("fp32_grad_partition", fp32g, "persistent",
-        "trainable x 4 B fp32 gradients the optimizer steps on" + ("" if z == 0 else " / GPUs"),
-        "DeepSpeed stage_1_and_2 single_partition_of_fp32_groups grads; the 18 B/param of estimate_zero2 (F4)")
+    return [
+        Component("gradients", int(grads), "persistent", gform, ZERO_SOURCE),
+        Component("optimizer_states", int(opt), "persistent", oform, ZERO_SOURCE + "; docs/estimate.md#model-states"),
+        Component("fp32_grad_partition", int(fp32g), "persistent",
+                  "trainable x 4 B fp32 gradients the optimizer steps on" + ("" if z == 0 else " / GPUs"),
+                  "DeepSpeed stage_1_and_2 single_partition_of_fp32_groups grads; the 18 B/param of estimate_zero2"),
+    ]
 
-    # --- transients ----------------------------------------------------------------------------
+
+def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int) -> Component:
+    z, T = s.zero_stage, g.trainable
     if z in (1, 2):
-        rb = min(buckets.reduce_bucket, max(T, 1)) * bc * (2 if buckets.overlap_comm else 1)
-        ab = min(buckets.allgather_bucket, max(T, 1)) * bc
-        ds_buf = rb + ab
-        dform = (f"reduce bucket {buckets.reduce_bucket:.3g} el x {bc} B"
-                 f"{' x 2 (overlap_comm double-buffers)' if buckets.overlap_comm else ''}"
-                 f" + allgather bucket {buckets.allgather_bucket:.3g} el x {bc} B, each capped at the trainable count")
+        rb = min(b.reduce_bucket, max(T, 1)) * bc * (2 if b.overlap_comm else 1)
+        ab = min(b.allgather_bucket, max(T, 1)) * bc
+        size = rb + ab
+        form = (f"reduce bucket {b.reduce_bucket:.3g} el x {bc} B"
+                f"{' x 2 (overlap_comm double-buffers)' if b.overlap_comm else ''}"
+                f" + allgather bucket {b.allgather_bucket:.3g} el x {bc} B, each capped at the trainable count")
     elif z == 3:
         layer_bytes = g.decoder_layer_params * bc
         if g.quantized_params:
             layer_bytes = int(g.decoder_layer_params * bc * g.quantized_bytes / max(1, g.quantized_params * bc))
-        live = min(buckets.stage3_max_live_parameters * bc, 2 * layer_bytes + buckets.stage3_prefetch_bucket * bc)
-        ds_buf = live + min(buckets.reduce_bucket, max(T, 1)) * bc
-        dform = ("gathered params: min(stage3_max_live_parameters, 2 decoder layers + prefetch bucket)"
-                 " + reduce bucket")
+        live = min(b.stage3_max_live_parameters * bc, 2 * layer_bytes + b.stage3_prefetch_bucket * bc)
+        size = live + min(b.reduce_bucket, max(T, 1)) * bc
+        form = "gathered params: min(stage3_max_live_parameters, 2 decoder layers + prefetch bucket) + reduce bucket"
     else:
-        ds_buf = 0
-        dform = "no ZeRO buckets"
-    add("deepspeed_buffers", ds_buf, "transient", dform, "transformers DeepSpeed docs (bucket sizes, F7)")
+        size, form = 0, "no ZeRO buckets"
+    return Component("deepspeed_buffers", int(size), "transient", form,
+                     "transformers DeepSpeed docs (bucket sizes); docs/estimate.md#peak-and-overheads")
 
-    add("activations_saved", act.llm_saved + act.vision_saved + act.projector_saved + act.final_norm_saved,
-        "transient", "decoder layers" + (" inputs only (checkpointing)" if s.grad_ckpt else "")
-        + " + vision LoRA layers + projector, per micro-batch", "activations.py; Korthikanti 2022; measured (F8)")
-    add("logits_loss_peak", act.logits_peak, "transient", "14 B x tokens x vocab at the loss backward",
-        "vramcalc measured 14 B/logit (F9)")
+
+def _activation_transients(g: ParamGroups, act: ActivationBreakdown, s: Strategy, bc: int, quant: str) -> list[Component]:
+    out = [
+        Component("activations_saved", int(act.llm_saved + act.vision_saved + act.projector_saved + act.final_norm_saved),
+                  "transient", "decoder layers" + (" inputs only (checkpointing)" if s.grad_ckpt else "")
+                  + " + vision LoRA layers + projector, per micro-batch",
+                  "Korthikanti 2022 (arXiv:2205.05198); measured, docs/estimate.md#activations"),
+        Component("logits_loss_peak", act.logits_peak, "transient", "14 B x tokens x vocab at the loss backward",
+                  "vramcalc measured 14 B/logit; docs/estimate.md#activations"),
+    ]
     if act.llm_recompute:
-        add("recompute_layer", act.llm_recompute, "transient",
-            "one decoder layer's activations while it is recomputed", "gradient checkpointing (F8)")
-    if g.quantized_bytes and quant == "nf4":
-        add("dequant_transient", g.largest_linear_elems * bc, "transient",
-            "largest 4-bit Linear dequantized to the compute dtype per matmul", "bitsandbytes MatMul4Bit (F8)")
-    add("vision_forward_transient", act.vision_transient, "transient",
-        "CLIP hidden states of every layer (LLaVA selects layer -2)", "transformers CLIPEncoder output_hidden_states")
+        out.append(Component("recompute_layer", act.llm_recompute, "transient",
+                             "one decoder layer's activations while it is recomputed",
+                             "gradient checkpointing; docs/estimate.md#activations"))
+    if g.quantized_bytes and quant == Quant.NF4:
+        out.append(Component("dequant_transient", int(g.largest_linear_elems * bc), "transient",
+                             "largest 4-bit Linear dequantized to the compute dtype per matmul",
+                             "bitsandbytes MatMul4Bit (autograd/_functions.py)"))
+    out.append(Component("vision_forward_transient", act.vision_transient, "transient",
+                         "vision hidden states of every layer (LLaVA selects layer -2)",
+                         "transformers CLIPEncoder output_hidden_states"))
+    return out
 
-    persistent = sum(c.bytes for c in comps if c.kind == "persistent")
-    d = {c.name: c.bytes for c in comps}
+
+def _phases(g: ParamGroups, s: Strategy, d: dict[str, int], load_bytes_per_param: int) -> dict[str, int]:
+    """Allocated bytes at each phase of a step; the peak is the largest."""
+    persistent = sum(d[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients",
+                                    "optimizer_states", "fp32_grad_partition") if k in d)
     backward_peak = max(d["logits_loss_peak"], d.get("recompute_layer", 0) + d.get("dequant_transient", 0))
-    train_phase = persistent + d["activations_saved"] + backward_peak + d["deepspeed_buffers"]
-    forward_vision = persistent + d["vision_forward_transient"] + d["deepspeed_buffers"]
-    step_phase = persistent + d["deepspeed_buffers"]
     # Before the engine exists the trainer holds the model as built: with k-bit training, peft's
-    # prepare_model_for_kbit_training has upcast every non-quantized weight to fp32 (PEFT utils/other.py).
-    load_phase = 0
-    if not off_par:
-        load_phase = (d.get("weights_quantized", 0)
-                      + (_div((g.frozen_params + T) * load_bytes_per_param, n) if part_w
-                         else (g.frozen_params + T) * load_bytes_per_param))
-    phases = {"forward/backward": train_phase, "vision forward": forward_vision, "optimizer step": step_phase,
-              "model load": load_phase}
+    # prepare_model_for_kbit_training has upcast every non-quantized weight to fp32 (peft utils/other.py).
+    load = 0
+    if not offloads_params(s.offload):
+        unpartitioned = (g.frozen_params + g.trainable) * load_bytes_per_param
+        load = d.get("weights_quantized", 0) + (_div(unpartitioned, s.gpus) if s.zero_stage == 3 else unpartitioned)
+    return {"forward/backward": persistent + d["activations_saved"] + backward_peak + d["deepspeed_buffers"],
+            "vision forward": persistent + d["vision_forward_transient"] + d["deepspeed_buffers"],
+            "optimizer step": persistent + d["deepspeed_buffers"],
+            "model load": load}
+
+
+def _overheads(peak: int, gpus: int, device: str) -> list[Component]:
+    out = [Component("allocator_reserve", int(peak * (ALLOCATOR_RESERVE_FACTOR - 1)), "overhead",
+                     f"peak allocated x {ALLOCATOR_RESERVE_FACTOR - 1:.2f} (caching-allocator blocks)",
+                     "fms-acceleration a100_80gb.csv reserved/allocated; docs/estimate.md#priors")]
+    if device == "cpu":
+        out.append(Component("process_base", CPU_PROCESS_BASE_RSS, "overhead",
+                             "Python + torch + transformers/peft/bitsandbytes loaded (CPU device: memory is RSS)",
+                             "measured: tiny-LLaVA trainer peak RSS ~467 MiB; docs/estimate.md#priors"))
+        return out
+    out.append(Component("cuda_context", CUDA_CONTEXT_BYTES, "overhead", "CUDA context + library workspaces",
+                         "vramcalc 0.75 GB; transformers docs 1343 MB; docs/estimate.md#priors"))
+    if gpus > 1:
+        out.append(Component("nccl_buffers", NCCL_BYTES_PER_RANK, "overhead", "NCCL/HCCL communicator buffers",
+                             "0.3-1 GB per rank; docs/estimate.md#priors"))
+    return out
+
+
+def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: DsBuckets, *,
+               compute_bytes: int = 2, quant: str = Quant.NF4, device: str = "cuda",
+               load_bytes_per_param: int = 2) -> GpuMemory:
+    """Per-GPU peak memory of one candidate, as named components."""
+    comps = (_weights(g, s, compute_bytes, quant) + _optimizer_states(g, s, compute_bytes)
+             + [_deepspeed_buffers(g, s, buckets, compute_bytes)]
+             + _activation_transients(g, act, s, compute_bytes, quant))
+    phases = _phases(g, s, {c.name: c.bytes for c in comps}, load_bytes_per_param)
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
-
-    reserve = int(peak * (ALLOCATOR_RESERVE_FACTOR - 1))
-    comps.append(Component("allocator_reserve", reserve, "overhead",
-                           f"peak allocated x {ALLOCATOR_RESERVE_FACTOR - 1:.2f} (caching-allocator blocks)",
-                           "fms-acceleration a100_80gb.csv reserved/allocated (F11)"))
-    if device == "cpu":
-        from vramplan.estimate.host import CPU_PROCESS_BASE_RSS
-
-        overhead = CPU_PROCESS_BASE_RSS
-        comps.append(Component("process_base", CPU_PROCESS_BASE_RSS, "overhead",
-                               "Python + torch + transformers/peft/bitsandbytes loaded (CPU device: memory is RSS)",
-                               "measured here: tiny-LLaVA trainer peak RSS ~467 MiB"))
-        return GpuMemory(comps, int(peak), int(peak + reserve + overhead), peak_phase)
-    overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES_PER_RANK if n > 1 else 0)
-    comps.append(Component("cuda_context", CUDA_CONTEXT_BYTES, "overhead", "CUDA context + library workspaces",
-                           "vramcalc 0.75 GB; transformers docs 1343 MB (F11)"))
-    if n > 1:
-        comps.append(Component("nccl_buffers", NCCL_BYTES_PER_RANK, "overhead", "NCCL/HCCL communicator buffers",
-                               "estimation-formulas.md F11 (0.3-1 GB)"))
-    return GpuMemory(comps, int(peak), int(peak + reserve + overhead), peak_phase)
+    overheads = _overheads(peak, s.gpus, device)
+    return GpuMemory(comps + overheads, int(peak), int(peak + sum(c.bytes for c in overheads)), peak_phase)

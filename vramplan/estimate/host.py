@@ -1,21 +1,20 @@
-"""CPU RAM and disk needs of a candidate (estimation-formulas.md F12, F13)."""
+"""CPU RAM, disk and checkpoint bytes of a candidate (docs/estimate.md#cpu-ram-and-disk).
+
+CPU RAM per node: each rank's base RSS, one safetensors shard while loading, DataLoader workers, and
+DeepSpeed's offloaded states (x its CPU buffer factor). One checkpoint is what the HF Trainer + DeepSpeed
+write per save (transformers trainer.py `_save_checkpoint`; DeepSpeed engine `save_checkpoint`: module
+states without frozen parameters when `exclude_frozen_parameters`, and one optimizer shard per rank).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.estimate.gpu_memory import ADAM_STATE_BYTES, FP32_GRAD_BYTES, MASTER_BYTES, Strategy
+from vramplan.estimate.gpu_memory import ADAM_STATE_BYTES, FP32_GRAD_BYTES, MASTER_BYTES
 from vramplan.estimate.param_groups import ParamGroups
-from vramplan.units import GiB
-
-PROCESS_BASE_RSS = 3 * GiB  # python + torch + CUDA libs + transformers/peft/deepspeed per rank (prior)
-CPU_PROCESS_BASE_RSS = 450 * 2**20  # the same without CUDA: measured here, the tiny-LLaVA trainer peaks at ~467 MiB RSS
-HF_SHARD_BYTES = 5 * 10**9  # transformers save_pretrained default max_shard_size "5GB": loading holds ~1 shard
-DEEPSPEED_CPU_FACTOR = 1.5  # DeepSpeed estimators' additional_buffer_factor for CPU-side states
-WORKER_RSS = int(0.5 * GiB)  # one DataLoader worker (forked interpreter + image decode buffers), prior
-CHECKPOINT_EXTRA_BYTES = 100 * 10**3  # scheduler.pt, rng_state, trainer_state.json, training_args, README,
-#   MANIFEST: ~32 KB measured in the demo's checkpoints (more with DeepSpeed: `latest`, per-rank rng states)
-LOG_BYTES = 50 * 10**6  # metrics.jsonl, summary.json, launch.sh, plan.json
+from vramplan.estimate.priors import (CHECKPOINT_EXTRA_BYTES, CPU_PROCESS_BASE_RSS, DEEPSPEED_CPU_FACTOR, HF_SHARD_BYTES,
+                                      LOG_BYTES, PROCESS_BASE_RSS, WORKER_RSS)
+from vramplan.estimate.types import Strategy, offloads_optimizer, offloads_params
 
 
 @dataclass(frozen=True)
@@ -31,12 +30,12 @@ class HostNeeds:
 
 def host_needs(g: ParamGroups, s: Strategy, *, compute_bytes: int, deepspeed: bool, base_weights_bytes: int,
                base_weights_on_disk: bool, dataset_bytes: int, keep_checkpoints: int, workers: int,
-               merge_export: bool = False, largest_shard_bytes: int = HF_SHARD_BYTES,
+               largest_shard_bytes: int = HF_SHARD_BYTES,
                device: str = "cuda") -> HostNeeds:
     T = g.trainable
     per_node = max(1, s.gpus // max(1, s.nodes))
-    off_opt = s.offload in ("optimizer", "optimizer+params")
-    off_par = s.offload == "optimizer+params"
+    off_opt = offloads_optimizer(s.offload)
+    off_par = offloads_params(s.offload)
 
     cpu = {
         "processes": per_node * (CPU_PROCESS_BASE_RSS if device == "cpu" else PROCESS_BASE_RSS),
@@ -55,7 +54,7 @@ def host_needs(g: ParamGroups, s: Strategy, *, compute_bytes: int, deepspeed: bo
         pinned += int(params)
     cpu_total = sum(cpu.values())
 
-    # One checkpoint (all ranks together): what HF Trainer + DeepSpeed write per save (F13; llava-recipes §3.1)
+    # One checkpoint (all ranks together): what HF Trainer + DeepSpeed write per save
     if deepspeed:
         ckpt = {
             "adapter_and_projector": T * compute_bytes,  # adapter_model.safetensors (+ projector) in bf16
@@ -77,6 +76,4 @@ def host_needs(g: ParamGroups, s: Strategy, *, compute_bytes: int, deepspeed: bo
         "final_export": T * compute_bytes,
         "logs": LOG_BYTES,
     }
-    if merge_export:
-        disk["merged_export"] = g.total_params * 2
     return HostNeeds(cpu_total, cpu, sum(disk.values()), disk, ckpt_total, ckpt, pinned)

@@ -3,103 +3,22 @@ estimate each, mark what fits, rank by time and pick one, saying why faster opti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from vramplan.estimate.activations import activation_bytes
 from vramplan.estimate.ds_config import buckets_for, make_ds_config
-from vramplan.estimate.gpu_memory import Strategy, gpu_memory
+from vramplan.estimate.gpu_memory import GpuMemory, gpu_memory
+from vramplan.estimate.host import HostNeeds, host_needs
 from vramplan.estimate.param_groups import ParamGroups, param_groups
-from vramplan.estimate.host import host_needs
-from vramplan.estimate.specs import HardwareSpec, ModelSpec, RecipeSpec
-from vramplan.estimate.timing import estimate_time
+from vramplan.estimate.timing import TimeEstimate, estimate_time
+from vramplan.estimate.types import Candidate, Job, Offload, Quant, Strategy
 from vramplan.units import gib
 
-OFFLOADS = {0: ("none",), 1: ("none", "optimizer"), 2: ("none", "optimizer"), 3: ("none", "optimizer", "optimizer+params")}
 ZERO3_4BIT_NOTE = ("ZeRO-3 with 4-bit weights needs bnb_4bit_quant_storage = the compute dtype (set in this plan) and "
                    "bitsandbytes>=0.43.3, accelerate>=1.0.1, transformers>4.44.2, peft>0.13.0 (PEFT DeepSpeed docs); "
                    "`vramplan preflight` checks the versions")
 
 
-@dataclass(frozen=True)
-class Job:
-    """Everything about the run except the parallel strategy."""
-
-    model: ModelSpec
-    recipe: RecipeSpec
-    hardware: HardwareSpec
-    nodes: int
-    gpus_per_node: int
-    seq_len: int  # LLM tokens per sample incl. image tokens (memory: the longest sample sets the peak)
-    images_per_sample: float
-    samples: int
-    epochs: int
-    compute_dtype: str
-    quant: str
-    headroom: float  # fraction of device memory kept free
-    device: str = "cuda"
-    attn: str = "sdpa"
-    cpu_ram_bytes: int | None = None  # per node, when known
-    disk_free_bytes: int | None = None
-    dataset_bytes: int = 0
-    base_weights_on_disk: bool = False
-    workers: int = 0
-    micro_batches: tuple[int, ...] = ()  # fixed by --micro-batch, else searched
-    grad_accum: int | None = None  # fixed by --grad-accum
-    grad_ckpt: tuple[bool, ...] = (True, False)
-    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
-    offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+params")
-    gpu_counts: tuple[int, ...] = ()
-    merge_export: bool = False
-    mean_seq_len: int = 0  # mean tokens per sample for the time estimate; 0 = seq_len
-    calibration: tuple = ()  # ((component, factor), ...) from `vramplan calibrate --write`
-
-    @property
-    def total_gpus(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-
-@dataclass
-class Candidate:
-    strategy: Strategy
-    fits: bool
-    reasons: list[str]
-    notes: list[str]
-    vram_per_gpu_bytes: int
-    vram_allocated_per_gpu_bytes: int
-    vram_breakdown: dict
-    vram_formulas: dict
-    peak_phase: str
-    cpu_ram_bytes: int
-    cpu_breakdown: dict
-    pinned_bytes: int
-    disk_bytes: int
-    disk_breakdown: dict
-    checkpoint_bytes: int
-    checkpoint_breakdown: dict
-    time_seconds: float
-    time_detail: dict
-    ds_config: dict | None
-    compatible: bool = True
-
-    def to_dict(self) -> dict:
-        s = self.strategy
-        return {
-            "zero_stage": s.zero_stage, "offload": s.offload, "gpus": s.gpus, "nodes": s.nodes,
-            "micro_batch": s.micro_batch, "grad_accum": s.grad_accum, "global_batch": s.micro_batch * s.grad_accum * s.gpus,
-            "grad_checkpointing": s.grad_ckpt, "fits": self.fits, "compatible": self.compatible,
-            "reasons": list(self.reasons), "notes": list(self.notes),
-            "vram_per_gpu_bytes": self.vram_per_gpu_bytes, "vram_allocated_per_gpu_bytes": self.vram_allocated_per_gpu_bytes,
-            "vram_breakdown": dict(self.vram_breakdown), "vram_formulas": dict(self.vram_formulas),
-            "peak_phase": self.peak_phase, "cpu_ram_bytes": self.cpu_ram_bytes, "cpu_breakdown": dict(self.cpu_breakdown),
-            "pinned_cpu_bytes": self.pinned_bytes, "disk_bytes": self.disk_bytes, "disk_breakdown": dict(self.disk_breakdown),
-            "checkpoint_bytes": self.checkpoint_bytes, "checkpoint_breakdown": dict(self.checkpoint_breakdown),
-            "time_seconds": self.time_seconds, "time_detail": dict(self.time_detail), "ds_config": self.ds_config,
-        }
-
-
 def gpu_counts_for(job: Job) -> list[int]:
-    if job.gpu_counts:
-        return sorted(set(job.gpu_counts))
+    """1, 2, 4, ... GPUs of one node, then 2, 4, ... whole nodes, and all of them."""
     g = job.gpus_per_node
     counts = {g}
     k = 1
@@ -132,53 +51,51 @@ def _grad_accum(job: Job, micro: int, gpus: int) -> int:
 
 
 def incompatibility(job: Job, s: Strategy) -> str | None:
-    if job.device == "cpu" and (s.zero_stage or s.offload != "none"):
+    if job.device == "cpu" and (s.zero_stage or s.offload != Offload.NONE):
         return "CPU runs use plain PyTorch (no DeepSpeed ZeRO)"
-    if s.offload != "none" and s.zero_stage == 0:
+    if s.offload != Offload.NONE and s.zero_stage == 0:
         return "optimizer offload needs ZeRO stage >= 1"
-    if s.offload == "optimizer+params" and s.zero_stage != 3:
+    if s.offload == Offload.PARAMS and s.zero_stage != 3:
         return "parameter offload needs ZeRO-3"
-    if job.quant == "int8" and s.zero_stage == 3:
+    if job.quant == Quant.INT8 and s.zero_stage == 3:
         return "8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3; use ZeRO-2 or NF4 with quant storage"
     return None
 
 
-def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
-    bc = 4 if job.compute_dtype == "fp32" else 2
-    r = job.recipe
+def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
+    r, bc = job.recipe, job.compute_bytes
     llm_mode = "full" if r.train_llm_full else ("lora" if r.llm_lora else "frozen")
     act = activation_bytes(job.model.text, job.model.vision, micro_batch=s.micro_batch, seq=job.seq_len,
                            images_per_sample=job.images_per_sample, llm_mode=llm_mode, llm_lora=r.llm_lora,
                            vision_lora=r.vision_lora, grad_ckpt=s.grad_ckpt, attn=job.attn, compute_bytes=bc,
-                           projector_in=job.model.projector.in_features if job.model.projector else 0,
-                           projector_trained=r.train_projector)
+                           projector=job.model.projector, projector_trained=r.train_projector)
     buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
-    load_b = 4 if (job.quant in ("nf4", "int8")) else bc  # prepare_model_for_kbit_training upcasts to fp32
-    mem = gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
-                     load_bytes_per_param=load_b)
-    deepspeed = job.device != "cpu"
-    host = host_needs(groups, s, compute_bytes=bc, deepspeed=deepspeed,
+    load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
+    return gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
+                      load_bytes_per_param=load_b)
+
+
+def _host(job: Job, groups: ParamGroups, s: Strategy) -> HostNeeds:
+    return host_needs(groups, s, compute_bytes=job.compute_bytes, deepspeed=job.device != "cpu",
                       base_weights_bytes=job.model.stored_total_bytes or groups.total_params * 2,
                       base_weights_on_disk=job.base_weights_on_disk, dataset_bytes=job.dataset_bytes,
-                      keep_checkpoints=r.keep_checkpoints, workers=job.workers, merge_export=job.merge_export,
-                      device=job.device)
-    t = estimate_time(job.model, job.hardware, groups, s, seq=job.mean_seq_len or job.seq_len, images=job.images_per_sample,
-                      samples=job.samples, epochs=job.epochs, quant=job.quant, compute_dtype=job.compute_dtype,
-                      vision_trainable=bool(r.vision_lora), device=job.device)
-    reasons, notes = [], []
-    cal = dict(job.calibration)
-    vram_alloc = int(mem.peak_allocated * cal.get("vram_allocated", 1.0))
-    vram_smi = int(mem.nvidia_smi * cal.get("vram_reserved", cal.get("vram_allocated", 1.0)))
-    cpu_ram = int(host.cpu_ram_bytes * cal.get("cpu_ram", 1.0))
-    ckpt = int(host.checkpoint_bytes * cal.get("checkpoint", 1.0))
-    disk = int(host.disk_bytes + (ckpt - host.checkpoint_bytes) * (r.keep_checkpoints + 1))
-    seconds = t.seconds * cal.get("time_per_step", 1.0)
-    if cal:
-        notes.append("calibrated: " + ", ".join(f"{k} x{v:.2f}" for k, v in sorted(cal.items())))
-    usable = job.hardware.memory_bytes * (1 - job.headroom)
+                      keep_checkpoints=job.recipe.keep_checkpoints, workers=job.workers, device=job.device)
+
+
+def _time(job: Job, groups: ParamGroups, s: Strategy) -> TimeEstimate:
+    return estimate_time(job.model, job.hardware, groups, s, seq=job.mean_seq_len or job.seq_len,
+                         images=job.images_per_sample, samples=job.samples, epochs=job.epochs, quant=job.quant,
+                         compute_dtype=job.compute_dtype, vision_trainable=bool(job.recipe.vision_lora),
+                         device=job.device)
+
+
+def _reasons(job: Job, s: Strategy, vram_smi: int, cpu_ram: int, disk: int) -> list[str]:
+    """Why the candidate does not fit (empty: it fits)."""
+    reasons = []
     compat = incompatibility(job, s)
     if compat:
         reasons.append(compat)
+    usable = job.hardware.memory_bytes * (1 - job.headroom)
     if vram_smi > usable:
         reasons.append(f"needs {gib(vram_smi)} per GPU > {gib(usable)} usable "
                        f"({job.hardware.display_name} {gib(job.hardware.memory_bytes)} minus {job.headroom:.0%} headroom)")
@@ -186,28 +103,50 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
         reasons.append(f"needs {gib(cpu_ram)} CPU RAM per node > {gib(job.cpu_ram_bytes)} available")
     if job.disk_free_bytes is not None and disk > job.disk_free_bytes:
         reasons.append(f"needs {gib(disk)} disk > {gib(job.disk_free_bytes)} free")
+    return reasons
+
+
+def _notes(job: Job, s: Strategy, calibration: dict) -> list[str]:
+    notes = []
+    if calibration:
+        notes.append("calibrated: " + ", ".join(f"{k} x{v:.2f}" for k, v in sorted(calibration.items())))
     if s.gpus < job.total_gpus:
         notes.append(f"leaves {job.total_gpus - s.gpus} of {job.total_gpus} GPUs idle")
-    if s.zero_stage == 3 and job.quant == "nf4":
+    if s.zero_stage == 3 and job.quant == Quant.NF4:
         notes.append(ZERO3_4BIT_NOTE)
-    if job.grad_accum is None and s.micro_batch * s.grad_accum * s.gpus != r.global_batch:
-        notes.append(f"global batch {s.micro_batch * s.grad_accum * s.gpus} (recipe {r.global_batch} is not "
+    if job.grad_accum is None and s.global_batch != job.recipe.global_batch:
+        notes.append(f"global batch {s.global_batch} (recipe {job.recipe.global_batch} is not "
                      f"divisible by micro-batch x GPUs)")
-    ds = make_ds_config(s, buckets, compute_dtype=job.compute_dtype, hidden_size=job.model.text.hidden_size) \
-        if deepspeed else None
+    return notes
+
+
+def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
+    """Every estimate of one strategy, with calibration factors applied when given (never silently)."""
+    mem, host, t = _memory(job, groups, s), _host(job, groups, s), _time(job, groups, s)
+    cal = dict(job.calibration)
+    vram_alloc = int(mem.peak_allocated * cal.get("vram_allocated", 1.0))
+    vram_smi = int(mem.nvidia_smi * cal.get("vram_reserved", cal.get("vram_allocated", 1.0)))
+    cpu_ram = int(host.cpu_ram_bytes * cal.get("cpu_ram", 1.0))
+    ckpt = int(host.checkpoint_bytes * cal.get("checkpoint", 1.0))
+    disk = int(host.disk_bytes + (ckpt - host.checkpoint_bytes) * (job.recipe.keep_checkpoints + 1))
+    reasons = _reasons(job, s, vram_smi, cpu_ram, disk)
+    ds = None
+    if job.device != "cpu":
+        buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
+        ds = make_ds_config(s, buckets, compute_dtype=job.compute_dtype, hidden_size=job.model.text.hidden_size)
     return Candidate(
-        strategy=s, fits=not reasons, reasons=reasons, notes=notes,
+        strategy=s, fits=not reasons, reasons=reasons, notes=_notes(job, s, cal),
         vram_per_gpu_bytes=vram_smi, vram_allocated_per_gpu_bytes=vram_alloc,
         vram_breakdown=mem.as_dict(), vram_formulas={c.name: f"{c.formula} [{c.source}]" for c in mem.components},
         peak_phase=mem.peak_phase, cpu_ram_bytes=cpu_ram, cpu_breakdown=host.cpu_breakdown,
         pinned_bytes=host.pinned_bytes, disk_bytes=disk, disk_breakdown=host.disk_breakdown,
         checkpoint_bytes=ckpt, checkpoint_breakdown=host.checkpoint_breakdown,
-        time_seconds=seconds,
+        time_seconds=t.seconds * cal.get("time_per_step", 1.0),
         time_detail={"steps": t.steps, "flops_per_step": t.flops_per_step, "compute_s_per_step": t.compute_s_per_step,
                      "zero3_comm_s_per_step": t.comm_s_per_step, "offload_s_per_step": t.offload_s_per_step,
                      "overhead_s_per_step": t.overhead_s_per_step,
                      "tokens_per_s": t.tokens_per_s, "utilisation_prior": t.mfu, "peak_tflops": t.peak_tflops},
-        ds_config=ds, compatible=compat is None)
+        ds_config=ds, compatible=incompatibility(job, s) is None)
 
 
 def sweep(job: Job) -> list[Candidate]:
@@ -218,7 +157,7 @@ def sweep(job: Job) -> list[Candidate]:
         for z in job.zero_stages:
             if job.device == "cpu" and z:
                 continue
-            for off in OFFLOADS[z]:
+            for off in Offload.BY_STAGE[z]:
                 if off not in job.offloads:
                     continue
                 for gc in job.grad_ckpt:
@@ -235,7 +174,7 @@ STAGE_PREFERENCE = {2: 0, 1: 1, 0: 2, 3: 3}  # on ties: ZeRO-2 is the path XTune
 def rank_key(c: Candidate):
     s = c.strategy
     # fastest first; ties: fewer GPUs, less offload, preferred stage, larger micro-batch, checkpointing off
-    return (round(c.time_seconds, 3), s.gpus, ("none", "optimizer", "optimizer+params").index(s.offload),
+    return (round(c.time_seconds, 3), s.gpus, Offload.ALL.index(s.offload),
             STAGE_PREFERENCE[s.zero_stage], -s.micro_batch, s.grad_ckpt)
 
 

@@ -9,70 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The family configs live with their family (vramplan/estimate/families/); re-exported for callers.
+from vramplan.estimate.families.clip import VisionSpec
+from vramplan.estimate.families.llama import TextSpec
+from vramplan.estimate.families.llava import ProjectorSpec
 
-@dataclass(frozen=True)
-class TextSpec:
-    """A Llama-family decoder (Llama-2/3, Vicuna): RMSNorm, SwiGLU MLP, GQA attention."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    max_position_embeddings: int = 4096
-
-    @property
-    def d_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_attention_heads * self.d_head
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_key_value_heads * self.d_head
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    """A CLIP ViT vision tower (CLIPVisionModel: pre-LN, quick-GELU MLP, biases everywhere)."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    feature_layer: int = -2  # LLaVA takes hidden_states[-2]; all layers still hold weights
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def num_positions(self) -> int:
-        return self.num_patches + 1  # + CLS
-
-
-@dataclass(frozen=True)
-class ProjectorSpec:
-    """LLaVA's projector. `mlp2x_gelu`: Linear(d_v, h) -> GELU -> Linear(h, h), with biases."""
-
-    kind: str  # "mlp2x_gelu" | "linear"
-    in_features: int
-    out_features: int
+__all__ = ["HardwareSpec", "LoraSpec", "ModelSpec", "ProjectorSpec", "RecipeSpec", "TextSpec", "VisionSpec"]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A LLaVA model: LLM + (optional) vision tower + projector.
+    """A model: a text family's LLM + (optional) a vision family's tower + a projector (families/).
 
     `stored_bytes_by_dtype` and `stored_total_bytes` are exact when read from safetensors
     headers of a local dir; for built-in profiles they are derived from parameter counts.
@@ -80,8 +27,8 @@ class ModelSpec:
 
     name: str
     source: str
-    text: TextSpec
-    vision: VisionSpec | None
+    text: TextSpec  # any text family's spec
+    vision: VisionSpec | None  # any vision family's spec
     projector: ProjectorSpec | None
     stored_dtype: str = "bf16"  # dtype of the weights on disk / in the HF cache
     chat_template: str = "llama3"  # "llama3" | "vicuna_v1"
@@ -93,7 +40,12 @@ class ModelSpec:
 
     @property
     def image_tokens(self) -> int:
-        return self.vision.num_patches if self.vision else 0
+        """LLM tokens per image."""
+        if self.vision is None:
+            return 0
+        from vramplan.estimate.families import module_for
+
+        return module_for(self.vision).image_tokens(self.vision)
 
 
 @dataclass(frozen=True)

@@ -1,32 +1,24 @@
-"""Training time (estimation-formulas.md F14).
+"""Training time (docs/estimate.md#time).
 
-FLOPs per LLM token: a frozen weight costs 2 FLOPs/param forward + 2 backward (the input
-gradient; its weight-gradient GEMM is skipped), a trainable one 2 + 4 (Kaplan et al. 2020,
-arXiv:2001.08361; EleutherAI Transformer Math 101). Gradient checkpointing recomputes the
-forward (+2 per param; llm-analysis). Attention score/value GEMMs add 4*s*q per layer per token
-forward (llm-analysis), halved for causal masking, x3 for forward + backward (+1 recompute).
-The CLIP tower runs forward only unless it carries LoRA.
-time = FLOPs / (GPUs x dense peak x utilisation) + offload transfer and CPU-Adam time.
+FLOPs per LLM token: a frozen weight costs 2 FLOPs/param forward + 2 backward (the input gradient; its
+weight-gradient GEMM is skipped), a trainable one 2 + 4 (Kaplan et al. 2020, arXiv:2001.08361; EleutherAI
+Transformer Math 101). Gradient checkpointing recomputes the forward (+2 per param; llm-analysis).
+Attention score/value GEMMs come from the text family (forward; x3 for forward + backward, +1 recompute).
+The vision tower runs forward only unless it carries LoRA.
+time = FLOPs / (GPUs x dense peak x utilisation) + ZeRO-3 all-gathers + offload transfer and CPU-Adam time
+       + a fixed per-micro-step overhead (priors.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.estimate.gpu_memory import Strategy
+from vramplan.estimate.families import module_for
 from vramplan.estimate.param_groups import ParamGroups
+from vramplan.estimate.priors import (CPU_ADAM_PARAMS_PER_S, CPU_TFLOPS, MFU_PRIOR, QLORA_SLOWDOWN, STEP_OVERHEAD_S,
+                                      ZERO3_COMM_EFFICIENCY)
 from vramplan.estimate.specs import HardwareSpec, ModelSpec
-
-# Utilisation prior (model FLOPs / peak): fms-acceleration Mistral-7B LoRA on 1xA100 = 3324 tok/s
-# ~ 46% with the 6P convention; LLaVA-1.5-13B pretrain on 8xA100 in ~5.5 h (LLaVA README) ~ 40-55%.
-MFU_PRIOR = 0.40
-QLORA_SLOWDOWN = 0.80  # bnb dequant per matmul: fms 2904 vs 3324 tok/s (0.87), torchtune 2413/3083 (0.78)
-ZERO3_COMM_EFFICIENCY = 0.7  # achieved fraction of interconnect bandwidth for all-gathers (prior)
-CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeedCPUAdam throughput per node (prior; depends on cores/AVX)
-CPU_TFLOPS = 0.2  # a CPU device (tests, the demo): effective fp32 training TFLOPS of a few cores (prior)
-STEP_OVERHEAD_S = {"cuda": 0.02, "npu": 0.03, "cpu": 0.06}  # fixed cost per micro-step: Python, HF Trainer,
-#   kernel launches, data loading (prior; the CPU figure was measured here: `vramplan run --demo` takes
-#   ~63 ms per step on 2 idle cores, more under load)
+from vramplan.estimate.types import Quant, Strategy, offloads_optimizer, offloads_params
 
 
 @dataclass(frozen=True)
@@ -54,10 +46,10 @@ def flops_per_sample(model: ModelSpec, g: ParamGroups, seq: int, images: float, 
     fwd = 2 * (llm_params + g.trainable_llm_lora)
     bwd = 2 * llm_params + 4 * llm_trainable + 2 * g.trainable_llm_lora  # input grads + weight grads
     per_token = fwd + bwd + (fwd if grad_ckpt else 0)
-    attn = 0.5 * 4 * seq * t.q_dim * t.num_layers * (3 + (1 if grad_ckpt else 0))
+    attn = module_for(t).attention_flops_per_token(t, seq) * (3 + (1 if grad_ckpt else 0))
     total = seq * (per_token + attn)
     if model.vision is not None and images:
-        v_tok = model.vision.num_positions
+        v_tok = module_for(model.vision).tokens_per_image(model.vision)
         v_fwd = 2 * c.vision_total * v_tok
         v = v_fwd * (3 + (1 if grad_ckpt else 0)) if vision_trainable else v_fwd
         total += images * v
@@ -73,7 +65,7 @@ def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strateg
     peak = (hw.bf16_tflops if compute_dtype == "bf16" else hw.fp16_tflops) * 1e12
     if device == "cpu":
         peak = CPU_TFLOPS * 1e12
-    mfu = MFU_PRIOR * (QLORA_SLOWDOWN if quant == "nf4" else 1.0)
+    mfu = MFU_PRIOR * (QLORA_SLOWDOWN if quant == Quant.NF4 else 1.0)
     compute = flops_step / (s.gpus * peak * mfu) if peak > 0 else float("inf")
 
     comm = 0.0
@@ -84,7 +76,7 @@ def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strateg
         passes = (3 if s.grad_ckpt else 2) * s.grad_accum  # forward, backward (+ recompute) per micro-step
         comm = passes * wbytes * (s.gpus - 1) / s.gpus / bw_inter
     offload = 0.0
-    if s.offload in ("optimizer", "optimizer+params"):
+    if offloads_optimizer(s.offload):
         host = hw.host_link_gbps * 1e9
         per_node = max(1, s.gpus // max(1, s.nodes))
         # grads down (fp32 after conversion, 4 B) + updated 16-bit params up (2 B), per rank share, over the host link
@@ -92,7 +84,7 @@ def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strateg
         offload += xfer / host if host else 0.0
         # CPU Adam: the node's cores step the partitions of all its ranks
         offload += g.trainable * per_node / s.gpus / CPU_ADAM_PARAMS_PER_S
-    if s.offload == "optimizer+params":
+    if offloads_params(s.offload):
         host = hw.host_link_gbps * 1e9
         wbytes = g.quantized_bytes + (g.frozen_params + g.trainable) * 2
         # each rank uploads its partition of every layer per pass before the all-gather

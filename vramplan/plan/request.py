@@ -1,4 +1,4 @@
-"""The estimate's flags as one validated request (EstimateOptions), and reading a saved plan.json."""
+"""The estimate's flags as one validated request (EstimateOptions); errors name the flag."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 from vramplan.errors import UsageError
 
-PLAN_SCHEMA = "vramplan-plan/1"
+from vramplan.estimate.types import ATTN_IMPLEMENTATIONS, DEVICES, ZERO_STAGES, Offload, Quant
+
 DEFAULT_MODEL = "llava-llama3-8b-instruct"
 DEFAULT_RECIPE = "qlora"
 
@@ -43,6 +44,8 @@ class EstimateOptions:
     batch: int = 1  # --batch (infer): concurrent sequences
     calibration: str | None = None  # --calibration FILE
     device: str | None = None  # --device cuda|npu|cpu (default: from the GPUs)
+    workers: int = 0  # --workers: DataLoader worker processes per rank (each costs CPU RAM, speeds up image decoding)
+    attn: str = "sdpa"  # --attn sdpa|eager: eager saves the attention probabilities (much more memory)
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
@@ -60,34 +63,22 @@ class EstimateOptions:
             bad("--keep-checkpoints", "must be at least 1 (the last good checkpoint is never deleted)")
         if not 0 <= self.headroom < 0.9:
             bad("--headroom", f"must be a fraction in [0, 0.9), got {self.headroom}", "e.g. --headroom 0.1 for 10%")
-        if self.quant is not None and self.quant not in ("nf4", "int8", "none"):
+        if self.quant is not None and self.quant not in Quant.ALL:
             bad("--quant", f"must be nf4, int8 or none, not {self.quant!r}")
-        if self.zero is not None and self.zero not in (0, 1, 2, 3):
+        if self.zero is not None and self.zero not in ZERO_STAGES:
             bad("--zero", f"must be 0, 1, 2 or 3, not {self.zero}")
-        if self.offload is not None and self.offload not in ("none", "optimizer", "optimizer+params"):
+        if self.offload is not None and self.offload not in Offload.ALL:
             bad("--offload", f"must be none, optimizer or optimizer+params, not {self.offload!r}")
-        if self.device is not None and self.device not in ("cuda", "npu", "cpu"):
+        if self.device is not None and self.device not in DEVICES:
             bad("--device", f"must be cuda, npu or cpu, not {self.device!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            bad("--workers", f"must be a non-negative integer, got {self.workers!r}")
+        if self.attn not in ATTN_IMPLEMENTATIONS:
+            bad("--attn", f"must be {' or '.join(ATTN_IMPLEMENTATIONS)}, not {self.attn!r}")
         if self.dataset is not None and not Path(self.dataset).is_file():
             bad("--dataset", f"no such file: {self.dataset}", "give the path of a LLaVA-format JSON file")
         if self.images is not None and not Path(self.images).is_dir():
             bad("--images", f"no such directory: {self.images}")
-
-
-def load_plan(path: str) -> dict:
-    """Read a plan.json (docs/contracts.md); a bad file is one UsageError naming --plan."""
-    import json
-
-    hint = "write one with `vramplan estimate --save-plan FILE`"
-    try:
-        plan = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--plan {path}: {e.strerror or e}", hint) from None
-    except ValueError as e:
-        raise UsageError(f"--plan {path}: not valid JSON ({e})", hint) from None
-    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
-        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", hint)
-    return plan
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:

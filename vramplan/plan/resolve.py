@@ -1,13 +1,35 @@
-"""Resolve an EstimateOptions into a planner Job: model, recipe overrides, hardware, data, host facts."""
+"""Resolve the flags (EstimateOptions) into an estimate Job, one input at a time: the model and recipe,
+the hardware, the dataset, this host's RAM and disk, and a calibration file. All I/O of planning is here
+and in vramplan/inputs/; vramplan/estimate/ only computes."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vramplan.errors import UsageError
+from vramplan.estimate.types import Quant
 from vramplan.plan.request import DEFAULT_MODEL, EstimateOptions
+
+
+@dataclass
+class Context:
+    """What resolution found or assumed, for the output (not used by the estimate)."""
+
+    assumptions: list[str] = field(default_factory=list)
+    gpus_source: str = ""
+    selection: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    samples: int
+    dataset_bytes: int
+    images_per_sample: float
+    seq_len: int
+    mean_seq_len: int  # 0 = unknown (time assumes seq_len)
+
 
 def _apply_overrides(recipe, o: EstimateOptions, model):
     changes = {}
@@ -17,14 +39,9 @@ def _apply_overrides(recipe, o: EstimateOptions, model):
         if recipe.llm_lora is None:
             raise UsageError(f"--lora-r: recipe {recipe.name!r} trains no LLM LoRA", "use --recipe qlora or lora")
         changes["llm_lora"] = replace(recipe.llm_lora, r=o.lora_r)
-    if o.epochs is not None:
-        changes["epochs"] = o.epochs
-    if o.save_steps is not None:
-        changes["save_steps"] = o.save_steps
-    if o.keep_checkpoints is not None:
-        changes["keep_checkpoints"] = o.keep_checkpoints
-    if o.global_batch is not None:
-        changes["global_batch"] = o.global_batch
+    for key in ("epochs", "save_steps", "keep_checkpoints", "global_batch"):
+        if getattr(o, key) is not None:
+            changes[key] = getattr(o, key)
     if o.seq_len is not None:
         if model.vision is not None and o.seq_len <= model.image_tokens:
             raise UsageError(f"--seq-len: {o.seq_len} leaves no room for text after {model.image_tokens} image tokens",
@@ -33,123 +50,146 @@ def _apply_overrides(recipe, o: EstimateOptions, model):
     return replace(recipe, **changes) if changes else recipe
 
 
-def build_job(o: EstimateOptions):
-    """Resolve names, files and this host's facts into a planner Job. Returns (job, context dict)."""
+def resolve_hardware(o: EstimateOptions, ctx: Context):
+    """--gpus, or --device cpu (this host's CPU), or the GPUs/NPUs detected here."""
     from vramplan.inputs import gpus as gpus_mod
-    from vramplan.inputs.model_dir import resolve_model
-    from vramplan.estimate.search import Job
-    from vramplan.inputs.profiles import load_recipe
-    from vramplan.units import parse_size
-
-    ctx: dict = {"assumptions": [], "host": {}}
-    model = resolve_model(o.model or DEFAULT_MODEL)
-    recipe = _apply_overrides(load_recipe(o.recipe), o, model)
 
     if o.gpus:
-        sel = gpus_mod.parse_gpus(o.gpus)
-        ctx["gpus_source"] = "--gpus"
+        sel, ctx.gpus_source = gpus_mod.parse_gpus(o.gpus), "--gpus"
     elif o.device == "cpu":
-        sel = cpu_host_selection()
-        ctx["gpus_source"] = "this host's CPU (--device cpu)"
+        sel, ctx.gpus_source = cpu_host_selection(), "this host's CPU (--device cpu)"
     else:
         sel = gpus_mod.detect_local_gpus()
         if sel is None:
             raise UsageError("no GPU or NPU detected on this host (NVML and npu-smi found none)",
                              "say which hardware to plan for, e.g. --gpus 1x24G, --gpus 2xA100-80G or --gpus 8x910B")
-        ctx["gpus_source"] = "detected on this host"
-    if getattr(sel, "note", ""):
-        ctx["assumptions"].append(sel.note)
+        ctx.gpus_source = "detected on this host"
+    if sel.note:
+        ctx.assumptions.append(sel.note)
     hw = sel.hardware
-    device = o.device or ("npu" if hw.vendor == "ascend" else "cuda")
+    ctx.selection = {"text": o.gpus, "nodes": sel.nodes, "gpus_per_node": sel.gpus_per_node,
+                     "gpu": hw.name, "gpu_name": hw.display_name, "memory_bytes": hw.memory_bytes,
+                     "by_size_only": sel.by_size_only}
+    return sel
 
+
+def _dtypes(recipe, hw, device: str, ctx: Context):
+    """(recipe, quant, compute dtype) the device can run: no bitsandbytes k-bit where it has no kernels,
+    fp32 on a CPU device, fp16 where there is no bf16."""
     quant = recipe.quant
-    if quant in ("nf4", "int8") and not hw.bnb_4bit_supported:
-        ctx["assumptions"].append(f"bitsandbytes {quant} is unavailable on {hw.display_name}: LLM kept in bf16 (LoRA)")
-        quant = "none"
-        recipe = replace(recipe, quant="none")
+    if quant in Quant.KBIT and not hw.bnb_4bit_supported:
+        ctx.assumptions.append(f"bitsandbytes {quant} is unavailable on {hw.display_name}: LLM kept in bf16 (LoRA)")
+        quant = Quant.NONE
+        recipe = replace(recipe, quant=Quant.NONE)
     compute = recipe.compute_dtype
     if device == "cpu":
         compute = "fp32"
     elif compute == "bf16" and not hw.bf16_supported:
-        ctx["assumptions"].append(f"{hw.display_name} has no bf16: compute dtype fp16")
+        ctx.assumptions.append(f"{hw.display_name} has no bf16: compute dtype fp16")
         compute = "fp16"
+    return recipe, quant, compute
 
-    # data: a real dataset file beats the recipe's defaults
-    samples, dataset_bytes, images_per_sample = recipe.samples, recipe.dataset_bytes, 1.0 if model.vision else 0.0
-    text_tokens = recipe.text_tokens
+
+def resolve_data(o: EstimateOptions, model, recipe, ctx: Context) -> DataFacts:
+    """Samples, bytes, images and token lengths: from --dataset when given, else the recipe's defaults."""
+    samples, dataset_bytes = recipe.samples, recipe.dataset_bytes
+    images_per_sample = 1.0 if model.vision else 0.0
+    text_tokens, mean_seq = recipe.text_tokens, 0
     if o.dataset:
         from vramplan.inputs.dataset import scan_dataset
+        from vramplan.inputs.token_count import token_stats
 
         rep = scan_dataset(Path(o.dataset), Path(o.images) if o.images else None, open_images=False)
         if rep.error_count:
-            ctx["assumptions"].append(f"--dataset has {rep.error_count} bad record(s), e.g. {rep.errors[0]}; "
-                                      "the trainer will stop on them (`vramplan preflight --dataset` lists them)")
+            ctx.assumptions.append(f"--dataset has {rep.error_count} bad record(s), e.g. {rep.errors[0]}; "
+                                   "the trainer will stop on them (`vramplan preflight --dataset` lists them)")
         samples = rep.samples
         dataset_bytes = Path(o.dataset).stat().st_size + rep.image_bytes
         images_per_sample = (rep.with_image / rep.samples) if rep.samples else 0.0
-        if getattr(rep, "text_tokens_p95", None):
+        if rep.text_tokens_p95:
             text_tokens = int(rep.text_tokens_p95)
-        ctx["dataset"] = {"samples": rep.samples, "with_image": rep.with_image, "image_bytes": rep.image_bytes,
-                          "mean_text_tokens": rep.text_tokens.get("mean", 0),
-                          "p95_text_tokens": rep.text_tokens.get("p95", 0)}
-    mean_seq = 0
-    if o.dataset:
-        from vramplan.inputs.token_count import token_stats
-
         ts = token_stats(Path(o.dataset), model.chat_template, model.path)
         if ts:
-            # the longest sample sets the peak (LLaVA #697: OOM after tens of batches); the mean sets the time
+            # the longest sample sets the peak (LLaVA issue #697: OOM after tens of batches); the mean sets the time
             text_tokens = int(ts["max"])
             mean_seq = int(model.image_tokens * images_per_sample + ts["mean"])
-            ctx["dataset"]["text_tokens"] = ts
-            ctx["assumptions"].append(
+            ctx.assumptions.append(
                 f"--dataset: longest record {ts['max']} text tokens, mean {ts['mean']:.0f} "
                 f"({ts['method']}{', sampled' if ts['sampled'] else ''})")
     else:
-        ctx["assumptions"].append("time assumes every sample is seq-len tokens long (an upper bound); "
-                                  "--dataset FILE gives the real lengths")
+        ctx.assumptions.append("time assumes every sample is seq-len tokens long (an upper bound); "
+                               "--dataset FILE gives the real lengths")
     if o.samples is not None:
         samples = o.samples
     seq = min(recipe.max_length, model.image_tokens * (1 if images_per_sample else 0) + text_tokens)
     if o.seq_len is not None:
         seq = o.seq_len
     seq = max(seq, 1)
+    return DataFacts(max(1, samples), dataset_bytes, images_per_sample, seq, min(mean_seq, seq) if mean_seq else 0)
+
+
+def resolve_host(o: EstimateOptions, ctx: Context) -> tuple[int | None, int | None]:
+    """(CPU RAM per node, free disk): the flags, else measured on this host when planning for it."""
+    from vramplan.units import parse_size
 
     cpu_ram = parse_size(o.cpu_ram, "--cpu-ram") if o.cpu_ram else None
     disk = parse_size(o.disk, "--disk") if o.disk else None
-    if ctx["gpus_source"] != "--gpus":
-        import shutil
+    if ctx.gpus_source == "--gpus":
+        return cpu_ram, disk
+    import shutil
 
-        import psutil
+    import psutil
 
-        if cpu_ram is None:
-            cpu_ram = psutil.virtual_memory().total
-            ctx["assumptions"].append(f"CPU RAM: {cpu_ram / 2**30:.1f} GiB measured on this host")
-        if disk is None:
-            where = Path(o.output_dir or os.getcwd())
-            while not where.exists():
-                where = where.parent
-            disk = shutil.disk_usage(where).free
-            ctx["assumptions"].append(f"disk: {disk / 2**30:.1f} GiB free at {where} (measured)")
+    if cpu_ram is None:
+        cpu_ram = psutil.virtual_memory().total
+        ctx.assumptions.append(f"CPU RAM: {cpu_ram / 2**30:.1f} GiB measured on this host")
+    if disk is None:
+        where = Path(o.output_dir or os.getcwd())
+        while not where.exists():
+            where = where.parent
+        disk = shutil.disk_usage(where).free
+        ctx.assumptions.append(f"disk: {disk / 2**30:.1f} GiB free at {where} (measured)")
+    return cpu_ram, disk
 
-    calibration = ()
-    if o.calibration:
-        from vramplan.run.calibration import load_calibration
 
-        calibration = tuple(sorted(load_calibration(o.calibration).items()))
-        ctx["assumptions"].append(f"calibration applied from {o.calibration}")
-    job = Job(calibration=calibration, mean_seq_len=min(mean_seq, seq) if mean_seq else 0, model=model, recipe=recipe, hardware=hw, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
-              seq_len=seq, images_per_sample=images_per_sample, samples=max(1, samples), epochs=recipe.epochs,
-              compute_dtype=compute, quant=quant, headroom=o.headroom, device=device, cpu_ram_bytes=cpu_ram,
-              disk_free_bytes=disk, dataset_bytes=dataset_bytes, base_weights_on_disk=model.path is not None,
+def resolve_calibration(o: EstimateOptions, ctx: Context) -> tuple:
+    if not o.calibration:
+        return ()
+    from vramplan.run.calibration import load_calibration
+
+    ctx.assumptions.append(f"calibration applied from {o.calibration}")
+    return tuple(sorted(load_calibration(o.calibration).items()))
+
+
+def build_job(o: EstimateOptions):
+    """Resolve names, files and this host's facts into an estimate Job. Returns (job, Context)."""
+    from vramplan.estimate.types import Job, Offload
+    from vramplan.inputs.model_dir import resolve_model
+    from vramplan.inputs.profiles import load_recipe
+
+    ctx = Context()
+    model = resolve_model(o.model or DEFAULT_MODEL)
+    recipe = _apply_overrides(load_recipe(o.recipe), o, model)
+    sel = resolve_hardware(o, ctx)
+    device = o.device or ("npu" if sel.hardware.vendor == "ascend" else "cuda")
+    recipe, quant, compute = _dtypes(recipe, sel.hardware, device, ctx)
+    data = resolve_data(o, model, recipe, ctx)
+    cpu_ram, disk = resolve_host(o, ctx)
+    calibration = resolve_calibration(o, ctx)
+    if device == "cpu":
+        grad_ckpt = (recipe.gradient_checkpointing,)
+    else:
+        grad_ckpt = (True, False)
+    job = Job(model=model, recipe=recipe, hardware=sel.hardware, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
+              seq_len=data.seq_len, images_per_sample=data.images_per_sample, samples=data.samples,
+              epochs=recipe.epochs, compute_dtype=compute, quant=quant, headroom=o.headroom, device=device,
+              attn=o.attn, workers=o.workers, cpu_ram_bytes=cpu_ram, disk_free_bytes=disk,
+              dataset_bytes=data.dataset_bytes, base_weights_on_disk=model.path is not None,
               micro_batches=(o.micro_batch,) if o.micro_batch else (), grad_accum=o.grad_accum,
-              grad_ckpt=(o.grad_ckpt,) if o.grad_ckpt is not None else
-              ((recipe.gradient_checkpointing,) if device == "cpu" else (True, False)),
+              grad_ckpt=(o.grad_ckpt,) if o.grad_ckpt is not None else grad_ckpt,
               zero_stages=(o.zero,) if o.zero is not None else (0, 1, 2, 3),
-              offloads=(o.offload,) if o.offload else ("none", "optimizer", "optimizer+params"))
-    ctx["selection"] = {"text": o.gpus, "nodes": sel.nodes, "gpus_per_node": sel.gpus_per_node,
-                        "gpu": hw.name, "gpu_name": hw.display_name, "memory_bytes": hw.memory_bytes,
-                        "by_size_only": getattr(sel, "by_size_only", False)}
+              offloads=(o.offload,) if o.offload else Offload.ALL,
+              mean_seq_len=data.mean_seq_len, calibration=calibration)
     return job, ctx
 
 
@@ -157,9 +197,9 @@ def cpu_host_selection():
     """This host's CPU as the device (tests, the demo, tiny models): memory = its RAM."""
     import psutil
 
-    from vramplan.inputs.gpus import GpuSelection
+    from vramplan.estimate.priors import CPU_TFLOPS
     from vramplan.estimate.specs import HardwareSpec
-    from vramplan.estimate.timing import CPU_TFLOPS
+    from vramplan.inputs.gpus import GpuSelection
 
     ram = psutil.virtual_memory().total
     cores = os.cpu_count() or 1

@@ -1,0 +1,177 @@
+"""The Llama-style decoder (Llama-2/3/3.x, Vicuna): RMSNorm, SwiGLU MLP, grouped-query attention.
+
+Parameters follow transformers' `LlamaForCausalLM` module tree (models/llama/modeling_llama.py), checked
+exactly on the meta device by tests/test_params.py (docs/estimate.md#parameters). Per decoder layer:
+q: h*q, k and v: h*kv each, o: q*h (+ biases if attention_bias); gate, up: h*i, down: i*h (+ biases if
+mlp_bias); two RMSNorm weights of h. Plus embed_tokens V*h, the final norm h, lm_head V*h unless tied.
+
+Activations (docs/estimate.md#activations; structure of Korthikanti et al. 2022, arXiv:2205.05198), bytes
+saved for backward per token per layer with 16-bit compute and SDPA, counted op by op and pinned by
+tests/estimate/test_activation_truth.py against torch.autograd.graph.saved_tensors_hooks:
+  weights trainable (full fine-tune):   16h + 4q + 4kv + 8i + 4a + 8
+  weights frozen, LoRA adapters:        14h + 4q + 4kv + 7i + 4a + 8  + 2r per adapted Linear (the A output)
+                                        + 3*d_in per adapted Linear if lora_dropout > 0 (dropped copy + mask)
+  weights frozen, no adapters, but gradients flow to earlier modules (projector pretraining):
+                                        8h + 4q + 4kv + 6i + 4a + 8
+where 16h = two RMSNorms (fp32 upcast 4h + normalised 2h + output 2h each), 4q/4kv = SDPA's saved q, k, v
+and output, 8i = gate, SiLU output, up and their product, 4a = SDPA's fp32 logsumexp, 8 = the norms' fp32
+rstd. Eager attention also saves the softmax probabilities: a*s*(2+4) per token, minus the logsumexp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vramplan.estimate.families import LinearGroup
+
+ROLE = "text"
+HF_MODEL_TYPES = ("llama",)
+PROFILE_FIELDS = {
+    "num_layers": (int, True, 1), "hidden_size": (int, True, 1), "intermediate_size": (int, True, 1),
+    "num_attention_heads": (int, True, 1), "num_key_value_heads": (int, True, 1), "vocab_size": (int, True, 1),
+    "head_dim": (int, False, 0), "tie_word_embeddings": (bool, False, None), "attention_bias": (bool, False, None),
+    "mlp_bias": (bool, False, None), "max_position_embeddings": (int, False, 1),
+}
+# transformers' LlamaConfig defaults, for keys a config.json may omit
+HF_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048}
+LLAMA3_VOCAB = 128000  # Llama-3's 128K tiktoken-BPE vocabulary (Vicuna/Llama-2: 32000)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """A Llama-family decoder's config."""
+
+    family: ClassVar[str] = "llama"
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 4096
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.d_head
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.d_head
+
+
+def from_hf_config(cfg: dict, where: str) -> TextSpec:
+    """TextSpec from a `LlamaConfig`-shaped dict (config.json or LLaVA's text_config)."""
+
+    def get(key):
+        v = cfg.get(key)
+        return HF_DEFAULTS.get(key) if v is None else v
+
+    heads = get("num_attention_heads")
+    return TextSpec(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
+                    intermediate_size=get("intermediate_size"), num_attention_heads=heads,
+                    num_key_value_heads=cfg.get("num_key_value_heads") or heads, vocab_size=get("vocab_size"),
+                    head_dim=cfg.get("head_dim") or 0, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                    attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+                    max_position_embeddings=get("max_position_embeddings"))
+
+
+def chat_template(t: TextSpec) -> str:
+    """The bundled trainer's template for this LLM: Llama-3's header tokens, or Vicuna v1's USER:/ASSISTANT:."""
+    return "llama3" if t.vocab_size >= LLAMA3_VOCAB else "vicuna_v1"
+
+
+# --- parameters ------------------------------------------------------------------------------------------
+def linear_groups(t: TextSpec) -> list[LinearGroup]:
+    h, i, q, kv, L = t.hidden_size, t.intermediate_size, t.q_dim, t.kv_dim, t.num_layers
+    ab, mb = t.attention_bias, t.mlp_bias
+    return [LinearGroup("llm", "q_proj", h, q, ab, L), LinearGroup("llm", "k_proj", h, kv, ab, L),
+            LinearGroup("llm", "v_proj", h, kv, ab, L), LinearGroup("llm", "o_proj", q, h, ab, L),
+            LinearGroup("llm", "gate_proj", h, i, mb, L), LinearGroup("llm", "up_proj", h, i, mb, L),
+            LinearGroup("llm", "down_proj", i, h, mb, L)]
+
+
+def other_params(t: TextSpec) -> dict[str, int]:
+    """embed_tokens, lm_head (0 when tied to the embeddings) and every RMSNorm weight incl. the final norm."""
+    embed = t.vocab_size * t.hidden_size
+    return {"embed": embed, "lm_head": 0 if t.tie_word_embeddings else embed,
+            "norms": (2 * t.num_layers + 1) * t.hidden_size}
+
+
+def layer_params(t: TextSpec) -> int:
+    """One decoder layer: its Linear weights/biases and its 2 RMSNorms."""
+    return sum(g.params for g in linear_groups(t)) // t.num_layers + 2 * t.hidden_size
+
+
+def largest_tensor_params(t: TextSpec) -> int:
+    """The largest single weight (DeepSpeed's `largest_layer_params`): embed_tokens for any real vocabulary."""
+    return max([t.vocab_size * t.hidden_size] + [g.d_in * g.d_out for g in linear_groups(t)])
+
+
+# --- activations (bytes per token) -----------------------------------------------------------------------
+def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, compute_bytes: int = 2) -> float:
+    """Saved-for-backward bytes per token of one decoder layer without checkpointing.
+
+    mode: "full" (weights trainable), "lora" (frozen + adapters), "frozen" (no adapters; gradient flows
+    through to earlier modules)."""
+    h, q, kv, i, a = t.hidden_size, t.q_dim, t.kv_dim, t.intermediate_size, t.num_attention_heads
+    if mode == "full":
+        b = 16 * h + 4 * q + 4 * kv + 8 * i + 4 * a + 8
+    elif mode == "lora":
+        b = 14 * h + 4 * q + 4 * kv + 7 * i + 4 * a + 8 + _lora_bytes_per_token(t, lora)
+    elif mode == "frozen":
+        b = 8 * h + 4 * q + 4 * kv + 6 * i + 4 * a + 8
+    else:
+        raise ValueError(mode)
+    if attn == "eager":
+        b += a * seq * 6 - 4 * a
+    # the coefficients are for 16-bit compute; fp32 compute doubles the 16-bit saves (approximation)
+    return b * (compute_bytes / 2) if compute_bytes != 2 else b
+
+
+def _lora_bytes_per_token(t: TextSpec, lora) -> int:
+    from vramplan.estimate.families import targeted
+
+    if lora is None:
+        return 0
+    adapted = [g for g in linear_groups(t) if targeted(g, lora.targets)]
+    per = 2 * lora.r * len(adapted)
+    if lora.dropout > 0:
+        per += 3 * sum(g.d_in for g in adapted)
+    return per
+
+
+def checkpointed_bytes_per_token(t: TextSpec, compute_bytes: int) -> int:
+    """Gradient checkpointing keeps each layer's input (the residual stream) only."""
+    return compute_bytes * t.hidden_size
+
+
+def final_norm_bytes_per_token(t: TextSpec, compute_bytes: int) -> int:
+    """The final RMSNorm: fp32 upcast + normalised output."""
+    return (4 + 2 * compute_bytes) * t.hidden_size
+
+
+# --- FLOPs and inference -----------------------------------------------------------------------------------
+def attention_flops_per_token(t: TextSpec, seq: int) -> float:
+    """Score and value GEMMs, forward, all layers: 4*s*q per layer per token, halved by the causal mask
+    (llm-analysis; Korthikanti et al. 2022)."""
+    return 0.5 * 4 * seq * t.q_dim * t.num_layers
+
+
+def kv_bytes_per_token(t: TextSpec, dtype_bytes: int) -> int:
+    """KV cache per token per layer: K and V (EleutherAI, Transformer Math 101)."""
+    return 2 * t.kv_dim * dtype_bytes
+
+
+def prefill_bytes_per_token(t: TextSpec, dtype_bytes: int) -> int:
+    """One layer's prefill temporaries (residual, normed input, attention output, MLP gate/up/act)."""
+    return (t.hidden_size * 4 + t.intermediate_size * 3) * dtype_bytes

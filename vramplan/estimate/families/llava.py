@@ -1,0 +1,98 @@
+"""LLaVA: a vision tower's features -> an MLP projector -> a decoder LLM (transformers `LlavaForConditionalGeneration`).
+
+Projector `mlp2x_gelu` (models/llava/modeling_llava.py LlavaMultiModalProjector; LLaVA's builder.py):
+Linear(d_v, h) -> GELU -> Linear(h, h), both with bias: d_v*h + h + h*h + h parameters; `linear`: one Linear.
+A trained projector saves, per image token, its Linear(d_v, h) input, the GELU input and the Linear(h, h)
+input (docs/estimate.md#activations).
+
+The config reader composes the text and vision families named by `text_config.model_type` and
+`vision_config.model_type`, with LlavaConfig's defaults (a Llama text config, CLIP ViT-L/14-336).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vramplan.estimate.families import LinearGroup
+
+ROLE = "projector"
+HF_MODEL_TYPES = ("llava",)
+PROFILE_FIELDS = {"kind": (str, True, None)}
+KINDS = ("mlp2x_gelu", "linear")
+GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu")
+# LlavaConfig's default vision_config when config.json has none (CLIP ViT-L/14-336)
+DEFAULT_VISION = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
+DEFAULT_IMAGE_TOKEN_INDEX = 32000  # LlavaConfig.image_token_index
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """LLaVA's projector."""
+
+    family: ClassVar[str] = "llava"
+    kind: str  # "mlp2x_gelu" | "linear"
+    in_features: int
+    out_features: int
+
+
+def linear_groups(p: ProjectorSpec) -> list[LinearGroup]:
+    first = LinearGroup("projector", "linear_1", p.in_features, p.out_features, True, 1)
+    if p.kind == "linear":
+        return [first]
+    return [first, LinearGroup("projector", "linear_2", p.out_features, p.out_features, True, 1)]
+
+
+def other_params(p: ProjectorSpec) -> dict[str, int]:
+    return {}
+
+
+def saved_bytes_per_image_token(p: ProjectorSpec, compute_bytes: int) -> int:
+    return (p.in_features + 2 * p.out_features) * compute_bytes
+
+
+@dataclass(frozen=True)
+class LlavaParts:
+    """What a LLaVA config.json describes, for vramplan.inputs.model_dir."""
+
+    text: object
+    vision: object
+    projector: ProjectorSpec
+    image_token_added: bool  # the <image> token id lies inside the text vocabulary (HF LLaVA adds it)
+
+
+def from_hf_config(cfg: dict, where: str) -> LlavaParts:
+    """The parts of a `LlavaConfig`-shaped dict. Raises ValueError naming what is not supported."""
+    from vramplan.estimate.families import for_model_type, known_model_types
+
+    tc = cfg.get("text_config") or {}
+    text_type = tc.get("model_type", "llama")
+    text_mod = for_model_type("text", text_type)
+    if text_mod is None:
+        raise ValueError(f"language model type {text_type!r} is not supported "
+                         f"(known: {', '.join(known_model_types('text'))})")
+    vc = cfg.get("vision_config")
+    defaults = None
+    if vc is None:
+        vc, defaults = DEFAULT_VISION, DEFAULT_VISION
+    vision_type = vc.get("model_type", "clip_vision_model")
+    vision_mod = for_model_type("vision", vision_type)
+    if vision_mod is None:
+        raise ValueError(f"vision tower type {vision_type!r} is not supported "
+                         f"(known: {', '.join(known_model_types('vision'))})")
+    if cfg.get("multimodal_projector_bias", True) is False:
+        raise ValueError("a LLaVA projector without biases is not supported (vramplan models mlp2x_gelu: "
+                         "Linear with bias, GELU, Linear with bias)")
+    if cfg.get("projector_hidden_act", "gelu") not in GELU_ACTS:
+        raise ValueError(f"projector_hidden_act {cfg['projector_hidden_act']!r} is not supported "
+                         "(vramplan models LLaVA's mlp2x_gelu projector)")
+    layer = cfg.get("vision_feature_layer", -2)
+    fl = layer[-1] if isinstance(layer, list) else layer
+    text = text_mod.from_hf_config(tc, where)
+    hf_defaults = {k: v for k, v in (defaults or {}).items() if k != "model_type"}
+    vision = vision_mod.from_hf_config(vc, where, hf_defaults, -2 if fl is None else int(fl))
+    n_feat = len(layer) if isinstance(layer, list) else 1  # several selected layers are concatenated
+    proj = ProjectorSpec("mlp2x_gelu", vision.hidden_size * n_feat, text.hidden_size)
+    image_index = cfg.get("image_token_index", cfg.get("image_token_id", DEFAULT_IMAGE_TOKEN_INDEX))
+    return LlavaParts(text, vision, proj, 0 <= int(image_index) < text.vocab_size)

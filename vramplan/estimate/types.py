@@ -1,0 +1,151 @@
+"""The estimate's vocabulary: strategies, the job, a candidate, and the allowed values of each knob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.estimate.specs import HardwareSpec, ModelSpec, RecipeSpec
+
+
+class Offload:
+    """What DeepSpeed moves to CPU RAM (zero_optimization.offload_optimizer / offload_param)."""
+
+    NONE = "none"
+    OPTIMIZER = "optimizer"  # fp32 master + Adam states + fp32 grads in pinned CPU RAM; CPU Adam steps
+    PARAMS = "optimizer+params"  # ZeRO-3 only: the weights too
+    ALL = (NONE, OPTIMIZER, PARAMS)
+    SHORT = {NONE: "-", OPTIMIZER: "opt", PARAMS: "opt+param"}
+    BY_STAGE = {0: (NONE,), 1: (NONE, OPTIMIZER), 2: (NONE, OPTIMIZER), 3: (NONE, OPTIMIZER, PARAMS)}
+
+
+def offloads_optimizer(offload: str) -> bool:
+    return offload in (Offload.OPTIMIZER, Offload.PARAMS)
+
+
+def offloads_params(offload: str) -> bool:
+    return offload == Offload.PARAMS
+
+
+class Quant:
+    """How the LLM's Linear weights are stored."""
+
+    NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat (QLoRA)
+    INT8 = "int8"  # bitsandbytes LLM.int8
+    NONE = "none"
+    ALL = (NF4, INT8, NONE)
+    KBIT = (NF4, INT8)
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+DEVICES = ("cuda", "npu", "cpu")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The parallel layout of one candidate."""
+
+    zero_stage: int  # 0..3
+    offload: str  # Offload.*
+    gpus: int  # data-parallel world size
+    nodes: int
+    micro_batch: int
+    grad_accum: int
+    grad_ckpt: bool
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.gpus
+
+
+@dataclass(frozen=True)
+class DsBuckets:
+    """The bucket sizes (elements) of the DeepSpeed config vramplan writes (ds_config.py)."""
+
+    reduce_bucket: int
+    allgather_bucket: int
+    overlap_comm: bool
+    stage3_prefetch_bucket: int
+    stage3_max_live_parameters: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything about the run except the parallel strategy (built by vramplan.plan.resolve)."""
+
+    model: ModelSpec
+    recipe: RecipeSpec
+    hardware: HardwareSpec
+    nodes: int
+    gpus_per_node: int
+    seq_len: int  # LLM tokens per sample incl. image tokens (memory: the longest sample sets the peak)
+    images_per_sample: float
+    samples: int
+    epochs: int
+    compute_dtype: str
+    quant: str
+    headroom: float  # fraction of device memory kept free
+    device: str = "cuda"
+    attn: str = "sdpa"  # attention implementation (--attn): eager saves the attention probabilities
+    cpu_ram_bytes: int | None = None  # per node, when known
+    disk_free_bytes: int | None = None
+    dataset_bytes: int = 0
+    base_weights_on_disk: bool = False
+    workers: int = 0  # DataLoader workers per rank (--workers)
+    micro_batches: tuple[int, ...] = ()  # fixed by --micro-batch, else searched
+    grad_accum: int | None = None  # fixed by --grad-accum
+    grad_ckpt: tuple[bool, ...] = (True, False)
+    zero_stages: tuple[int, ...] = ZERO_STAGES
+    offloads: tuple[str, ...] = Offload.ALL
+    mean_seq_len: int = 0  # mean tokens per sample for the time estimate; 0 = seq_len
+    calibration: tuple = ()  # ((component, factor), ...) from `vramplan calibrate --write`
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def compute_bytes(self) -> int:
+        return COMPUTE_BYTES[self.compute_dtype]
+
+
+@dataclass
+class Candidate:
+    """One evaluated strategy: every number the estimate prints for it, split into named components."""
+
+    strategy: Strategy
+    fits: bool
+    reasons: list[str]
+    notes: list[str]
+    vram_per_gpu_bytes: int
+    vram_allocated_per_gpu_bytes: int
+    vram_breakdown: dict
+    vram_formulas: dict
+    peak_phase: str
+    cpu_ram_bytes: int
+    cpu_breakdown: dict
+    pinned_bytes: int
+    disk_bytes: int
+    disk_breakdown: dict
+    checkpoint_bytes: int
+    checkpoint_breakdown: dict
+    time_seconds: float
+    time_detail: dict
+    ds_config: dict | None
+    compatible: bool = True
+
+    def to_dict(self) -> dict:
+        s = self.strategy
+        return {
+            "zero_stage": s.zero_stage, "offload": s.offload, "gpus": s.gpus, "nodes": s.nodes,
+            "micro_batch": s.micro_batch, "grad_accum": s.grad_accum, "global_batch": s.global_batch,
+            "grad_checkpointing": s.grad_ckpt, "fits": self.fits, "compatible": self.compatible,
+            "reasons": list(self.reasons), "notes": list(self.notes),
+            "vram_per_gpu_bytes": self.vram_per_gpu_bytes, "vram_allocated_per_gpu_bytes": self.vram_allocated_per_gpu_bytes,
+            "vram_breakdown": dict(self.vram_breakdown), "vram_formulas": dict(self.vram_formulas),
+            "peak_phase": self.peak_phase, "cpu_ram_bytes": self.cpu_ram_bytes, "cpu_breakdown": dict(self.cpu_breakdown),
+            "pinned_cpu_bytes": self.pinned_bytes, "disk_bytes": self.disk_bytes, "disk_breakdown": dict(self.disk_breakdown),
+            "checkpoint_bytes": self.checkpoint_bytes, "checkpoint_breakdown": dict(self.checkpoint_breakdown),
+            "time_seconds": self.time_seconds, "time_detail": dict(self.time_detail), "ds_config": self.ds_config,
+        }
