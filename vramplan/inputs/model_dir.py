@@ -1,8 +1,8 @@
 """A local Hugging Face model dir as a ModelSpec: config.json + safetensors headers, no torch, no network.
 
-Architecture comes from `config.json` (`model_type` "llava": `text_config` (Llama family) +
-`vision_config` (CLIP) + the LLaVA projector; `model_type` "llama": an LLM alone). Missing keys take
-the defaults transformers would use (LlamaConfig, CLIPVisionConfig, LlavaConfig).
+Architecture comes from `config.json`, read by the family modules (vramplan/estimate/families/): a
+LLaVA config (`text_config` + `vision_config` + the projector) or a decoder alone, by `model_type`.
+Missing keys take the defaults transformers would use (LlamaConfig, CLIPVisionConfig, LlavaConfig).
 
 Stored sizes are exact: a safetensors file starts with an 8-byte little-endian header length N and
 N bytes of JSON mapping tensor name -> {dtype, shape, data_offsets: [begin, end]}
@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 
 from vramplan.errors import UsageError
-from vramplan.estimate.specs import ModelSpec, ProjectorSpec, TextSpec, VisionSpec
+from vramplan.estimate.specs import ModelSpec
 
 # safetensors dtype -> (our name, bytes per element)
 ST_DTYPES = {"BF16": ("bf16", 2), "F16": ("fp16", 2), "F32": ("fp32", 4), "F64": ("fp64", 8),
@@ -28,16 +28,6 @@ ST_DTYPES = {"BF16": ("bf16", 2), "F16": ("fp16", 2), "F32": ("fp32", 4), "F64":
              "BOOL": ("bool", 1), "F8_E4M3": ("fp8_e4m3", 1), "F8_E5M2": ("fp8_e5m2", 1)}
 TORCH_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 MAX_HEADER = 100 * 2**20  # safetensors caps headers at 100 MB
-
-# transformers defaults (LlamaConfig, CLIPVisionConfig) for keys a config.json may omit
-LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048}
-CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "num_channels": 3}
-# LlavaConfig's default vision_config when config.json has none (CLIP ViT-L/14-336)
-LLAVA_VISION_DEFAULT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                        "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
-
 
 def read_safetensors_header(path: Path) -> dict:
     """The JSON header of one .safetensors file (tensor name -> dtype/shape/data_offsets)."""
@@ -105,43 +95,6 @@ def stored_sizes(d: Path) -> tuple[int | None, dict[str, int]]:
     return sum(by.values()), dict(sorted(by.items()))
 
 
-def _get(cfg: dict, key: str, defaults: dict):
-    v = cfg.get(key)
-    return defaults.get(key) if v is None else v
-
-
-def _text_spec(tc: dict, where: str) -> TextSpec:
-    mt = tc.get("model_type", "llama")
-    if mt != "llama":
-        raise UsageError(f"{where}: language model type {mt!r} is not supported",
-                         "vramplan models Llama-family LLMs (Llama-2/3, Vicuna): use one, or a built-in profile")
-    heads = _get(tc, "num_attention_heads", LLAMA_DEFAULTS)
-    return TextSpec(num_layers=_get(tc, "num_hidden_layers", LLAMA_DEFAULTS), hidden_size=_get(tc, "hidden_size", LLAMA_DEFAULTS),
-                    intermediate_size=_get(tc, "intermediate_size", LLAMA_DEFAULTS), num_attention_heads=heads,
-                    num_key_value_heads=tc.get("num_key_value_heads") or heads,
-                    vocab_size=_get(tc, "vocab_size", LLAMA_DEFAULTS), head_dim=tc.get("head_dim") or 0,
-                    tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
-                    attention_bias=bool(tc.get("attention_bias", False)), mlp_bias=bool(tc.get("mlp_bias", False)),
-                    max_position_embeddings=_get(tc, "max_position_embeddings", LLAMA_DEFAULTS))
-
-
-def _vision_spec(vc: dict | None, where: str, feature_layer) -> VisionSpec:
-    defaults = CLIP_DEFAULTS
-    if vc is None:
-        vc, defaults = {}, {**CLIP_DEFAULTS, **LLAVA_VISION_DEFAULT}
-    mt = vc.get("model_type", "clip_vision_model")
-    if mt not in ("clip_vision_model", "clip"):
-        raise UsageError(f"{where}: vision tower type {mt!r} is not supported", "vramplan models CLIP ViT vision towers")
-    if mt == "clip" and "vision_config" in vc:
-        vc = vc["vision_config"]
-    fl = feature_layer[-1] if isinstance(feature_layer, list) else feature_layer
-    return VisionSpec(num_layers=_get(vc, "num_hidden_layers", defaults), hidden_size=_get(vc, "hidden_size", defaults),
-                      intermediate_size=_get(vc, "intermediate_size", defaults),
-                      num_attention_heads=_get(vc, "num_attention_heads", defaults),
-                      image_size=_get(vc, "image_size", defaults), patch_size=_get(vc, "patch_size", defaults),
-                      num_channels=_get(vc, "num_channels", defaults), feature_layer=-2 if fl is None else int(fl))
-
-
 def _dtype(cfg: dict, by_dtype: dict[str, int]) -> str:
     td = cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("torch_dtype")
     if isinstance(td, str) and td in TORCH_DTYPES:
@@ -176,28 +129,26 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
     total, by_dtype = stored_sizes(d)
     common = dict(name=d.name, source=str(cfg_path), path=str(d.resolve()), stored_total_bytes=total,
                   stored_bytes_by_dtype=by_dtype, stored_dtype=_dtype(cfg, by_dtype))
-    if mt == "llava":
-        text = _text_spec(cfg.get("text_config") or {}, where)
-        vision = _vision_spec(cfg.get("vision_config"), where, cfg.get("vision_feature_layer", -2))
-        if cfg.get("multimodal_projector_bias", True) is False:
-            raise UsageError(f"{where}: a LLaVA projector without biases is not supported",
-                             "vramplan models LLaVA's mlp2x_gelu projector (Linear with bias, GELU, Linear with bias)")
-        if cfg.get("projector_hidden_act", "gelu") not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu"):
-            raise UsageError(f"{where}: projector_hidden_act {cfg['projector_hidden_act']!r} is not supported",
-                             "vramplan models LLaVA's mlp2x_gelu projector")
-        n_feat = len(cfg["vision_feature_layer"]) if isinstance(cfg.get("vision_feature_layer"), list) else 1
-        proj = ProjectorSpec("mlp2x_gelu", vision.hidden_size * n_feat, text.hidden_size)
-        image_index = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
-        return ModelSpec(text=text, vision=vision, projector=proj, hf_ids={"llava": cfg.get("_name_or_path") or d.name},
-                         chat_template="llama3" if text.vocab_size >= 128000 else "vicuna_v1",
-                         image_token_added=0 <= int(image_index) < text.vocab_size, **common)
-    if mt == "llama":
-        text = _text_spec(cfg, where)
+    from vramplan.estimate.families import for_model_type, known_model_types, llava
+
+    hint = ("vramplan reads LLaVA (LlavaForConditionalGeneration) dirs and decoders of type "
+            + ", ".join(known_model_types("text")) + "; or use a built-in profile (`vramplan profiles`)")
+    if mt in llava.HF_MODEL_TYPES:
+        try:
+            parts = llava.from_hf_config(cfg, where)
+        except ValueError as e:
+            raise UsageError(f"{where}: {e}", hint) from None
+        text_family = for_model_type("text", (cfg.get("text_config") or {}).get("model_type", "llama"))
+        return ModelSpec(text=parts.text, vision=parts.vision, projector=parts.projector,
+                         hf_ids={"llava": cfg.get("_name_or_path") or d.name},
+                         chat_template=text_family.chat_template(parts.text),
+                         image_token_added=parts.image_token_added, **common)
+    text_family = for_model_type("text", mt) if isinstance(mt, str) else None
+    if text_family is not None:
+        text = text_family.from_hf_config(cfg, where)
         return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": cfg.get("_name_or_path") or d.name},
-                         chat_template="llama3" if text.vocab_size >= 128000 else "vicuna_v1",
-                         image_token_added=False, **common)
-    raise UsageError(f"{where}: model_type {mt!r} is not supported",
-                     "use a LLaVA (model_type \"llava\", LlavaForConditionalGeneration) or Llama dir, or a profile name")
+                         chat_template=text_family.chat_template(text), image_token_added=False, **common)
+    raise UsageError(f"{where}: model_type {mt!r} is not supported", hint)
 
 
 def looks_like_path(arg: str) -> bool:

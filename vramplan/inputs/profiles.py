@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vramplan.errors import ProfileError, UsageError
-from vramplan.estimate.specs import HardwareSpec, LoraSpec, ModelSpec, ProjectorSpec, RecipeSpec, TextSpec, VisionSpec
+from vramplan.estimate.specs import HardwareSpec, LoraSpec, ModelSpec, ProjectorSpec, RecipeSpec, VisionSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,14 +39,21 @@ def _f(typ, required=True, lo=None, hi=None, choices=None):
 POS = 1
 COMMON = {"schema_version": _f(int, lo=1, hi=1), "kind": _f(str, choices=KINDS), "description": _f(str),
           "source": _f(str), "sources": _f(dict)}
-TEXT = {"num_layers": _f(int, lo=POS), "hidden_size": _f(int, lo=POS), "intermediate_size": _f(int, lo=POS),
-        "num_attention_heads": _f(int, lo=POS), "num_key_value_heads": _f(int, lo=POS), "vocab_size": _f(int, lo=POS),
-        "head_dim": _f(int, False, lo=0), "tie_word_embeddings": _f(bool, False), "attention_bias": _f(bool, False),
-        "mlp_bias": _f(bool, False), "max_position_embeddings": _f(int, False, lo=POS)}
-VISION = {"num_layers": _f(int, lo=POS), "hidden_size": _f(int, lo=POS), "intermediate_size": _f(int, lo=POS),
-          "num_attention_heads": _f(int, lo=POS), "image_size": _f(int, lo=POS), "patch_size": _f(int, lo=POS),
-          "num_channels": _f(int, False, lo=POS), "feature_layer": _f(int, False)}
-PROJECTOR = {"kind": _f(str, choices=("mlp2x_gelu", "linear"))}
+
+
+def _family_schema(role: str, family: str | None) -> dict:
+    """A [text]/[vision]/[projector] table's schema: the family module's PROFILE_FIELDS plus `family`."""
+    from vramplan.estimate.families import family_modules
+
+    mods = {m.__name__.rsplit(".", 1)[1]: m for m in family_modules() if m.ROLE == role}
+    fields = mods[family].PROFILE_FIELDS if family in mods else {}
+    return {"family": _f(str, False, choices=tuple(sorted(mods))),
+            **{k: _f(t, req, lo=lo) for k, (t, req, lo) in fields.items()}}
+
+
+TEXT = _family_schema("text", "llama")
+VISION = _family_schema("vision", "clip")
+PROJECTOR = {"kind": _f(str, choices=("mlp2x_gelu", "linear"))}  # LLaVA's (families/llava.py KINDS)
 HF_IDS = {"llava": _f(str, False), "llm": _f(str, False), "vision": _f(str, False)}
 MODEL = {**COMMON, "stored_dtype": _f(str, False, choices=("bf16", "fp16", "fp32")),
          "chat_template": _f(str, False, choices=("llama3", "vicuna_v1")), "image_token_added": _f(bool, False),
@@ -208,7 +215,11 @@ def validate_data(data: dict, file: str, expected_kind: str | None = None) -> st
         skip = {"vision", "projector"}
     elif kind == "vision":
         skip = {"text", "projector", "chat_template", "image_token_added"}
-    _check_table(file, data, SCHEMAS[kind], "", skip)
+    schema = dict(SCHEMAS[kind])
+    for table, role in (("text", "text"), ("vision", "vision")):
+        if table in schema and isinstance(data.get(table), dict) and "family" in data[table]:
+            schema[table] = _family_schema(role, data[table]["family"])
+    _check_table(file, data, schema, "", skip)
     if kind == "model" and ("vision" not in data or "projector" not in data):
         missing = "vision" if "vision" not in data else "projector"
         raise ProfileError(file, missing, "a LLaVA model needs [vision] and [projector]",
@@ -234,6 +245,14 @@ def validate_data(data: dict, file: str, expected_kind: str | None = None) -> st
     return kind
 
 
+def _family_spec(table: dict, default_family: str):
+    """The family's config dataclass from a [text]/[vision] table (`family` names the module)."""
+    import importlib
+
+    mod = importlib.import_module(f"vramplan.estimate.families.{table.get('family', default_family)}")
+    return mod.SPEC(**{k: v for k, v in table.items() if k != "family"})
+
+
 def _to_spec(data: dict, name: str, kind: str):
     src = data["source"]
     if kind == "hardware":
@@ -247,10 +266,10 @@ def _to_spec(data: dict, name: str, kind: str):
         fields.update(llm_lora=lora(data.get("llm_lora")), vision_lora=lora(data.get("vision_lora")),
                       learning_rate=float(data["learning_rate"]))
         return RecipeSpec(name=name, **fields)
-    vision = VisionSpec(**data["vision"]) if "vision" in data and kind != "llm" else None
+    vision = _family_spec(data["vision"], "clip") if "vision" in data and kind != "llm" else None
     if kind == "vision":
         return vision
-    text = TextSpec(**data["text"])
+    text = _family_spec(data["text"], "llama")
     proj = None
     if vision is not None:
         proj = ProjectorSpec(data["projector"]["kind"], vision.hidden_size, text.hidden_size)
@@ -301,7 +320,7 @@ def load_model(name: str) -> ModelSpec:
     """A LLaVA model profile (kind "model") or an LLM alone (kind "llm": vision None)."""
     path = _find("model", name)
     spec = load_file(path, "model")
-    if isinstance(spec, VisionSpec):
+    if not isinstance(spec, ModelSpec):
         raise UsageError(f"{name!r} is a vision tower alone, not a model to train",
                          "use a LLaVA profile such as llava-llama3-8b-instruct (`vramplan profiles`)")
     return spec

@@ -9,6 +9,7 @@ Every family module defines:
   ROLE              "text" (a decoder LLM), "vision" (an image tower) or "projector"
   HF_MODEL_TYPES    the `model_type` values of config.json it reads
   PROFILE_FIELDS    {key: (type, required, minimum)} of its table in a profile TOML
+  SPEC              its config dataclass (a profile table or from_hf_config builds it)
   from_hf_config(cfg: dict, where: str) -> spec      (raises ValueError with a one-line reason)
   linear_groups(spec) -> list[LinearGroup]           every nn.Linear, by name and shape
   other_params(spec) -> dict[str, int]               every other parameter tensor group

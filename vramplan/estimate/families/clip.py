@@ -54,6 +54,9 @@ class VisionSpec:
         return self.num_patches + 1  # + CLS
 
 
+SPEC = VisionSpec  # the family's config dataclass (profiles build it from their table)
+
+
 def from_hf_config(cfg: dict, where: str, defaults: dict | None = None, feature_layer: int = -2) -> VisionSpec:
     """VisionSpec from a `CLIPVisionConfig`-shaped dict (or a full CLIPConfig holding `vision_config`)."""
     if cfg.get("model_type") == "clip" and "vision_config" in cfg:

@@ -69,6 +69,9 @@ class TextSpec:
         return self.num_key_value_heads * self.d_head
 
 
+SPEC = TextSpec  # the family's config dataclass (profiles build it from their table)
+
+
 def from_hf_config(cfg: dict, where: str) -> TextSpec:
     """TextSpec from a `LlamaConfig`-shaped dict (config.json or LLaVA's text_config)."""
 

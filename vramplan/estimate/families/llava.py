@@ -37,6 +37,9 @@ class ProjectorSpec:
     out_features: int
 
 
+SPEC = ProjectorSpec  # the family's config dataclass (profiles build it from their table)
+
+
 def linear_groups(p: ProjectorSpec) -> list[LinearGroup]:
     first = LinearGroup("projector", "linear_1", p.in_features, p.out_features, True, 1)
     if p.kind == "linear":
