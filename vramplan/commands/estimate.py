@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from vramplan.errors import ExitCode, UsageError
+from vramplan.estimate.types import Offload
 from vramplan.commands.output import CommandResult, run_command
 
 
@@ -33,7 +34,7 @@ def estimate_options(f):
         click.option("--headroom", type=float, default=0.10, show_default=True,
                      help="Fraction of GPU memory kept free."),
         click.option("--zero", type=click.IntRange(0, 3), help="Only this ZeRO stage."),
-        click.option("--offload", type=click.Choice(["none", "optimizer", "optimizer+params"]), help="Only this offload."),
+        click.option("--offload", type=click.Choice(list(Offload.ALL)), help="Only this offload."),
         click.option("--grad-ckpt/--no-grad-ckpt", "grad_ckpt", default=None, help="Only with/without checkpointing."),
         click.option("--dataset", type=click.Path(), help="LLaVA-format JSON: samples and text lengths come from it."),
         click.option("--images", type=click.Path(), help="Image folder of --dataset."),

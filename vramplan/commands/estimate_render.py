@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from vramplan.estimate.types import Offload
 from vramplan.units import GiB, fmt_bytes, fmt_seconds
 
-OFF_SHORT = {"none": "-", "optimizer": "opt", "optimizer+params": "opt+param"}
+OFF_SHORT = Offload.SHORT
 
 
 def _g(b) -> str:
@@ -40,7 +41,7 @@ def _best_rows(cands: list[dict], pick: int | None) -> list[int]:
         else:
             rows.append(min(idx, key=lambda i: cands[i]["vram_per_gpu_bytes"]))
     return sorted(rows, key=lambda i: (cands[i]["gpus"], cands[i]["zero_stage"],
-                                        ("none", "optimizer", "optimizer+params").index(cands[i]["offload"])))
+                                        Offload.ALL.index(cands[i]["offload"])))
 
 
 def _header(con, data: dict) -> None:

@@ -1,6 +1,6 @@
 """Split a model's parameters into the groups that memory depends on, for one recipe.
 
-Groups (issue #2): 4-bit/8-bit quantized frozen Linear weights; frozen 16-bit (or fp32-upcast)
+Groups: 4-bit/8-bit quantized frozen Linear weights; frozen 16-bit (or fp32-upcast)
 weights; trainable parameters (LoRA adapters, projector, or the whole LLM for `full`).
 Counts come from vramplan.estimate.params (exact, checked against transformers on the meta device).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.estimate.specs import ModelSpec, RecipeSpec
+from vramplan.estimate.types import Quant
 
 # bitsandbytes 4-bit storage (bitsandbytes.functional.quantize_4bit, Linear4bit defaults):
 NF4_BLOCKSIZE = 64  # elements per absmax block
@@ -72,12 +73,12 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
     full = counts.llm_total if recipe.train_llm_full else 0
 
     q_params = q_bytes = q_tensors = 0
-    if recipe.quant in ("nf4", "int8") and not recipe.train_llm_full:
+    if recipe.quant in Quant.KBIT and not recipe.train_llm_full:
         for g in llm_lin:
             n = g.d_in * g.d_out
             q_params += n * g.count
             q_tensors += g.count
-            per = nf4_tensor_bytes(n, recipe.double_quant) if recipe.quant == "nf4" else int8_tensor_bytes(g.d_in, g.d_out)
+            per = nf4_tensor_bytes(n, recipe.double_quant) if recipe.quant == Quant.NF4 else int8_tensor_bytes(g.d_in, g.d_out)
             q_bytes += int(per) * g.count
             # biases of quantized Linear layers stay in 16-bit: counted with the frozen group below
     frozen = counts.total - q_params - projector - full

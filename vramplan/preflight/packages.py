@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
+from vramplan.estimate.types import offloads_optimizer
 from vramplan.preflight.base import CheckResult, Context
 
 MINIMUMS = {"torch": "2.4", "transformers": "4.46", "accelerate": "1.0", "peft": "0.13", "bitsandbytes": "0.45",
@@ -178,7 +179,7 @@ def check_deepspeed(ctx: Context) -> CheckResult:
         found += f" (no {ctx.device} device here, see 'accelerators'; on the training machine it picks {ctx.device})"
     offload = ctx.offload if ctx.plan is not None else None
     cpu_adam, missing = _cpu_adam(st)
-    if offload in ("optimizer", "optimizer+params"):
+    if offloads_optimizer(offload):
         if missing:
             return CheckResult(name, "FAIL", f"{found}; the plan offloads ({offload}) and needs the CPU Adam op, which "
                                              f"cannot be built here: {'; '.join(missing)}", _cpu_adam_fix(st), st)
