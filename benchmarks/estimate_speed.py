@@ -4,7 +4,7 @@ The alternative (what `accelerate estimate-memory` does): import torch + transfo
 the model on the meta device to count its parameters - before any ZeRO/offload/activation math.
 
     python benchmarks/estimate_speed.py            # prints times and ratios
-Targets (issue #2): full sweep for 1x24G < 0.5 s wall; a sweep up to 1024 GPUs < 1 s (2-core machine).
+Targets (docs/architecture.md#speed): full sweep for 1x24G < 0.5 s wall; a sweep up to 1024 GPUs < 1 s (2-core machine).
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     assert spec.path == str(snap.resolve()) and spec.vision is not None and spec.stored_total_bytes > 0
 
 
-# config.json of xtuner/llava-llama-3-8b-v1_1-transformers, verbatim (llava-recipes.md section 6): it omits keys
+# config.json of xtuner/llava-llama-3-8b-v1_1-transformers, verbatim
+# (https://huggingface.co/xtuner/llava-llama-3-8b-v1_1-transformers/blob/main/config.json): it omits keys
 # that take transformers' defaults (hidden_size 4096, 32 layers, 32 heads), which the loader must fill the same way.
 XTUNER_CONFIG = {
     "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 128257,

@@ -1,4 +1,5 @@
-"""Truth test 8(a): analytic parameter counts == transformers on the meta device, exactly.
+"""Truth test: analytic parameter counts == transformers on the meta device, exactly
+(docs/estimate.md#checked-against-reality).
 
 Every shipped model profile (LLaVA, LLM parts, the CLIP part) and a few tiny configs (GQA, tied
 embeddings, biases, explicit head_dim) are instantiated with `torch.device("meta")` from a config
@@ -122,7 +123,8 @@ def test_counts_equal_meta_device_instantiation(name):
 
 
 def test_published_counts():
-    """Anchors from cpu-stack-facts.md section 7 (meta-device probe) and the LLaVA-1.5 release."""
+    """Anchors: transformers models built on the meta device (accelerate init_empty_weights) and the
+    LLaVA-1.5 release."""
     assert count_params(P.load_model("llama-3-8b-instruct")).total == 8_030_261_248
     assert count_params(P.load_model("vicuna-13b-v1.5")).total == 13_015_864_320
     c13 = count_params(P.load_model("llava-v1.5-13b"))

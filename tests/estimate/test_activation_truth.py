@@ -1,4 +1,5 @@
-"""Truth test 8(d): the activation formulas against bytes measured with saved_tensors_hooks.
+"""Truth test: the activation formulas against bytes measured with saved_tensors_hooks
+(docs/estimate.md#checked-against-reality).
 
 Per-layer bytes = saved(L=2) - saved(L=1) for real transformers Llama/CLIP layers in bf16 (the
 dtype DeepSpeed casts the module to), over a grid of shapes, batch sizes and sequence lengths.

@@ -1,4 +1,5 @@
-"""Truth test 8(b): per-group model-state bytes equal the tensors of the model the trainer builds.
+"""Truth test: per-group model-state bytes equal the tensors of the model the trainer builds
+(docs/estimate.md#checked-against-reality).
 
 1. The bundled trainer builds a tiny LLaVA on CPU with a 4-bit NF4 (double quant) LLM + LoRA on the
    LLM and the vision tower + a trained projector; vramplan estimates the same dir from its

@@ -1,4 +1,5 @@
-"""Truth test 8(e): properties of the memory model over random configurations (hypothesis)."""
+"""Truth test: properties of the memory model over random configurations (hypothesis)
+(docs/estimate.md#checked-against-reality)."""
 
 from __future__ import annotations
 

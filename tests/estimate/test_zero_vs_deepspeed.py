@@ -1,5 +1,6 @@
-"""Truth test 8(c): ZeRO model-state bytes agree with DeepSpeed's own estimators where their
-assumptions coincide: full fine-tune, fp16/bf16 mixed precision Adam, every parameter trainable."""
+"""Truth test: ZeRO model-state bytes agree with DeepSpeed's own estimators where their assumptions
+coincide: full fine-tune, fp16/bf16 mixed precision Adam, every parameter trainable
+(docs/estimate.md#checked-against-reality)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from vramplan.estimate.types import DsBuckets, Strategy
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.host import host_needs
 
-P = 8_030_261_248  # Llama-3-8B (cpu-stack-facts.md §7)
+P = 8_030_261_248  # Llama-3-8B (LlamaForCausalLM on the meta device; tests/test_params.py)
 LARGEST = 525_336_576  # its embed_tokens
 
 ZERO_ACT = ActivationBreakdown(0, 0, 0, 0, 0, 0, 0)

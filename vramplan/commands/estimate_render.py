@@ -146,7 +146,7 @@ def _explain(con, c: dict, data: dict) -> None:
     con.print(Text(f"  time {td['steps']} steps x ({td['compute_s_per_step']:.2f} s compute + "
                    f"{td['zero3_comm_s_per_step']:.2f} s ZeRO-3 all-gather + {td['offload_s_per_step']:.2f} s offload)"
                    f"; {td['flops_per_step'] / 1e12:.1f} TFLOP per step at {td['utilisation_prior']:.0%} of "
-                   f"{td['peak_tflops']:.0f} TFLOPS (prior; see README 'How the estimate is computed')"))
+                   f"{td['peak_tflops']:.0f} TFLOPS (prior; see docs/estimate.md#time)"))
     pg = data["param_groups"]
     con.print(Text("  params " + ", ".join(f"{k} {v:,}" for k, v in pg.items())))
 

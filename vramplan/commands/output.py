@@ -69,7 +69,7 @@ def envelope(
     warnings: list[str] | None = None,
     errors: list[dict] | None = None,
 ) -> dict:
-    """The `--json` envelope. Keys are pinned by tests/test_json_contract.py."""
+    """The `--json` envelope. Keys are pinned by tests/test_cli_basics.py."""
     return {
         "schema": SCHEMA,
         "command": command,

@@ -1,6 +1,7 @@
 """Ascend NPUs: `npu-smi info`, torch_npu, the CANN environment, ASCEND_RT_VISIBLE_DEVICES, HCCL.
 
-llava-recipes.md §7: `npu-smi info` prints per NPU a `| id name | health | ...` row and a
+Ascend docs (the npu-smi reference; CANN's environment-variable reference for ASCEND_RT_VISIBLE_DEVICES):
+`npu-smi info` prints per NPU a `| id name | health | ...` row and a
 `| chip | bus-id | aicore mem used/total hbm used/total |` row (910B1-B3 and B4-1: 65536 MB HBM, B4: 32768);
 CANN is sourced with `/usr/local/Ascend/ascend-toolkit/set_env.sh`, which sets ASCEND_TOOLKIT_HOME /
 ASCEND_HOME_PATH; ASCEND_RT_VISIBLE_DEVICES takes ascending comma-separated ids and CANN stops parsing at

@@ -1,9 +1,10 @@
 """Output dir writable (write + fsync + delete a probe file, inodes) and free space vs the plan's disk need.
 
-The need comes from the plan's `estimate.disk_breakdown` (vramplan/estimate/host.py, estimation-formulas.md
-F13): checkpoints x (keep + the one being written), exports, logs go to the output dir's filesystem;
-base weights go to the Hugging Face cache unless already there or given as local dirs; the dataset
-counts only when it is not on this machine yet. A 10% margin on top (llava-recipes.md §8).
+The need comes from the plan's `estimate.disk_breakdown` (vramplan/estimate/host.py;
+docs/estimate.md#cpu-ram-and-disk): checkpoints x (keep + the one being written), exports, logs go to
+the output dir's filesystem; base weights go to the Hugging Face cache unless already there or given as
+local dirs; the dataset counts only when it is not on this machine yet. A 10% margin on top
+(docs/preflight.md#disk-space).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from vramplan.preflight.base import CheckResult, Context, nearest_existing, plan
 from vramplan.preflight.hfcache import base_repo_ids, cached_model, hub_cache_dir
 from vramplan.units import fmt_bytes
 
-MARGIN = 0.10  # llava-recipes.md §8: "+ 10% margin"
+MARGIN = 0.10  # headroom for logs, temp files and estimate error (docs/preflight.md#disk-space)
 FILES_PER_CHECKPOINT = 40  # HF Trainer checkpoint-N: adapter, optimizer/ZeRO shards per rank, states, configs
 MIN_FREE_INODES = 1000
 

@@ -11,7 +11,7 @@ from vramplan.units import GiB, MiB, fmt_bytes
 
 DOCKER_DEFAULT_SHM = 64 * MiB  # `docker run` default --shm-size
 SHM_FAIL_BELOW = 256 * MiB  # DataLoader workers / NCCL SHM die with bus errors (pytorch#5040, torchtitan#853)
-SHM_WARN_BELOW = 2 * GiB  # llava-recipes.md §8: "at least a few GB when num_workers > 0 or world_size > 1"
+SHM_WARN_BELOW = 2 * GiB  # a few GB once num_workers > 0 or world_size > 1 (NVIDIA/Megatron-LM#878, idiap/ESLAM#20)
 
 
 def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -4,7 +4,8 @@ conda's MKL numpy (with mkl-service) aborts a process that loaded GNU OpenMP (li
 brings) first: `Error: mkl-service + Intel(R) MKL: MKL_THREADING_LAYER=INTEL is incompatible with
 libgomp.so.1 library. Try to import numpy first or set the threading layer accordingly. Set
 MKL_SERVICE_FORCE_INTEL to force it.` Fix from InternLM/xtuner#350 and the InternLM tutorials:
-`export MKL_SERVICE_FORCE_INTEL=1` and `export MKL_THREADING_LAYER=GNU` (llava-recipes.md §4).
+`export MKL_SERVICE_FORCE_INTEL=1` and `export MKL_THREADING_LAYER=GNU` (also IntelPython/mkl-service#14,
+pytorch/pytorch#37377).
 `vramplan run` exports both for the trainer (vramplan/run/launch.py); other launches need them.
 """
 

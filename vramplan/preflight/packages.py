@@ -3,9 +3,9 @@ DeepSpeed and its CPU-Adam op for offload; the ZeRO-3 + 4-bit version floor.
 
 Versions come from package metadata (no import). Minimums are pyproject.toml's `train` extra. ZeRO-3 with
 4-bit weights: PEFT docs `accelerate/deepspeed.md` require bitsandbytes>=0.43.3, accelerate>=1.0.1,
-transformers>4.44.2, peft>0.13.0 (llava-recipes.md §4). CPU Adam (offload) is a DeepSpeed op that is
+transformers>4.44.2, peft>0.13.0. CPU Adam (offload) is a DeepSpeed op that is
 prebuilt (DS_BUILD_CPU_ADAM=1) or JIT-compiled on first use with ninja + a C++ compiler + Python headers
-(cpu-stack-facts.md §4: ~28 s, cached in TORCH_EXTENSIONS_DIR).
+(DeepSpeed op_builder/cpu_adam.py; ~28 s measured on 2 cores, cached in TORCH_EXTENSIONS_DIR).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A torchvision whose compiled ops were built for another torch (another version, or a CUDA build
 next to a CPU torch) fails at `import torchvision` with `RuntimeError: operator torchvision::nms does
 not exist`, and - because transformers' image utilities import it whenever it is installed - every
-`from transformers import LlavaForConditionalGeneration` fails too (cpu-stack-facts.md §2;
-llava-recipes.md §4, pytorch/vision#8985, vllm-project/vllm-ascend#479).
+`from transformers import LlavaForConditionalGeneration` fails too (transformers utils/import_utils.py
+`is_torchvision_available` checks only package metadata; pytorch/pytorch#122494, pytorch/vision#8985,
+vllm-project/vllm-ascend#479).
 """
 
 from __future__ import annotations
