@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.run.calibration import compare, factors, load_calibration, load_run, write_calibration
 from vramplan.errors import UsageError
+from vramplan.run.calibration import (
+    compare_run,
+    load_calibration,
+    load_run,
+    write_calibration,
+)
+from vramplan.run.calibration_math import compare, factors
 
 GiB = 2**30
 
@@ -36,8 +42,8 @@ def make_run(d: Path, *, device="cuda", alloc=(9 * GiB, 8 * GiB), reserved=(11 *
 
 def test_compare_rows(tmp_path):
     d = make_run(tmp_path / "r")
-    rows = {r["component"]: r for r in compare(json.loads((d / "summary.json").read_text()),
-                                                json.loads((d / "plan.json").read_text()), d)}
+    rows = {r["component"]: r for r in compare_run(json.loads((d / "summary.json").read_text()),
+                                                    json.loads((d / "plan.json").read_text()), d)}
     assert rows["vram_allocated"]["measured"] == 9 * GiB and rows["vram_allocated"]["ratio"] == pytest.approx(1.0)
     assert rows["vram_reserved"]["ratio"] == pytest.approx(1.1)
     assert rows["cpu_ram"]["measured"] == 6 * GiB and rows["cpu_ram"]["ratio"] == pytest.approx(0.75)
@@ -45,6 +51,16 @@ def test_compare_rows(tmp_path):
     assert rows["disk"]["measured"] == 4096 and rows["disk"]["estimated"] == 3 * 100 * 2**20 + 2**20
     # 50 s / 10 steps measured vs 1000 s / 100 steps estimated
     assert rows["time_per_step"]["ratio"] == pytest.approx(0.5)
+
+
+def test_compare_is_pure_on_the_two_dicts(tmp_path):
+    d = make_run(tmp_path / "r")
+    summary, plan = json.loads((d / "summary.json").read_text()), json.loads((d / "plan.json").read_text())
+    rows = {r["component"]: r for r in compare(summary, plan)}
+    assert "disk" not in rows  # outputs on disk are measured from the run dir (compare_run)
+    # a resumed process: train_seconds covers the 10 - 5 steps after the resume
+    rows = {r["component"]: r for r in compare(summary, plan, outputs_bytes=4096, resumed_at=5)}
+    assert rows["disk"]["measured"] == 4096 and rows["time_per_step"]["ratio"] == pytest.approx(1.0)
 
 
 def test_cpu_run_compares_process_memory(tmp_path):

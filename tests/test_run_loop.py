@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from test_launch import make_plan
-from vramplan.run import attempts as runner
 from vramplan.errors import ExitCode
+from vramplan.run import attempts as runner
+from vramplan.run.report import finish_report
 
 STAND_IN = r'''
 import json, os, signal, sys, time
@@ -118,7 +119,7 @@ def test_oom_then_fallback_succeeds_and_both_attempts_recorded(tmp_path, stand_i
     assert [a["kind"] for a in attempts] == ["oom", "ok"]
     assert attempts[1]["dir"] == str(out / "attempt-2") and attempts[1]["plan"]["micro_batch"] == 1
     assert "out of memory in phase train at step 2" in attempts[1]["why"]  # the identical plan was skipped
-    report = runner.finish_report(out, outcome)
+    report = finish_report(out, outcome)
     assert report["final_dir"] == str(out / "attempt-2") and report["vs_estimate"]
     assert json.loads((out / "attempt-2" / "summary.json").read_text())["vs_estimate"]
 

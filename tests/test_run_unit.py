@@ -10,10 +10,17 @@ import time
 import pytest
 
 from test_launch import make_plan
-from vramplan.run import attempts as runner
 from vramplan.errors import UsageError
+from vramplan.run import attempts as runner
 from vramplan.run.launch import build_launch
 from vramplan.run.progress import ProgressView, tail_events
+from vramplan.units import fmt_bytes, fmt_clock, fmt_seconds
+
+
+def test_one_formatter_of_each_kind():
+    assert fmt_clock(12) == "0:12" and fmt_clock(5400) == "1:30:00" and fmt_clock(None) == "n/a"
+    assert fmt_seconds(5400) == "1.5 h" and fmt_seconds(30) == "30 s"
+    assert fmt_bytes(None) == "n/a" and fmt_bytes(2**29) == "512.00 MiB" and fmt_bytes(3 * 2**40) == "3.00 TiB"
 
 
 def test_tail_events_waits_for_complete_lines(tmp_path):

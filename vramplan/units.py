@@ -1,7 +1,12 @@
-"""Byte units. vramplan computes in bytes and prints GiB (2**30) or GB (10**9), never a bare "G"."""
+"""Units and how vramplan prints them: bytes, durations, timestamps.
+
+vramplan computes in bytes and prints GiB (2**30) or GB (10**9), never a bare "G". Every size,
+duration and UTC timestamp it prints goes through the formatters here.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
 
 from vramplan.errors import UsageError
@@ -24,8 +29,10 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def fmt_bytes(n: float) -> str:
-    """Human size in binary units (KiB/MiB/GiB/TiB), always naming the unit."""
+def fmt_bytes(n: float | None) -> str:
+    """Human size in binary units (KiB/MiB/GiB/TiB), always naming the unit; None (not measured) is 'n/a'."""
+    if n is None:
+        return "n/a"
     n = float(n)
     for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if abs(n) >= size:
@@ -33,7 +40,10 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def fmt_seconds(s: float) -> str:
+def fmt_seconds(s: float | None) -> str:
+    """A duration to the nearest sensible unit: '45 s', '12.5 min', '1.5 h', '3.2 d' (estimates)."""
+    if s is None:
+        return "n/a"
     s = float(s)
     if s < 60:
         return f"{s:.0f} s"
@@ -42,6 +52,22 @@ def fmt_seconds(s: float) -> str:
     if s < 86400 * 2:
         return f"{s / 3600:.1f} h"
     return f"{s / 86400:.1f} d"
+
+
+def fmt_clock(s: float | None) -> str:
+    """A duration as a clock: '0:12', '4:05', '1:30:00' (progress, ETA); None (unknown yet) is 'n/a'."""
+    if s is None:
+        return "n/a"
+    s = round(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def utc_stamp(t: float | None = None) -> str:
+    """A UTC timestamp as written into run files: '2026-01-31T12:00:00Z'; `t` (epoch seconds) or now."""
+    when = _dt.datetime.now(_dt.timezone.utc) if t is None else _dt.datetime.fromtimestamp(t, _dt.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)

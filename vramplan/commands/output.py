@@ -11,8 +11,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, NoReturn
 
 import click
 
@@ -115,37 +116,37 @@ def print_error(err: VramplanError | str, hint: str = "") -> None:
         click.echo(f"hint: {hint}", err=True)
 
 
-def run_command(command: str, json_mode: bool, fn: Callable[[], CommandResult]) -> None:
-    """Run a command body and turn its result or error into output and an exit code."""
+def _exit_with_error(command: str, json_mode: bool, status: str, code: ExitCode, error: dict) -> NoReturn:
+    """Say one error (the envelope, or a `vramplan: error:` line and its hint) and exit with `code`."""
+    if json_mode:
+        emit_json(envelope(command, status, code, errors=[error]))
+    else:
+        print_error(error["message"], error.get("hint", ""))
+    sys.exit(int(code))
+
+
+def _result_of(command: str, json_mode: bool, fn: Callable[[], CommandResult]) -> CommandResult:
+    """`fn()`, or (exiting) its error as one line: expected errors, Ctrl-C, and bugs without a traceback."""
     try:
-        result = fn()
+        return fn()
     except VramplanError as e:
         if debug_enabled():
             traceback.print_exc()
-        if json_mode:
-            emit_json(envelope(command, "error", e.exit_code, errors=[e.to_dict()]))
-        else:
-            print_error(e)
-        sys.exit(int(e.exit_code))
+        _exit_with_error(command, json_mode, "error", e.exit_code, e.to_dict())
     except KeyboardInterrupt:
-        if json_mode:
-            emit_json(envelope(command, "interrupted", ExitCode.INTERRUPTED,
-                               errors=[{"code": "interrupted", "message": "interrupted", "hint": ""}]))
-        else:
-            print_error("interrupted")
-        sys.exit(int(ExitCode.INTERRUPTED))
+        _exit_with_error(command, json_mode, "interrupted", ExitCode.INTERRUPTED,
+                         {"code": "interrupted", "message": "interrupted", "hint": ""})
     except Exception as e:  # noqa: BLE001 - the boundary: one line, traceback only on request
         if debug_enabled():
             traceback.print_exc()
-        msg = f"internal error: {type(e).__name__}: {e}"
-        hint = "rerun with VRAMPLAN_DEBUG=1 for a traceback and report it"
-        if json_mode:
-            emit_json(envelope(command, "error", ExitCode.ERROR,
-                               errors=[{"code": "internal", "message": msg, "hint": hint}]))
-        else:
-            print_error(msg, hint)
-        sys.exit(int(ExitCode.ERROR))
+        _exit_with_error(command, json_mode, "error", ExitCode.ERROR,
+                         {"code": "internal", "message": f"internal error: {type(e).__name__}: {e}",
+                          "hint": "rerun with VRAMPLAN_DEBUG=1 for a traceback and report it"})
 
+
+def run_command(command: str, json_mode: bool, fn: Callable[[], CommandResult]) -> None:
+    """Run a command body and turn its result or error into output and an exit code."""
+    result = _result_of(command, json_mode, fn)
     try:
         if json_mode:
             emit_json(envelope(command, result.status, result.exit_code, result.data,

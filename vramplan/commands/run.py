@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 from vramplan.commands.estimate import estimate_options
-from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.commands.output import CommandResult, message, run_command
+from vramplan.commands.run_render import render_checks, render_dry, render_report
+from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.plan.plan_json import load_plan
 
 DEMO_DIR = "vramplan-demo"
@@ -69,7 +70,7 @@ def _demo_kwargs(kwargs: dict, assets: Path) -> dict:
     return kw
 
 
-def _estimate(kwargs: dict, demo: bool) -> dict:
+def _estimate(kwargs: dict) -> dict:
     from vramplan.plan.request import options_from_kwargs
     from vramplan.plan.service import plan_from_options
 
@@ -105,7 +106,7 @@ def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dic
     if mode == "demo":  # the estimate reads the tiny model dir, so the assets exist even for --dry-run
         out.mkdir(parents=True, exist_ok=True)
         kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
-    return _estimate(kwargs, demo=mode == "demo"), []
+    return _estimate(kwargs), []
 
 
 def _outcome_result(out: Path, outcome: dict, report: dict, checks: list[dict], warnings: list[str]) -> CommandResult:
@@ -125,15 +126,11 @@ def _outcome_result(out: Path, outcome: dict, report: dict, checks: list[dict], 
         if outcome.get("log_tail") and final["kind"] == "error":
             message(outcome["log_tail"])
     return CommandResult(outcome["status"], outcome["exit_code"], data,
-                         lambda con: _render_report(con, report, outcome), warnings, errors)
+                         lambda con: render_report(con, report, outcome), warnings, errors)
 
 
-def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kwargs: dict, dry_run: bool,
-            max_attempts: int, skip_preflight: bool, hosts: tuple[str, ...], node_rank: int | None,
-            master_port: int | None, json_mode: bool) -> CommandResult:
-    from vramplan.run import attempts as runner
-    from vramplan.run.launch import build_launch, child_env, render_launch_sh
-
+def _run_dir(mode: str, plan_file: str | None, output: str | None) -> tuple[Path, dict | None]:
+    """The run dir (absolute) and, with --plan, the saved plan."""
     if mode == "demo" and not output:
         output = _fresh_demo_dir()
     saved = load_plan(plan_file) if mode == "plan" else None
@@ -142,7 +139,64 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
     if not output:
         raise UsageError("--output DIR is required: the run dir for plan.json, checkpoints and the adapter",
                          "e.g. `--output runs/first`")
-    out = Path(output).resolve()
+    return Path(output).resolve(), saved
+
+
+def _preflight_gate(plan: dict, out: Path, launch, skip: bool, warnings: list[str]
+                    ) -> tuple[list[dict], CommandResult | None]:
+    """The preflight checks (WARNs added to `warnings`), and the result to give instead of launching if one FAILs."""
+    from vramplan.run.launch import child_env
+
+    if skip:
+        warnings.append("preflight skipped (--skip-preflight)")
+        return [], None
+    checks = _preflight(plan, out, child_env(launch))
+    failed = [c for c in checks if c.get("status") == "FAIL"]
+    warnings += [f"preflight: {c['name']}: {c.get('detail', '')}" for c in checks if c.get("status") == "WARN"]
+    if not failed:
+        return checks, None
+    data = {"plan": plan, "preflight": checks, "launched": False}
+    errors = [{"code": "preflight_failed",
+               "message": f"preflight failed ({', '.join(c['name'] for c in failed)}): nothing launched",
+               "hint": "fix the FAIL checks above and rerun (or --skip-preflight at your own risk)"}]
+    return checks, CommandResult("preflight_failed", ExitCode.PREFLIGHT_FAILED, data,
+                                 lambda con: render_checks(con, failed, "preflight FAILED - nothing launched"),
+                                 warnings, errors)
+
+
+def _commands_only(plan: dict, launch, out: Path, checks: list[dict], warnings: list[str], dry_run: bool,
+                   settings) -> CommandResult:
+    """--dry-run, or multi-node without --node-rank: show (multi-node: write) the run dir; launch nothing."""
+    from vramplan.run import attempts as runner
+    from vramplan.run.launch import render_launch_sh
+
+    launch_sh = render_launch_sh(launch, header=f"plan: {runner.describe(plan)}")
+    if not dry_run:  # multi-node: write the run dir; each node runs its own command
+        runner.write_attempt_dir(plan, out, settings, False)
+    data = {"plan": plan, "launch": launch.to_dict(), "launch_sh": launch_sh, "preflight": checks,
+            "dry_run": dry_run, "run_dir": str(out)}
+    return CommandResult("dry_run" if dry_run else "commands_written", ExitCode.OK, data,
+                         lambda con: render_dry(con, plan, launch, launch_sh, checks, out, dry_run), warnings)
+
+
+def _check_node_zero(node_rank: int | None, hosts: tuple[str, ...], out: Path) -> None:
+    """Multi-node: vramplan runs node 0 itself, and needs node 0's address."""
+    if node_rank:
+        raise UsageError(f"--node-rank {node_rank}: vramplan runs node 0 itself; on node {node_rank} run "
+                         f"`bash {out / 'launch.sh'} {node_rank}`", "")
+    if not hosts and not os.environ.get("MASTER_ADDR"):
+        raise UsageError("multi-node: node 0's address is unknown",
+                         "pass --hosts node0,node1,... or export MASTER_ADDR")
+
+
+def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kwargs: dict, dry_run: bool,
+            max_attempts: int, skip_preflight: bool, hosts: tuple[str, ...], node_rank: int | None,
+            master_port: int | None, json_mode: bool) -> CommandResult:
+    from vramplan.run import attempts as runner
+    from vramplan.run.launch import build_launch
+    from vramplan.run.report import finish_report
+
+    out, saved = _run_dir(mode, plan_file, output)
     if not dry_run:
         runner.check_output_dir(out, mode == "resume")
     warnings: list[str] = []
@@ -150,43 +204,20 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
     plan = dict(plan, output_dir=str(out))
 
     launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
-    checks: list[dict] = []
-    if skip_preflight:
-        warnings.append("preflight skipped (--skip-preflight)")
-    else:
-        checks = _preflight(plan, out, child_env(launch))
-        failed = [c for c in checks if c.get("status") == "FAIL"]
-        warnings += [f"preflight: {c['name']}: {c.get('detail', '')}" for c in checks if c.get("status") == "WARN"]
-        if failed:
-            data = {"plan": plan, "preflight": checks, "launched": False}
-            errors = [{"code": "preflight_failed",
-                       "message": f"preflight failed ({', '.join(c['name'] for c in failed)}): nothing launched",
-                       "hint": "fix the FAIL checks above and rerun (or --skip-preflight at your own risk)"}]
-            return CommandResult("preflight_failed", ExitCode.PREFLIGHT_FAILED, data,
-                                 lambda con: _render_checks(con, failed, "preflight FAILED - nothing launched"),
-                                 warnings, errors)
-
-    launch_sh = render_launch_sh(launch, header=f"plan: {runner.describe(plan)}")
+    checks, refused = _preflight_gate(plan, out, launch, skip_preflight, warnings)
+    if refused is not None:
+        return refused
     if dry_run or (launch.nodes > 1 and node_rank is None):
-        if not dry_run:  # multi-node: write the run dir; each node runs its own command
-            runner.write_attempt_dir(plan, out, runner.RunSettings(out, master_port=master_port, hosts=hosts), False)
-        data = {"plan": plan, "launch": launch.to_dict(), "launch_sh": launch_sh, "preflight": checks,
-                "dry_run": dry_run, "run_dir": str(out)}
-        return CommandResult("dry_run" if dry_run else "commands_written", ExitCode.OK, data,
-                             lambda con: _render_dry(con, plan, launch, launch_sh, checks, out, dry_run), warnings)
+        settings = runner.RunSettings(out, master_port=master_port, hosts=hosts)
+        return _commands_only(plan, launch, out, checks, warnings, dry_run, settings)
     if launch.nodes > 1:
-        if node_rank:
-            raise UsageError(f"--node-rank {node_rank}: vramplan runs node 0 itself; on node {node_rank} run "
-                             f"`bash {out / 'launch.sh'} {node_rank}`", "")
-        if not hosts and not os.environ.get("MASTER_ADDR"):
-            raise UsageError("multi-node: node 0's address is unknown",
-                             "pass --hosts node0,node1,... or export MASTER_ADDR")
+        _check_node_zero(node_rank, hosts, out)
         max_attempts = 1  # the other nodes run their own launch.sh: no coordinated fallback across nodes
 
     settings = runner.RunSettings(out, max_attempts=max_attempts, resume=mode == "resume", hosts=hosts,
                                   master_port=master_port, plain_progress=json_mode)
     outcome = runner.run_attempts(plan, settings, _fallbacks, previous)
-    report = runner.finish_report(out, outcome)
+    report = finish_report(out, outcome)
     return _outcome_result(out, outcome, report, checks, warnings)
 
 
@@ -198,64 +229,6 @@ def _fallbacks(plan: dict) -> list[dict]:
         raise UsageError("the plan has no `options` (not written by `vramplan estimate`/`run`), so it cannot "
                          "be re-estimated", "")
     return fallback_plans(plan)
-
-
-def _render_checks(con, checks: list[dict], title: str) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=Text(title), title_justify="left")
-    for col in ("check", "status", "found", "fix"):
-        table.add_column(col)
-    for c in checks:
-        table.add_row(Text(str(c.get("name", ""))), c.get("status", ""), Text(str(c.get("detail", ""))),
-                      Text(str(c.get("fix", ""))))
-    con.print(table)
-
-
-def _render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
-    from rich.text import Text
-
-    from vramplan.run.launch import shell_join
-    from vramplan.run.progress import fmt_bytes, fmt_seconds
-    from vramplan.run.attempts import describe
-
-    est = plan.get("estimate") or {}
-    con.print(Text(f"plan: {describe(plan)}"))
-    con.print(Text(f"estimate: {fmt_bytes(est.get('vram_per_gpu_bytes'))} per GPU, CPU RAM "
-                   f"{fmt_bytes(est.get('cpu_ram_bytes'))}, disk {fmt_bytes(est.get('disk_bytes'))}, "
-                   f"time {fmt_seconds(est.get('time_seconds'))}"))
-    if checks:
-        bad = [c for c in checks if c.get("status") in ("WARN", "FAIL")]
-        con.print(Text(f"preflight: {len(checks)} checks, {len(bad)} WARN/FAIL"))
-        if bad:
-            _render_checks(con, bad, "preflight findings")
-    verb = "would write" if dry_run else "wrote"
-    files = ["plan.json", "launch.sh"] + (["ds_config.json"] if plan.get("ds_config") else []) + (
-        ["hostfile"] if launch.hostfile else [])
-    con.print(Text(f"{verb}: " + ", ".join(str(out / f) for f in files)))
-    procs = f"{launch.world_size} process" + ("es" if launch.world_size != 1 else "")
-    con.print(Text(f"--- launch.sh ({procs}: {launch.nodes} node(s) x {launch.procs_per_node}) ---"))
-    con.print(Text(launch_sh.rstrip()), soft_wrap=True)  # copy-pasteable: never wrapped
-    if launch.hostfile:
-        con.print(Text("--- hostfile ---\n" + launch.hostfile.rstrip()))
-        con.print(Text("--- per-node commands (with the exports above) ---"))
-        for rank, cmd in enumerate(launch.node_commands):
-            con.print(Text(f"node {rank}: {shell_join(cmd)}"), soft_wrap=True)
-
-
-def _render_report(con, report: dict, outcome: dict) -> None:
-    from rich.text import Text
-
-    from vramplan.run.calibration import render_rows
-
-    for a in outcome["attempts"]:
-        con.print(Text(f"attempt {a['attempt']}: {a['kind']} after {a['steps']} steps, {a['wall_seconds']:.1f} s "
-                       f"({a['dir']})" + (f" - {a['why']}" if a["attempt"] > 1 else "")))
-    if report["vs_estimate"]:
-        render_rows(con, report["vs_estimate"], "measured vs estimated")
-    if report.get("adapter_dir"):
-        con.print(Text(f"adapter and projector: {report['adapter_dir']}"))
 
 
 @click.command("run")

@@ -4,13 +4,14 @@ The trainer is always started as a module (`-m train --plan RUN_DIR/plan.json`) 
 command works from any directory. Launchers (docs/contracts.md "Launch"):
 
 - `python`: one process, `python -m train --plan ...`. With a DeepSpeed config the single process
-  still needs RANK/WORLD_SIZE/MASTER_* or DeepSpeed falls back to MPI discovery and dies with
-  `No module named 'mpi4py'` (cpu-stack-facts.md §4), so we export them.
+  still needs RANK/WORLD_SIZE/MASTER_*: without them DeepSpeed's init_distributed falls back to MPI
+  discovery and dies with `No module named 'mpi4py'` (DeepSpeed comm/comm.py, mpi_discovery), so we
+  export them.
 - `torchrun`: `torchrun --nnodes=1 --nproc_per_node=N --master_port=P -m train --plan ...`.
-  `accelerate launch --cpu --num_processes 2` silently runs ONE process (cpu-stack-facts.md §6.5),
-  which is why we never use it.
+  `accelerate launch --cpu --num_processes 2` silently runs ONE process (accelerate
+  commands/launch.py: with --cpu, launch_command takes simple_launcher), which is why we never use it.
 - `deepspeed`: `deepspeed --num_gpus N --master_port P --module train --plan ...` (the launcher passes
-  `--local_rank=K`; the trainer accepts it, cpu-stack-facts.md §6.3).
+  `--local_rank=K`, DeepSpeed launcher/launch.py; the trainer accepts it).
 - multi-node (nodes > 1): an MPI-style hostfile (`host slots=N`) and one command per node
   (`torchrun --nnodes --node_rank --master_addr`, or `deepspeed --hostfile --no_ssh --node_rank`).
 
@@ -162,6 +163,33 @@ def build_env(plan: dict, procs_per_node: int, launcher: str, *, cores: int | No
     return env
 
 
+def _single_node_argv(launcher: str, python: str, per_node: int, port: int, trainer_args: list[str]) -> list[str]:
+    if launcher == "python":
+        return [python, "-m", *trainer_args]
+    if launcher == "torchrun":
+        return [*_script("torchrun", python), "--nnodes=1", f"--nproc_per_node={per_node}",
+                f"--master_port={port}", "-m", *trainer_args]
+    return [*_script("deepspeed", python), "--num_gpus", str(per_node), "--master_port", str(port),
+            "--module", *trainer_args]
+
+
+def _node_commands(launcher: str, python: str, nodes: int, per_node: int, master: str, port: int,
+                   hostfile: Path, trainer_args: list[str]) -> tuple[tuple[str, ...], ...]:
+    """One command per node, node 0 first; node 0 is the rendezvous master."""
+    commands = []
+    for rank in range(nodes):
+        if launcher == "deepspeed":
+            cmd = [*_script("deepspeed", python), "--hostfile", str(hostfile), "--no_ssh",
+                   f"--node_rank={rank}", f"--master_addr={master}", f"--master_port={port}",
+                   "--module", *trainer_args]
+        else:
+            cmd = [*_script("torchrun", python), f"--nnodes={nodes}", f"--nproc_per_node={per_node}",
+                   f"--node_rank={rank}", f"--master_addr={master}", f"--master_port={port}",
+                   "-m", *trainer_args]
+        commands.append(tuple(cmd))
+    return tuple(commands)
+
+
 def build_launch(plan: dict, plan_path: str | Path, *, resume: bool = False, master_port: int | None = None,
                  hosts: list[str] | tuple[str, ...] | None = None, python: str | None = None,
                  cores: int | None = None, environ: dict | None = None) -> Launch:
@@ -180,14 +208,7 @@ def build_launch(plan: dict, plan_path: str | Path, *, resume: bool = False, mas
 
     if nodes == 1:
         port = master_port or free_port()
-        if launcher == "python":
-            argv = [python, "-m", *trainer_args]
-        elif launcher == "torchrun":
-            argv = [*_script("torchrun", python), "--nnodes=1", f"--nproc_per_node={per_node}",
-                    f"--master_port={port}", "-m", *trainer_args]
-        else:
-            argv = [*_script("deepspeed", python), "--num_gpus", str(per_node), "--master_port", str(port),
-                    "--module", *trainer_args]
+        argv = _single_node_argv(launcher, python, per_node, port, trainer_args)
         env = build_env(plan, per_node, launcher, cores=cores, environ=environ, master_port=port)
         return Launch(launcher, device, 1, per_node, tuple(argv), env, (tuple(argv),),
                       prelude=tuple(prelude), notes=tuple(notes))
@@ -200,22 +221,12 @@ def build_launch(plan: dict, plan_path: str | Path, *, resume: bool = False, mas
         notes.append("set MASTER_ADDR to node 0's hostname or IP on every node (or pass --hosts), "
                      "and replace the node-K names in the hostfile")
     hostfile = "".join(f"{h} slots={per_node}\n" for h in names)
-    run_dir = Path(plan_path).resolve().parent
-    commands = []
-    for rank in range(nodes):
-        if launcher == "deepspeed":
-            cmd = [*_script("deepspeed", python), "--hostfile", str(run_dir / "hostfile"), "--no_ssh",
-                   f"--node_rank={rank}", f"--master_addr={master}", f"--master_port={port}",
-                   "--module", *trainer_args]
-        else:
-            cmd = [*_script("torchrun", python), f"--nnodes={nodes}", f"--nproc_per_node={per_node}",
-                   f"--node_rank={rank}", f"--master_addr={master}", f"--master_port={port}",
-                   "-m", *trainer_args]
-        commands.append(tuple(cmd))
+    commands = _node_commands(launcher, python, nodes, per_node, master, port,
+                              Path(plan_path).resolve().parent / "hostfile", trainer_args)
     notes.append("multi-node NCCL: if the nodes have several network interfaces, export NCCL_SOCKET_IFNAME")
     env = build_env(plan, per_node, launcher, cores=cores, environ=environ)
     return Launch(launcher if launcher != "python" else "torchrun", device, nodes, per_node, commands[0], env,
-                  tuple(commands), hostfile=hostfile, hosts=names, prelude=tuple(prelude), notes=tuple(notes))
+                  commands, hostfile=hostfile, hosts=names, prelude=tuple(prelude), notes=tuple(notes))
 
 
 def _quote(arg: str) -> str:

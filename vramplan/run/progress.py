@@ -15,25 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def fmt_bytes(n: float | None) -> str:
-    """Bytes in GiB (2**30), MiB or KiB: the unit is always named."""
-    if n is None:
-        return "n/a"
-    n = float(n)
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "n/a"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+from vramplan.units import fmt_bytes, fmt_clock
 
 
 def tail_events(path: Path, offset: int) -> tuple[list[dict], int]:
@@ -75,8 +57,9 @@ def estimated_memory(estimate: dict, device: str, world_size: int = 1) -> int | 
     """The estimate matching `device_memory`: what nvidia-smi shows per GPU, or per-process CPU RAM."""
     if not estimate:
         return None
-    # With the CPU as the device, the estimate's per-"GPU" figure is already the training process's
-    # peak memory (model states + activations + the process base; memory.py), so both cases read it.
+    # With the CPU as the device, the estimate's per-"GPU" figure is already the training process's peak
+    # memory (model states + activations + the process base; vramplan/estimate/gpu_memory.py), so both
+    # cases read it.
     return estimate.get("vram_per_gpu_bytes")
 
 
@@ -164,7 +147,7 @@ class ProgressView:
     def _line(self) -> str:
         st = self.state
         total = st.max_steps if st.max_steps else "?"
-        return f"vramplan: {self.label}: step {st.step}/{total}, {self._info()}, ETA {fmt_seconds(st.eta_s())}"
+        return f"vramplan: {self.label}: step {st.step}/{total}, {self._info()}, ETA {fmt_clock(st.eta_s())}"
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -213,7 +196,7 @@ class ProgressView:
             self._task = self._progress.add_task(self.label, total=self.state.max_steps, info="starting", eta="n/a")
         # ETA from the trainer's own clock (elapsed_s), not from how often we happened to poll
         self._progress.update(self._task, completed=self.state.step, total=self.state.max_steps, info=self._info(),
-                              eta=fmt_seconds(self.state.eta_s()))
+                              eta=fmt_clock(self.state.eta_s()))
 
     def close(self) -> ProgressState:
         self.poll(force=True)
