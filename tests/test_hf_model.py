@@ -122,9 +122,18 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("abc123")
     spec = resolve_model("someorg/tiny-llava")
     assert spec.path == str(snap.resolve()) and spec.vision is not None and spec.stored_total_bytes > 0
+    # the legacy variable huggingface_hub still honours (after HF_HUB_CACHE, before HF_HOME)
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
+    assert resolve_model("someorg/tiny-llava").path == str(snap.resolve())
+    # refs/main names a snapshot without config.json (an interrupted download): the one that has it is used
+    (repo / "snapshots" / "partial").mkdir()
+    (repo / "refs" / "main").write_text("partial")
+    assert resolve_model("someorg/tiny-llava").path == str(snap.resolve())
 
 
-# config.json of xtuner/llava-llama-3-8b-v1_1-transformers, verbatim (llava-recipes.md section 6): it omits keys
+# config.json of the Hugging Face Hub repo xtuner/llava-llama-3-8b-v1_1-transformers, verbatim: it omits keys
 # that take transformers' defaults (hidden_size 4096, 32 layers, 32 heads), which the loader must fill the same way.
 XTUNER_CONFIG = {
     "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 128257,
