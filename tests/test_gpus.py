@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from vramplan.errors import UsageError
 from vramplan.inputs import devices as D
 from vramplan.inputs import gpus as G
-from vramplan.errors import UsageError
 from vramplan.inputs.profiles import all_hardware
 
 
@@ -29,6 +29,7 @@ from vramplan.inputs.profiles import all_hardware
     ("4xH100", 1, 4, "h100-80gb", False),
     ("4xH100-80G", 1, 4, "h100-80gb", False),
     ("2x8xA100-80G", 2, 8, "a100-80gb", False),
+    ("2\u00d78*A100-80G", 2, 8, "a100-80gb", False),  # the multiplication sign and `*` read as `x`
     ("16 x 8 x H200", 16, 8, "h200-141gb", False),
     ("A100-80G", 1, 1, "a100-80gb", False),
     ("4090", 1, 1, "rtx-4090", False),

@@ -16,10 +16,20 @@ from pathlib import Path
 import pytest
 
 from vramplan import preflight
-from vramplan.preflight import CHECK_NAMES, CheckResult, Context, run_checks
-from vramplan.preflight import accelerators as acc
-from vramplan.preflight import ascend, disk, memory, mkl, packages, torch_stack
 from vramplan.inputs import devices
+from vramplan.preflight import (
+    CHECK_NAMES,
+    CheckResult,
+    Context,
+    ascend,
+    disk,
+    memory,
+    mkl,
+    packages,
+    run_checks,
+    torch_stack,
+)
+from vramplan.preflight import accelerators as acc
 from vramplan.preflight.hfcache import cached_model, inspect_model_dir
 from vramplan.units import GiB, MiB
 
@@ -54,7 +64,8 @@ def test_torchvision_fix_uses_torchs_index():
 
 
 def test_pairing_problem_names_cuda_build_on_cpu_torch():
-    p = torch_stack._pairing_problem("2.13.0+cpu", {"build_version": "0.28.0+cu130", "requires_torch": ["torch (==2.13.0)"]})
+    p = torch_stack._pairing_problem("2.13.0+cpu", {"build_version": "0.28.0+cu130",
+                                                    "requires_torch": ["torch (==2.13.0)"]})
     assert "CUDA build" in p and "CPU build" in p
     p = torch_stack._pairing_problem("2.13.0+cpu", {"build_version": "0.27.0", "requires_torch": ["torch (==2.12.0)"]})
     assert "not the release for torch 2.13.0+cpu (that is 0.28.0)" in p and "requires torch==2.12.0" in p
@@ -436,7 +447,8 @@ def test_npu_smi_parse_and_ascend_checks():
                              dict(tn, hccl=False), "npu", 2, [])
     assert r.status == "FAIL" and "HCCL" in r.detail
     assert ascend.parse_visible("0,2,1") == ([0, 2], "ids must be ascending; CANN stops at 1, so only [0, 2] are used")
-    off = ascend.ascend_result(ascend.NpuState(0, "npu-smi not found"), {}, {"ok": True, "installed": False}, None, 1, [])
+    off = ascend.ascend_result(ascend.NpuState(0, "npu-smi not found"), {}, {"ok": True, "installed": False}, None, 1,
+                               [])
     assert off.status == "SKIP"
 
 
@@ -475,7 +487,7 @@ def test_packages_for_plan_and_zero3(tmp_path):
 def test_cpu_adam_buildability():
     st = {"cpu_adam_prebuilt": False, "cpu_adam_jit_cached": [], "cpu_adam_compatible": True, "ninja": False,
           "compiler": None, "python_headers": True, "extensions_dir": "/x"}
-    what, missing = packages._cpu_adam(st)
+    _, missing = packages._cpu_adam(st)
     assert missing == ["ninja is missing", "no C++ compiler (c++/g++/clang++)"]
     assert "pip install ninja" in packages._cpu_adam_fix(st) and "build-essential" in packages._cpu_adam_fix(st)
     ok = dict(st, ninja=True, compiler="/usr/bin/c++")

@@ -92,7 +92,7 @@ def parse_gpus(text: str) -> GpuSelection:
     from vramplan.inputs.profiles import load_hardware
 
     raw_text = text
-    s = re.sub(r"\s+", "", text or "").replace("*", "x").replace("×", "x")
+    s = re.sub(r"\s+", "", text or "").replace("*", "x").replace("\u00d7", "x")  # U+00D7 MULTIPLICATION SIGN
     m = _COUNTS.match(s.lower())
     if not s or not m:
         raise UsageError("--gpus is empty", "e.g. --gpus 1x24G, 2xA100-80G, 8x910B or 2x8xH100")
@@ -188,18 +188,19 @@ def detect_local_gpus() -> GpuSelection | None:
             devs = read()
             if not devs:
                 continue
-            name, mem = devs[0]
+            name = devs[0][0]
             hw = match_detected(name, min(m for _, m in devs), vendor)
             names = sorted({n for n, _ in devs})
             note = f"detected {len(devs)} x {name} ({min(m for _, m in devs) / 2**30:.2f} GiB each) on this host"
             if len(names) > 1:
                 note += f"; mixed models ({', '.join(names)}): planned with the smallest memory"
             if hw.name == "detected":
-                note += "; no matching hardware profile, so compute and bandwidth figures are unknown (time not estimated)"
+                note += ("; no matching hardware profile, so compute and bandwidth figures are unknown "
+                         "(time not estimated)")
             else:
                 note += f"; compute figures from profile {hw.name}"
             return GpuSelection(1, len(devs), hw, False, note, "detected",
                                 {"vendor": vendor, "devices": [{"name": n, "memory_bytes": m} for n, m in devs]})
-    except Exception:
+    except Exception:  # noqa: BLE001 - detection must not stop `estimate`; --gpus says what to plan for
         return None
     return None

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 _VAR = re.compile(r"\$(\w+|\{[^}]*\})")  # what os.path.expandvars replaces
 

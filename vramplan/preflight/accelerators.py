@@ -7,8 +7,8 @@ version compatibility (CUDA Compatibility guide, "Minor Version Compatibility"):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Mapping
 
 from vramplan.inputs import devices
 from vramplan.inputs.devices import Gpu, NvmlSnapshot
@@ -60,8 +60,9 @@ def check_accelerators(ctx: Context) -> CheckResult:
     npu = ascend.npu_state(ctx)
     facts = {"nvml_ok": snap.ok, "nvml_error": snap.error, "gpus": [_gpu_line(g) for g in snap.gpus],
              "visible": [g.index for g in vis], "npus": npu.count, "npu_source": npu.source}
-    found_gpu = (f"{len(vis)} NVIDIA GPU(s) visible: " + ", ".join(_gpu_line(g) for g in vis) +
-                 (f" ({note})" if note else "")) if snap.ok and snap.gpus else f"no NVIDIA GPU ({snap.error or 'NVML found none'})"
+    found_gpu = ((f"{len(vis)} NVIDIA GPU(s) visible: " + ", ".join(_gpu_line(g) for g in vis)
+                  + (f" ({note})" if note else "")) if snap.ok and snap.gpus
+                 else f"no NVIDIA GPU ({snap.error or 'NVML found none'})")
     found_npu = f"{npu.count} Ascend NPU(s) ({npu.source})" if npu.count else f"no Ascend NPU ({npu.source})"
     found = f"{found_gpu}; {found_npu}"
     device = ctx.device if ctx.plan is not None else None

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from vramplan.inputs.devices import NpuChip, parse_npu_smi
 from vramplan.preflight.base import CheckResult, Context
