@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -174,3 +175,88 @@ def test_npu_smi_subprocess(monkeypatch, tmp_path):
     assert D.read_npu_smi() == [] and G.detect_local_gpus() is None
     _fake_npu_smi(tmp_path, "exec sleep 30\n")  # hangs: given up on at the timeout
     assert D.read_npu_smi(timeout=0.5) == []
+
+
+class _FakeNvml:
+    """A stand-in for pynvml (no NVIDIA driver can exist here) with the calls devices.nvml_snapshot makes."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus, fail_at=None, init_error=None):
+        self.gpus, self.fail_at, self.init_error, self.shut = gpus, fail_at, init_error, False
+
+    def _maybe_fail(self, call):
+        if call == self.fail_at:
+            raise self.NVMLError("Unknown Error")
+
+    def nvmlInit(self):
+        if self.init_error:
+            raise self.NVMLError(self.init_error)
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"550.54.15"  # bytes, as older pynvml returns
+
+    def nvmlSystemGetCudaDriverVersion_v2(self):
+        return 12040
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return self.gpus[h]["name"]
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        self._maybe_fail(("memory", h))
+        return type("Mem", (), {"total": self.gpus[h]["total"], "free": self.gpus[h]["free"]})()
+
+    def nvmlDeviceGetUUID(self, h):
+        self._maybe_fail(("uuid", h))
+        return f"GPU-{h}abc"
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return (9, 0)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        if self.gpus[h].get("procs") is None:
+            raise self.NVMLError("Not Supported")
+        return [type("P", (), {"pid": pid, "usedGpuMemory": used})() for pid, used in self.gpus[h]["procs"]]
+
+
+H200 = {"name": "NVIDIA H200", "total": 143771 * 2**20, "free": 140000 * 2**20}
+
+
+def test_nvml_snapshot_reads_through_pynvml(monkeypatch):
+    fake = _FakeNvml([dict(H200, procs=[(os.getpid(), 2 * 2**30), (999999999, None)]), dict(H200)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    snap = D.nvml_snapshot()
+    assert (snap.ok, snap.error, snap.driver, snap.cuda_driver) == (True, "", "550.54.15", "12.4") and fake.shut
+    g0, g1 = snap.gpus
+    assert (g0.index, g0.name, g0.uuid, g0.total, g0.free, g0.cc) == (0, "NVIDIA H200", "GPU-0abc", H200["total"],
+                                                                        H200["free"], (9, 0))
+    assert g0.processes[0][:2] == (os.getpid(), 2 * 2**30) and g0.processes[0][2] != "?"
+    assert g0.processes[1] == (999999999, None, "?")  # gone, or another container's pid
+    assert g1.processes == ()  # process listing not supported: still read
+    assert G.detect_local_gpus().hardware.name == "h200-141gb"
+    # no driver: NVML's own error text, nothing detected
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml([H200], init_error="Driver Not Loaded"))
+    assert D.nvml_snapshot() == D.NvmlSnapshot(False, "NVML: Driver Not Loaded")
+    # a failure after the first GPU's name and memory were read: not ok, that GPU kept for detection
+    fake = _FakeNvml([dict(H200), dict(H200)], fail_at=("memory", 1))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    snap = D.nvml_snapshot()
+    assert not snap.ok and snap.error == "NVML: NVMLError: Unknown Error" and [g.index for g in snap.gpus] == [0]
+    assert fake.shut and G.detect_local_gpus().gpus_per_node == 1
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml([dict(H200)], fail_at=("uuid", 0)))
+    snap = D.nvml_snapshot()
+    assert not snap.ok and [(g.name, g.total) for g in snap.gpus] == [("NVIDIA H200", H200["total"])]
+    # pynvml (nvidia-ml-py) not installed
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    snap = D.nvml_snapshot()
+    assert not snap.ok and "pynvml (nvidia-ml-py) is not installed" in snap.error and G.detect_local_gpus() is None
