@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 import pytest
 
-from vramplan.inputs import gpus as G
 from vramplan.errors import UsageError
+from vramplan.inputs import devices as D
+from vramplan.inputs import gpus as G
 from vramplan.inputs.profiles import all_hardware
 
 
@@ -25,6 +30,7 @@ from vramplan.inputs.profiles import all_hardware
     ("4xH100", 1, 4, "h100-80gb", False),
     ("4xH100-80G", 1, 4, "h100-80gb", False),
     ("2x8xA100-80G", 2, 8, "a100-80gb", False),
+    ("2\u00d78*A100-80G", 2, 8, "a100-80gb", False),  # the multiplication sign and `*` read as `x`
     ("16 x 8 x H200", 16, 8, "h200-141gb", False),
     ("A100-80G", 1, 1, "a100-80gb", False),
     ("4090", 1, 1, "rtx-4090", False),
@@ -76,29 +82,44 @@ def test_errors_are_one_line_with_suggestions(text, needles):
         assert n in full, full
 
 
-def test_detection_returns_none_without_devices(monkeypatch):
-    monkeypatch.setattr(G.shutil, "which", lambda name: None)  # no npu-smi
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA GPU")
+def test_detection_returns_none_without_devices(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npu-smi
     # This CI host has no NVIDIA driver: NVML init fails, which must read as "nothing detected".
+    snap = D.nvml_snapshot()
+    assert not snap.ok and snap.error and snap.gpus == ()
+    assert D.read_npu_smi() == []
     assert G.detect_local_gpus() is None
 
 
+def _nvml_gives(monkeypatch, *devs, ok=True):
+    gpus = tuple(D.Gpu(i, name, f"GPU-{i}", total, total, (8, 9)) for i, (name, total) in enumerate(devs))
+    snap = D.NvmlSnapshot(ok, "" if ok else "NVML: NVMLError_Unknown: Unknown Error", "550.54", "12.4", gpus)
+    monkeypatch.setattr(D, "nvml_snapshot", lambda: snap)
+
+
 def test_detection_matches_profiles(monkeypatch):
-    monkeypatch.setattr(G, "_nvml", lambda: [("NVIDIA GeForce RTX 4090", 24564 * 2**20)] * 2)
+    _nvml_gives(monkeypatch, *[("NVIDIA GeForce RTX 4090", 24564 * 2**20)] * 2)
     s = G.detect_local_gpus()
     assert (s.nodes, s.gpus_per_node, s.hardware.name) == (1, 2, "rtx-4090")
     assert s.hardware.memory_bytes == 24564 * 2**20 and "detected 2 x NVIDIA GeForce RTX 4090" in s.note
+    assert s.detected == {"vendor": "nvidia", "devices": [{"name": "NVIDIA GeForce RTX 4090",
+                                                           "memory_bytes": 24564 * 2**20}] * 2}
     # A100 40 vs 80 GB share the name stem: the measured memory decides
-    monkeypatch.setattr(G, "_nvml", lambda: [("NVIDIA A100-SXM4-80GB", 81920 * 2**20)])
+    _nvml_gives(monkeypatch, ("NVIDIA A100-SXM4-80GB", 81920 * 2**20))
     assert G.detect_local_gpus().hardware.name == "a100-80gb"
     # an unknown card: measured memory, unknown compute, said so
-    monkeypatch.setattr(G, "_nvml", lambda: [("NVIDIA RTX PRO 6000", 97887 * 2**20)])
+    _nvml_gives(monkeypatch, ("NVIDIA RTX PRO 6000", 97887 * 2**20))
     s = G.detect_local_gpus()
     assert s.hardware.name == "detected" and s.hardware.bf16_tflops == 0 and "unknown" in s.note
     assert s.hardware.memory_bytes == 97887 * 2**20
+    # NVML failed after reading one GPU: detection plans with what was read
+    _nvml_gives(monkeypatch, ("NVIDIA A100-SXM4-80GB", 81920 * 2**20), ok=False)
+    assert G.detect_local_gpus().gpus_per_node == 1
 
     def boom():
         raise RuntimeError("driver exploded")
-    monkeypatch.setattr(G, "_nvml", boom)
+    monkeypatch.setattr(D, "nvml_snapshot", boom)
     assert G.detect_local_gpus() is None
 
 
@@ -118,12 +139,124 @@ NPU_SMI = """\
 """
 
 
+def _chips(text: str) -> list[tuple[str, int]]:
+    return [(c.name, c.hbm_total_mb * 2**20) for c in D.parse_npu_smi(text)[0]]
+
+
 def test_npu_smi_parsing(monkeypatch):
-    assert G.parse_npu_smi(NPU_SMI) == [("910B3", 65536 * 2**20)] * 2
-    assert G.parse_npu_smi(NPU_SMI.replace("910B3", "Ascend910B4").replace("65536", "32768")) == \
+    assert _chips(NPU_SMI) == [("910B3", 65536 * 2**20)] * 2
+    assert _chips(NPU_SMI.replace("910B3", "Ascend910B4").replace("65536", "32768")) == \
         [("Ascend910B4", 32768 * 2**20)] * 2
-    assert G.parse_npu_smi("garbage\n| 0 | x |") == []
-    monkeypatch.setattr(G, "_nvml", lambda: [])
-    monkeypatch.setattr(G, "_npu_smi", lambda: G.parse_npu_smi(NPU_SMI))
+    assert _chips("garbage\n| 0 | x |") == []
+    monkeypatch.setattr(D, "nvml_snapshot", lambda: D.NvmlSnapshot(False, "NVML: Driver Not Loaded"))
+    monkeypatch.setattr(D, "read_npu_smi", lambda: D.parse_npu_smi(NPU_SMI)[0])
     s = G.detect_local_gpus()
     assert (s.gpus_per_node, s.hardware.name, s.hardware.vendor) == (2, "ascend-910b", "ascend")
+    # only 910-family training chips are planned for; an inference card alone is "nothing detected"
+    monkeypatch.setattr(D, "read_npu_smi", lambda: D.parse_npu_smi(NPU_SMI.replace("910B3", "310P3"))[0])
+    assert G.detect_local_gpus() is None
+
+
+def _fake_npu_smi(tmp_path, script: str) -> None:
+    """An `npu-smi` executable on PATH (a stand-in: no NPU can exist here)."""
+    (tmp_path / "npu-smi").write_text("#!/bin/sh\n" + script)
+    (tmp_path / "npu-smi").chmod(0o755)
+
+
+def test_npu_smi_subprocess(monkeypatch, tmp_path):
+    monkeypatch.setattr(D, "nvml_snapshot", lambda: D.NvmlSnapshot(False, "NVML: Driver Not Loaded"))
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    (tmp_path / "out.txt").write_text(NPU_SMI)
+    _fake_npu_smi(tmp_path, f'[ "$1" = info ] && exec cat {tmp_path / "out.txt"}\nexit 3\n')
+    assert D.npu_smi_argv() == [str(tmp_path / "npu-smi"), "info"]
+    assert [c.name for c in D.read_npu_smi()] == ["910B3", "910B3"]
+    assert G.detect_local_gpus().gpus_per_node == 2
+    _fake_npu_smi(tmp_path, "echo 'dcmi module initialize failed. ret is -8005' >&2\nexit 1\n")  # no driver
+    assert D.read_npu_smi() == [] and G.detect_local_gpus() is None
+    _fake_npu_smi(tmp_path, "exec sleep 30\n")  # hangs: given up on at the timeout
+    assert D.read_npu_smi(timeout=0.5) == []
+
+
+class _FakeNvml:
+    """A stand-in for pynvml (no NVIDIA driver can exist here) with the calls devices.nvml_snapshot makes."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus, fail_at=None, init_error=None):
+        self.gpus, self.fail_at, self.init_error, self.shut = gpus, fail_at, init_error, False
+
+    def _maybe_fail(self, call):
+        if call == self.fail_at:
+            raise self.NVMLError("Unknown Error")
+
+    def nvmlInit(self):
+        if self.init_error:
+            raise self.NVMLError(self.init_error)
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"550.54.15"  # bytes, as older pynvml returns
+
+    def nvmlSystemGetCudaDriverVersion_v2(self):
+        return 12040
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return self.gpus[h]["name"]
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        self._maybe_fail(("memory", h))
+        return type("Mem", (), {"total": self.gpus[h]["total"], "free": self.gpus[h]["free"]})()
+
+    def nvmlDeviceGetUUID(self, h):
+        self._maybe_fail(("uuid", h))
+        return f"GPU-{h}abc"
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return (9, 0)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        if self.gpus[h].get("procs") is None:
+            raise self.NVMLError("Not Supported")
+        return [type("P", (), {"pid": pid, "usedGpuMemory": used})() for pid, used in self.gpus[h]["procs"]]
+
+
+H200 = {"name": "NVIDIA H200", "total": 143771 * 2**20, "free": 140000 * 2**20}
+
+
+def test_nvml_snapshot_reads_through_pynvml(monkeypatch):
+    fake = _FakeNvml([dict(H200, procs=[(os.getpid(), 2 * 2**30), (999999999, None)]), dict(H200)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    snap = D.nvml_snapshot()
+    assert (snap.ok, snap.error, snap.driver, snap.cuda_driver) == (True, "", "550.54.15", "12.4") and fake.shut
+    g0, g1 = snap.gpus
+    assert (g0.index, g0.name, g0.uuid, g0.total, g0.free, g0.cc) == (0, "NVIDIA H200", "GPU-0abc", H200["total"],
+                                                                        H200["free"], (9, 0))
+    assert g0.processes[0][:2] == (os.getpid(), 2 * 2**30) and g0.processes[0][2] != "?"
+    assert g0.processes[1] == (999999999, None, "?")  # gone, or another container's pid
+    assert g1.processes == ()  # process listing not supported: still read
+    assert G.detect_local_gpus().hardware.name == "h200-141gb"
+    # no driver: NVML's own error text, nothing detected
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml([H200], init_error="Driver Not Loaded"))
+    assert D.nvml_snapshot() == D.NvmlSnapshot(False, "NVML: Driver Not Loaded")
+    # a failure after the first GPU's name and memory were read: not ok, that GPU kept for detection
+    fake = _FakeNvml([dict(H200), dict(H200)], fail_at=("memory", 1))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    snap = D.nvml_snapshot()
+    assert not snap.ok and snap.error == "NVML: NVMLError: Unknown Error" and [g.index for g in snap.gpus] == [0]
+    assert fake.shut and G.detect_local_gpus().gpus_per_node == 1
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml([dict(H200)], fail_at=("uuid", 0)))
+    snap = D.nvml_snapshot()
+    assert not snap.ok and [(g.name, g.total) for g in snap.gpus] == [("NVIDIA H200", H200["total"])]
+    # pynvml (nvidia-ml-py) not installed
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    snap = D.nvml_snapshot()
+    assert not snap.ok and "pynvml (nvidia-ml-py) is not installed" in snap.error and G.detect_local_gpus() is None

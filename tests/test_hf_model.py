@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from vramplan.errors import UsageError  # noqa: E402
-from vramplan.inputs.model_dir import load_model_dir, read_safetensors_header, resolve_model, safetensors_files  # noqa: E402
 from vramplan.estimate.params import count_params  # noqa: E402
+from vramplan.inputs.model_dir import load_model_dir, read_safetensors_header, resolve_model, safetensors_files  # noqa: E402
 
 DT = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
@@ -85,7 +85,7 @@ def test_errors_name_the_path_and_fix(tmp_path):
     with pytest.raises(UsageError, match="no such directory") as e:
         resolve_model(str(tmp_path / "nope"))
     assert str(tmp_path / "nope") in e.value.message and e.value.hint
-    with pytest.raises(UsageError, match="no config.json"):
+    with pytest.raises(UsageError, match=r"no config\.json"):
         load_model_dir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(UsageError, match="'bert' is not supported"):
@@ -122,6 +122,15 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("abc123")
     spec = resolve_model("someorg/tiny-llava")
     assert spec.path == str(snap.resolve()) and spec.vision is not None and spec.stored_total_bytes > 0
+    # the legacy variable huggingface_hub still honours (after HF_HUB_CACHE, before HF_HOME)
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
+    assert resolve_model("someorg/tiny-llava").path == str(snap.resolve())
+    # refs/main names a snapshot without config.json (an interrupted download): the one that has it is used
+    (repo / "snapshots" / "partial").mkdir()
+    (repo / "refs" / "main").write_text("partial")
+    assert resolve_model("someorg/tiny-llava").path == str(snap.resolve())
 
 
 # config.json of xtuner/llava-llama-3-8b-v1_1-transformers, verbatim

@@ -107,9 +107,9 @@ def test_strict_turns_warn_into_exit_4(tmp_path):
     args = ["preflight", "--check", "dataset", "--dataset", str(ds), "--json"]
     p = _run(args)
     assert p.returncode == 0 and _envelope(p)["data"]["checks"][0]["status"] == "WARN"  # no --images given
-    p = _run(args + ["--strict"])
+    p = _run([*args, "--strict"])
     assert p.returncode == 4 and _envelope(p)["status"] == "fail"
-    p = _run(args + ["--images", str(tmp_path)])
+    p = _run([*args, "--images", str(tmp_path)])
     assert p.returncode == 0 and _envelope(p)["data"]["checks"][0]["status"] == "PASS"
 
 

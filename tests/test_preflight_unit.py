@@ -16,10 +16,21 @@ from pathlib import Path
 import pytest
 
 from vramplan import preflight
-from vramplan.preflight import CHECK_NAMES, CheckResult, Context, run_checks
+from vramplan.inputs import devices
+from vramplan.preflight import (
+    CHECK_NAMES,
+    CheckResult,
+    Context,
+    ascend,
+    disk,
+    memory,
+    mkl,
+    packages,
+    run_checks,
+    torch_stack,
+)
 from vramplan.preflight import accelerators as acc
-from vramplan.preflight import ascend, disk, memory, mkl, packages, torch_stack
-from vramplan.preflight.hfcache import cached_model, hub_cache_dir, inspect_model_dir
+from vramplan.preflight.hfcache import cached_model, inspect_model_dir
 from vramplan.units import GiB, MiB
 
 PY = sys.executable
@@ -53,7 +64,8 @@ def test_torchvision_fix_uses_torchs_index():
 
 
 def test_pairing_problem_names_cuda_build_on_cpu_torch():
-    p = torch_stack._pairing_problem("2.13.0+cpu", {"build_version": "0.28.0+cu130", "requires_torch": ["torch (==2.13.0)"]})
+    p = torch_stack._pairing_problem("2.13.0+cpu", {"build_version": "0.28.0+cu130",
+                                                    "requires_torch": ["torch (==2.13.0)"]})
     assert "CUDA build" in p and "CPU build" in p
     p = torch_stack._pairing_problem("2.13.0+cpu", {"build_version": "0.27.0", "requires_torch": ["torch (==2.12.0)"]})
     assert "not the release for torch 2.13.0+cpu (that is 0.28.0)" in p and "requires torch==2.12.0" in p
@@ -241,10 +253,16 @@ def test_base_repo_ids_prefers_the_assembled_llava_repo():
     assert base_repo_ids(None) == []
 
 
-def test_hub_cache_dir_follows_huggingface_env():
-    assert hub_cache_dir({"HF_HUB_CACHE": "/a"}) == Path("/a")
-    assert hub_cache_dir({"HF_HOME": "/h"}) == Path("/h/hub")
-    assert hub_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/huggingface/hub")
+def test_hub_cache_is_the_trainers(tmp_path):
+    """The cache is judged from the trainer's environment (legacy HUGGINGFACE_HUB_CACHE included), or --hf-cache."""
+    from vramplan.preflight.hfcache import trainer_hub_cache
+
+    cache = tmp_path / "legacy"
+    _hf_repo(cache, "org/llm", {"config.json": b"{}", "model.safetensors": b"x" * 1000})
+    (r,) = run_checks(_plan(), tmp_path, only=["model"], env={"HUGGINGFACE_HUB_CACHE": str(cache), "HF_HOME": "/nope"})
+    assert "org/llm complete in the HF cache" in r.detail and "org/vision" in r.detail
+    assert trainer_hub_cache(Context(None, tmp_path, env={"HF_HOME": "/h"})) == Path("/h/hub")
+    assert trainer_hub_cache(Context(None, tmp_path, hf_cache=cache, env={"HF_HOME": "/h"})) == cache
 
 
 def test_local_dataset_not_counted_and_shared_fs(tmp_path):
@@ -306,16 +324,16 @@ def test_shm_docker_default_with_workers_fails():
 # --- accelerators ----------------------------------------------------------------------------------
 
 def _gpu(i, free=20 * GiB, cc=(8, 9), procs=()):
-    return acc.Gpu(i, "NVIDIA GeForce RTX 4090", f"GPU-{i}abc", 24 * GiB, free, cc, tuple(procs))
+    return devices.Gpu(i, "NVIDIA GeForce RTX 4090", f"GPU-{i}abc", 24 * GiB, free, cc, tuple(procs))
 
 
 def _snap(*gpus, cuda="12.4"):
-    return acc.NvmlSnapshot(True, "", "550.54", cuda, tuple(gpus))
+    return devices.NvmlSnapshot(True, "", "550.54", cuda, tuple(gpus))
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA GPU")
 def test_no_gpu_here_is_said_plainly(tmp_path):
-    snap = acc.nvml_snapshot()
+    snap = devices.nvml_snapshot()
     assert not snap.ok and snap.error
     res = {r.name: r for r in run_checks(None, tmp_path, only=["accelerators", "gpu"])}
     assert res["accelerators"].status == "WARN" and "no GPU or NPU found" in res["accelerators"].detail
@@ -344,6 +362,17 @@ def _ctx(plan, snap, env=None, npu=None):
     c.cache["nvml"] = snap
     c.cache["npu"] = npu or ascend.NpuState(0, "npu-smi not found")
     return c
+
+
+def test_a_failed_nvml_read_counts_as_no_gpu(monkeypatch, tmp_path):
+    """GPUs read before an NVML error are not checked (detection for `estimate` still plans with them)."""
+    partial = devices.NvmlSnapshot(False, "NVML: NVMLError_Unknown: Unknown Error", gpus=(_gpu(0),))
+    monkeypatch.setattr(devices, "nvml_snapshot", lambda: partial)
+    ctx = Context(_plan(), tmp_path, env={})
+    snap = acc._nvml(ctx)
+    assert not snap.ok and snap.gpus == () and snap.error == partial.error
+    r = acc.check_accelerators(ctx)
+    assert r.status == "FAIL" and "NVMLError_Unknown" in r.detail
 
 
 def test_idle_visible_gpus_warn_and_too_few_fail():
@@ -400,7 +429,7 @@ NPU_SMI = """\
 
 
 def test_npu_smi_parse_and_ascend_checks():
-    chips, procs = ascend.parse_npu_smi(NPU_SMI)
+    chips, procs = devices.parse_npu_smi(NPU_SMI)
     assert [(c.npu, c.name, c.hbm_total_mb) for c in chips] == [(0, "910B3", 65536), (1, "910B4", 32768)]
     assert procs == [(1, 31337, "python3", 2048)]
     state = ascend.NpuState(2, "npu-smi info", tuple(chips), tuple(procs))
@@ -418,17 +447,18 @@ def test_npu_smi_parse_and_ascend_checks():
                              dict(tn, hccl=False), "npu", 2, [])
     assert r.status == "FAIL" and "HCCL" in r.detail
     assert ascend.parse_visible("0,2,1") == ([0, 2], "ids must be ascending; CANN stops at 1, so only [0, 2] are used")
-    off = ascend.ascend_result(ascend.NpuState(0, "npu-smi not found"), {}, {"ok": True, "installed": False}, None, 1, [])
+    off = ascend.ascend_result(ascend.NpuState(0, "npu-smi not found"), {}, {"ok": True, "installed": False}, None, 1,
+                               [])
     assert off.status == "SKIP"
 
 
 def test_npu_count_vs_plan():
-    chips, _ = ascend.parse_npu_smi(NPU_SMI)
+    chips, _ = devices.parse_npu_smi(NPU_SMI)
     state = ascend.NpuState(2, "npu-smi info", tuple(chips))
     p = _plan() | {"hardware": {"device": "npu", "total_gpus": 1, "gpus_per_node": 1}}
-    r = acc.check_accelerators(_ctx(p, acc.NvmlSnapshot(False, "NVML: not found"), npu=state))
+    r = acc.check_accelerators(_ctx(p, devices.NvmlSnapshot(False, "NVML: not found"), npu=state))
     assert r.status == "WARN" and "2 NPUs visible, the plan uses 1" in r.detail
-    r = acc.check_accelerators(_ctx(p, acc.NvmlSnapshot(False, "x"), {"ASCEND_RT_VISIBLE_DEVICES": "1"}, state))
+    r = acc.check_accelerators(_ctx(p, devices.NvmlSnapshot(False, "x"), {"ASCEND_RT_VISIBLE_DEVICES": "1"}, state))
     assert r.status == "PASS"
 
 
@@ -457,7 +487,7 @@ def test_packages_for_plan_and_zero3(tmp_path):
 def test_cpu_adam_buildability():
     st = {"cpu_adam_prebuilt": False, "cpu_adam_jit_cached": [], "cpu_adam_compatible": True, "ninja": False,
           "compiler": None, "python_headers": True, "extensions_dir": "/x"}
-    what, missing = packages._cpu_adam(st)
+    _, missing = packages._cpu_adam(st)
     assert missing == ["ninja is missing", "no C++ compiler (c++/g++/clang++)"]
     assert "pip install ninja" in packages._cpu_adam_fix(st) and "build-essential" in packages._cpu_adam_fix(st)
     ok = dict(st, ninja=True, compiler="/usr/bin/c++")

@@ -1,4 +1,4 @@
-"""`--gpus` grammar and local GPU/NPU detection.
+"""`--gpus` grammar, and the local GPUs/NPUs (read by vramplan/inputs/devices.py) as a selection.
 
 Grammar (case-insensitive, spaces ignored):  [NODES x] [GPUS x] CARD
   CARD = a size: `24G`, `24GB`, `80GiB` (the memory marketed on the box), or
@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import difflib
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field, replace
 
 from vramplan.errors import UsageError
 from vramplan.estimate.specs import HardwareSpec
+from vramplan.inputs import devices
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)(?:g|gb|gib)$")
 _COUNTS = re.compile(r"^(?:(\d+)x)?(?:(\d+)x)?(.+)$")
@@ -93,7 +92,7 @@ def parse_gpus(text: str) -> GpuSelection:
     from vramplan.inputs.profiles import load_hardware
 
     raw_text = text
-    s = re.sub(r"\s+", "", text or "").replace("*", "x").replace("×", "x")
+    s = re.sub(r"\s+", "", text or "").replace("*", "x").replace("\u00d7", "x")  # U+00D7 MULTIPLICATION SIGN
     m = _COUNTS.match(s.lower())
     if not s or not m:
         raise UsageError("--gpus is empty", "e.g. --gpus 1x24G, 2xA100-80G, 8x910B or 2x8xH100")
@@ -171,83 +170,37 @@ def match_detected(name: str, memory_bytes: int, vendor: str) -> HardwareSpec:
                         interconnect="unknown", interconnect_gbps=0.0, bnb_4bit_supported=vendor == "nvidia")
 
 
-def _nvml() -> list[tuple[str, int]]:
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return []
-    out = []
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            out.append((name, int(pynvml.nvmlDeviceGetMemoryInfo(h).total)))
-    except Exception:
-        return out
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-    return out
+def _nvidia() -> list[tuple[str, int]]:
+    """(name, total memory bytes) of the NVIDIA GPUs NVML read (those read before an NVML error included)."""
+    return [(g.name, g.total) for g in devices.nvml_snapshot().gpus]
 
 
-_NPU_NAME = re.compile(r"^\|\s*(\d+)\s+(\S*910\S*)\s*\|")
-_NPU_HBM = re.compile(r"(\d+)\s*/\s*(\d+)\s*\|?\s*$")
-
-
-def parse_npu_smi(text: str) -> list[tuple[str, int]]:
-    """(chip name, HBM total bytes) per NPU from `npu-smi info` (the row after each name row holds
-    `HBM-Usage(MB) used / total`; npu-smi's MB are MiB)."""
-    lines = text.splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        m = _NPU_NAME.match(line.strip())
-        if not m:
-            continue
-        for nxt in lines[i + 1:i + 3]:
-            h = _NPU_HBM.search(nxt.strip())
-            if h and not _NPU_NAME.match(nxt.strip()):
-                out.append((m.group(2), int(h.group(2)) * 2**20))
-                break
-    return out
-
-
-def _npu_smi() -> list[tuple[str, int]]:
-    exe = shutil.which("npu-smi")
-    if not exe:
-        return []
-    try:
-        p = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return parse_npu_smi(p.stdout) if p.returncode == 0 else []
+def _ascend() -> list[tuple[str, int]]:
+    """(name, HBM total bytes) of the 910-family training NPUs npu-smi reports (its MB are MiB)."""
+    return [(c.name, c.hbm_total_mb * 2**20) for c in devices.read_npu_smi() if "910" in c.name]
 
 
 def detect_local_gpus() -> GpuSelection | None:
     """GPUs (NVML) or NPUs (npu-smi) on this host as a 1-node selection; None when none is found.
     Never raises: any probe failure counts as 'nothing detected'."""
     try:
-        for vendor, devs in (("nvidia", _nvml()), ("ascend", _npu_smi())):
+        for vendor, read in (("nvidia", _nvidia), ("ascend", _ascend)):
+            devs = read()
             if not devs:
                 continue
-            name, mem = devs[0]
+            name = devs[0][0]
             hw = match_detected(name, min(m for _, m in devs), vendor)
             names = sorted({n for n, _ in devs})
             note = f"detected {len(devs)} x {name} ({min(m for _, m in devs) / 2**30:.2f} GiB each) on this host"
             if len(names) > 1:
                 note += f"; mixed models ({', '.join(names)}): planned with the smallest memory"
             if hw.name == "detected":
-                note += "; no matching hardware profile, so compute and bandwidth figures are unknown (time not estimated)"
+                note += ("; no matching hardware profile, so compute and bandwidth figures are unknown "
+                         "(time not estimated)")
             else:
                 note += f"; compute figures from profile {hw.name}"
             return GpuSelection(1, len(devs), hw, False, note, "detected",
                                 {"vendor": vendor, "devices": [{"name": n, "memory_bytes": m} for n, m in devs]})
-    except Exception:
+    except Exception:  # noqa: BLE001 - detection must not stop `estimate`; --gpus says what to plan for
         return None
     return None

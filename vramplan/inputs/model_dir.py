@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vramplan.errors import UsageError
 from vramplan.estimate.specs import ModelSpec
+from vramplan.inputs import hf_cache
 
 # safetensors dtype -> (our name, bytes per element)
 ST_DTYPES = {"BF16": ("bf16", 2), "F16": ("fp16", 2), "F32": ("fp32", 4), "F64": ("fp64", 8),
@@ -108,8 +109,8 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
     d = Path(path).expanduser()
     fix = "pass a local Hugging Face model dir (with config.json) or a profile name (`vramplan profiles`)"
     if not d.exists():
-        if str(path).count("/") == 1 and not str(path).startswith(("/", ".", "~")):
-            fix = (f"not a local dir and not in the Hugging Face cache ({hf_cache_dir()}): download it first "
+        if looks_like_hub_id(str(path)):
+            fix = (f"not a local dir and not in the Hugging Face cache ({hf_cache.hub_cache_dir()}): download it first "
                    f"(huggingface-cli download {path}) or pass its local dir, or a profile name (`vramplan profiles`)")
         raise UsageError(f"--model {path}: no such directory", fix, code="model_not_found")
     if not d.is_dir():
@@ -151,40 +152,20 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
     raise UsageError(f"{where}: model_type {mt!r} is not supported", hint)
 
 
+def looks_like_hub_id(arg: str) -> bool:
+    """`org/name`, which is not written like a path."""
+    return arg.count("/") == 1 and not arg.startswith(("/", ".", "~"))
+
+
 def looks_like_path(arg: str) -> bool:
     return os.sep in arg or "/" in arg or arg.startswith((".", "~")) or Path(arg).exists()
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache (HF_HUB_CACHE > HF_HOME/hub > ~/.cache/huggingface/hub), as huggingface_hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot dir of a hub repo id already in the HF cache (refs/main, else the newest), or None.
-    Reads the cache layout only; never touches the network."""
-    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
-        return None
-    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    snaps = repo / "snapshots"
-    ref = repo / "refs" / "main"
-    try:
-        if ref.is_file() and (snaps / ref.read_text().strip() / "config.json").is_file():
-            return snaps / ref.read_text().strip()
-        cands = [d for d in snaps.iterdir() if (d / "config.json").is_file()] if snaps.is_dir() else []
-    except OSError:
-        return None
-    return max(cands, key=lambda d: d.stat().st_mtime) if cands else None
 
 
 def resolve_model(arg: str) -> ModelSpec:
     """`--model` value: a local dir -> load_model_dir; a hub id already in the HF cache -> its snapshot;
     anything else path-like -> load_model_dir (which says what is missing); else a profile id."""
-    if not Path(arg).expanduser().exists():
-        snap = cached_snapshot(arg)
+    if not Path(arg).expanduser().exists() and looks_like_hub_id(arg):
+        snap = hf_cache.cached_snapshot(arg, hf_cache.hub_cache_dir(), containing="config.json")
         if snap is not None:
             return load_model_dir(snap)
     if looks_like_path(arg):

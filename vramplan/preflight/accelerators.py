@@ -1,4 +1,4 @@
-"""NVIDIA GPUs via NVML (pynvml from nvidia-ml-py) and the accelerator summary vs the plan.
+"""NVIDIA GPUs (read by vramplan/inputs/devices.py through NVML) and the accelerator summary vs the plan.
 
 bf16 needs compute capability 8.0+ (Ampere; torch.cuda.is_bf16_supported). A CUDA build of torch runs
 on a driver whose CUDA version has the same major and is not older in minor only through CUDA's minor
@@ -7,88 +7,14 @@ version compatibility (CUDA Compatibility guide, "Minor Version Compatibility"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import replace
 
+from vramplan.inputs import devices
+from vramplan.inputs.devices import Gpu, NvmlSnapshot
 from vramplan.preflight import ascend
 from vramplan.preflight.base import CheckResult, Context
 from vramplan.units import fmt_bytes
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    name: str
-    uuid: str
-    total: int
-    free: int
-    cc: tuple[int, int] | None
-    processes: tuple[tuple[int, int | None, str], ...] = ()  # (pid, used bytes or None, name)
-
-
-@dataclass(frozen=True)
-class NvmlSnapshot:
-    ok: bool
-    error: str = ""
-    driver: str | None = None
-    cuda_driver: str | None = None  # e.g. "12.4": the newest CUDA the driver supports
-    gpus: tuple[Gpu, ...] = field(default_factory=tuple)
-
-
-def _proc_name(pid: int) -> str:
-    try:
-        import psutil
-
-        return psutil.Process(pid).name()
-    except Exception:  # noqa: BLE001 - another container's pid, or gone
-        return "?"
-
-
-def nvml_snapshot() -> NvmlSnapshot:
-    """Read every NVIDIA GPU through NVML; on a machine without the driver, the NVML error text."""
-    try:
-        import pynvml
-    except ImportError as e:
-        return NvmlSnapshot(False, f"pynvml (nvidia-ml-py) is not installed: {e}")
-    try:
-        pynvml.nvmlInit()
-    except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return NvmlSnapshot(False, f"NVML: {e}")
-    try:
-        def text(v):
-            return v.decode() if isinstance(v, bytes) else str(v)
-
-        driver = text(pynvml.nvmlSystemGetDriverVersion())
-        try:
-            v = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-            cuda = f"{v // 1000}.{(v % 1000) // 10}"
-        except Exception:  # noqa: BLE001
-            cuda = None
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            try:
-                cc = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))
-            except Exception:  # noqa: BLE001
-                cc = None
-            procs = []
-            try:
-                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
-                    used = getattr(p, "usedGpuMemory", None)
-                    procs.append((int(p.pid), int(used) if used is not None else None, _proc_name(int(p.pid))))
-            except Exception:  # noqa: BLE001 - not supported on some boards/containers
-                pass
-            gpus.append(Gpu(i, text(pynvml.nvmlDeviceGetName(h)), text(pynvml.nvmlDeviceGetUUID(h)),
-                            int(mem.total), int(mem.free), cc, tuple(procs)))
-        return NvmlSnapshot(True, "", driver, cuda, tuple(gpus))
-    except Exception as e:  # noqa: BLE001
-        return NvmlSnapshot(False, f"NVML: {type(e).__name__}: {e}")
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def visible_gpus(gpus: tuple[Gpu, ...], env: Mapping[str, str]) -> tuple[list[Gpu], str]:
@@ -114,8 +40,11 @@ def visible_gpus(gpus: tuple[Gpu, ...], env: Mapping[str, str]) -> tuple[list[Gp
 
 
 def _nvml(ctx: Context) -> NvmlSnapshot:
+    """The NVML snapshot, read once per preflight. Only a complete read is checked: the GPUs read before an
+    NVML error are dropped, so a failed read counts as no GPU."""
     if "nvml" not in ctx.cache:
-        ctx.cache["nvml"] = nvml_snapshot()
+        snap = devices.nvml_snapshot()
+        ctx.cache["nvml"] = snap if snap.ok else replace(snap, gpus=())
     return ctx.cache["nvml"]
 
 
@@ -131,8 +60,9 @@ def check_accelerators(ctx: Context) -> CheckResult:
     npu = ascend.npu_state(ctx)
     facts = {"nvml_ok": snap.ok, "nvml_error": snap.error, "gpus": [_gpu_line(g) for g in snap.gpus],
              "visible": [g.index for g in vis], "npus": npu.count, "npu_source": npu.source}
-    found_gpu = (f"{len(vis)} NVIDIA GPU(s) visible: " + ", ".join(_gpu_line(g) for g in vis) +
-                 (f" ({note})" if note else "")) if snap.ok and snap.gpus else f"no NVIDIA GPU ({snap.error or 'NVML found none'})"
+    found_gpu = ((f"{len(vis)} NVIDIA GPU(s) visible: " + ", ".join(_gpu_line(g) for g in vis)
+                  + (f" ({note})" if note else "")) if snap.ok and snap.gpus
+                 else f"no NVIDIA GPU ({snap.error or 'NVML found none'})")
     found_npu = f"{npu.count} Ascend NPU(s) ({npu.source})" if npu.count else f"no Ascend NPU ({npu.source})"
     found = f"{found_gpu}; {found_npu}"
     device = ctx.device if ctx.plan is not None else None

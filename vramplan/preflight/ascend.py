@@ -1,36 +1,24 @@
-"""Ascend NPUs: `npu-smi info`, torch_npu, the CANN environment, ASCEND_RT_VISIBLE_DEVICES, HCCL.
+"""Ascend NPUs: `npu-smi info` (run as a probe, parsed by vramplan/inputs/devices.py), torch_npu, the CANN
+environment, ASCEND_RT_VISIBLE_DEVICES, HCCL.
 
-Ascend docs (the npu-smi reference; CANN's environment-variable reference for ASCEND_RT_VISIBLE_DEVICES):
-`npu-smi info` prints per NPU a `| id name | health | ...` row and a
-`| chip | bus-id | aicore mem used/total hbm used/total |` row (910B1-B3 and B4-1: 65536 MB HBM, B4: 32768);
-CANN is sourced with `/usr/local/Ascend/ascend-toolkit/set_env.sh`, which sets ASCEND_TOOLKIT_HOME /
-ASCEND_HOME_PATH; ASCEND_RT_VISIBLE_DEVICES takes ascending comma-separated ids and CANN stops parsing at
-the first invalid one; collectives use HCCL.
+CANN is sourced with `/usr/local/Ascend/ascend-toolkit/set_env.sh` (newer releases: `/usr/local/Ascend/cann-X.Y.Z/`),
+which sets ASCEND_TOOLKIT_HOME / ASCEND_HOME_PATH (Huawei CANN "Software Installation" guide, environment
+variables). ASCEND_RT_VISIBLE_DEVICES takes logical device ids, comma separated, in ascending order; CANN stops
+parsing at the first invalid character or id (CANN "Environment Variable Reference", ASCEND_RT_VISIBLE_DEVICES).
+Collectives use HCCL (torch.distributed backend "hccl", DeepSpeed accelerator/npu_accelerator.py).
 """
 
 from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
+from vramplan.inputs.devices import NpuChip, parse_npu_smi
 from vramplan.preflight.base import CheckResult, Context
 
 SET_ENV_CANDIDATES = ("/usr/local/Ascend/ascend-toolkit/set_env.sh", "/usr/local/Ascend/cann*/set_env.sh")
-
-_NPU_ROW = re.compile(r"^\|\s*(\d+)\s+(\S+)\s*\|\s*(\w+)\s*\|")
-_CHIP_ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*[0-9A-Fa-f]{4}:[0-9A-Fa-f:.]+\s*\|.*?(\d+)\s*/\s*(\d+)\s*\|\s*$")
-_PROC_ROW = re.compile(r"^\|\s*(\d+)\s+(\d+)\s*\|\s*(\d+)\s*\|\s*(\S+)\s*\|\s*(\d+)\s*\|")
-
-
-@dataclass(frozen=True)
-class NpuChip:
-    npu: int
-    name: str
-    health: str
-    hbm_used_mb: int | None = None
-    hbm_total_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,32 +31,6 @@ class NpuState:
     facts: dict = field(default_factory=dict)
 
 
-def parse_npu_smi(text: str) -> tuple[list[NpuChip], list[tuple[int, int, str, int]]]:
-    """Chips (name, health, HBM used/total MB) and processes from `npu-smi info` output."""
-    chips: list[NpuChip] = []
-    procs: list[tuple[int, int, str, int]] = []
-    pending: tuple[int, str, str] | None = None
-    in_procs = False
-    for line in text.splitlines():
-        if "Process id" in line or "Process name" in line:
-            in_procs = True
-            continue
-        if in_procs:
-            m = _PROC_ROW.match(line)
-            if m:
-                procs.append((int(m.group(1)), int(m.group(3)), m.group(4), int(m.group(5))))
-            continue
-        m = _NPU_ROW.match(line)
-        if m and not _CHIP_ROW.match(line) and m.group(2) not in ("Name",):
-            pending = (int(m.group(1)), m.group(2), m.group(3))
-            continue
-        m = _CHIP_ROW.match(line)
-        if m and pending is not None:
-            chips.append(NpuChip(pending[0], pending[1], pending[2], int(m.group(2)), int(m.group(3))))
-            pending = None
-    return chips, procs
-
-
 def npu_state(ctx: Context) -> NpuState:
     if "npu" in ctx.cache:
         return ctx.cache["npu"]
@@ -76,7 +38,7 @@ def npu_state(ctx: Context) -> NpuState:
     davinci = sorted(glob.glob("/dev/davinci[0-9]*"))
     state: NpuState
     if res is not None and res.returncode == 0:
-        chips, procs = parse_npu_smi(res.stdout)
+        chips, procs = parse_npu_smi(res.stdout)  # npu-smi was started by probes.start_npu_smi
         state = NpuState(len(chips), "npu-smi info", tuple(chips), tuple(procs))
     elif res is not None:
         err = (res.stderr or res.stdout).strip().splitlines()[-1:] or [res.died() or f"exit {res.returncode}"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vramplan.inputs.dataset import DatasetError, scan_dataset
 from vramplan.preflight.base import CheckResult, Context
-from vramplan.preflight.hfcache import base_repo_ids, cached_model, hub_cache_dir, inspect_model_dir
+from vramplan.preflight.hfcache import base_repo_ids, cached_model, inspect_model_dir, trainer_hub_cache
 from vramplan.units import fmt_bytes
 
 PROJECTOR_SUFFIXES = (".pth", ".bin", ".safetensors", ".pt")
@@ -44,7 +44,7 @@ def check_model(ctx: Context) -> CheckResult:
             oks.append(f"{label} {p}: config + weights ({fmt_bytes(st.weight_bytes)})")
         else:
             fails.append(f"{label} {p}: {st.problem}")
-    cache = hub_cache_dir(ctx.env, ctx.hf_cache)
+    cache = trainer_hub_cache(ctx)
     offline = ctx.env.get("HF_HUB_OFFLINE", "") not in ("", "0") or ctx.env.get("TRANSFORMERS_OFFLINE", "") not in (
         "", "0")
     for rid in ids:

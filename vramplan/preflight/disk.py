@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vramplan.preflight.base import CheckResult, Context, nearest_existing, plan_hint
-from vramplan.preflight.hfcache import base_repo_ids, cached_model, hub_cache_dir
+from vramplan.preflight.hfcache import base_repo_ids, cached_model, trainer_hub_cache
 from vramplan.units import fmt_bytes
 
 MARGIN = 0.10  # headroom for logs, temp files and estimate error (docs/preflight.md#disk-space)
@@ -71,7 +71,7 @@ def _uncached_base_weights(ctx: Context, value: int, notes: list[str]) -> int:
     if not ids:
         notes.append(f"base weights ({fmt_bytes(value)}) counted as a download to the Hugging Face cache")
         return value
-    cache = hub_cache_dir(ctx.env, ctx.hf_cache)
+    cache = trainer_hub_cache(ctx)
     have, cached_ids = 0, []
     for rid in ids:
         st = cached_model(rid, cache)
@@ -145,12 +145,12 @@ def check_disk_space(ctx: Context) -> CheckResult:
     needs = disk_needs(ctx)
     if needs is None:
         where, free, _, _ = _free(ctx.output_dir)
-        cache = hub_cache_dir(ctx.env, ctx.hf_cache)
+        cache = trainer_hub_cache(ctx)
         c_where, c_free, _, _ = _free(cache)
         return CheckResult("disk-space", "SKIP", f"{fmt_bytes(free)} free at {where}, {fmt_bytes(c_free)} at the "
                                                  f"Hugging Face cache {c_where}; {ctx.need_note()}", plan_hint(),
                            {"output_free_bytes": free, "cache_free_bytes": c_free})
-    cache = hub_cache_dir(ctx.env, ctx.hf_cache) if needs.cache_bytes else None
+    cache = trainer_hub_cache(ctx) if needs.cache_bytes else None
     return space_result(ctx.output_dir, needs.output_bytes, cache, needs.cache_bytes, needs.notes)
 
 

@@ -1,10 +1,7 @@
 """Is a Hugging Face repo already in the local hub cache, complete? (no network, no huggingface_hub needed)
 
-Cache layout (huggingface_hub "Understand caching"): `<HF_HUB_CACHE>/models--{org}--{name}/`
-with `refs/<branch>` holding a commit hash and `snapshots/<commit>/` holding symlinks into `blobs/`.
-The cache dir follows huggingface_hub/constants.py: HF_HUB_CACHE, else the legacy
-HUGGINGFACE_HUB_CACHE, else `$HF_HOME/hub`, HF_HOME defaulting to `$XDG_CACHE_HOME/huggingface`
-(`~/.cache/huggingface`).
+Where the cache is and which snapshot it holds: vramplan/inputs/hf_cache.py (huggingface_hub's precedence of
+HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, XDG_CACHE_HOME), read from the trainer's environment.
 """
 
 from __future__ import annotations
@@ -13,7 +10,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+
+from vramplan.inputs.hf_cache import cached_snapshot, hub_cache_dir
+from vramplan.preflight.base import Context
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -28,16 +27,9 @@ def base_repo_ids(hf_ids: dict | None) -> list[str]:
     return list(ids.values())
 
 
-def hub_cache_dir(env: Mapping[str, str], override: Path | None = None) -> Path:
-    if override is not None:
-        return Path(override)
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"]).expanduser()
-    if env.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(env["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                              "huggingface")
-    return Path(home).expanduser() / "hub"
+def trainer_hub_cache(ctx: Context) -> Path:
+    """The hub cache the trainer will use: --hf-cache when given, else the one its environment selects."""
+    return ctx.hf_cache if ctx.hf_cache is not None else hub_cache_dir(ctx.env)
 
 
 @dataclass(frozen=True)
@@ -83,21 +75,6 @@ def inspect_model_dir(d: Path) -> ModelDirState:
             seen.add(real)
             size += os.path.getsize(real)
     return ModelDirState(str(d), True, has_config, not problem, size, problem)
-
-
-def cached_snapshot(repo_id: str, cache: Path, revision: str = "main") -> Path | None:
-    """The snapshot dir of `repo_id` in the hub cache (the ref's commit, else the newest snapshot)."""
-    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
-    snaps = repo / "snapshots"
-    if not snaps.is_dir():
-        return None
-    ref = repo / "refs" / revision
-    if ref.is_file():
-        commit = ref.read_text().strip()
-        if (snaps / commit).is_dir():
-            return snaps / commit
-    found = sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
-    return found[0] if found else None
 
 
 def cached_model(repo_id: str, cache: Path) -> ModelDirState:

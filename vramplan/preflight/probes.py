@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vramplan.inputs.devices import npu_smi_argv
 
 MARK = "@@vramplan-probe@@"
 SCRIPT = Path(__file__).with_name("_probe_script.py")
@@ -135,8 +136,8 @@ def start_python_probe(ps: ProbeSet, name: str, part: str, env: dict, *args: str
 
 
 def start_npu_smi(ps: ProbeSet, env: dict) -> bool:
-    exe = shutil.which("npu-smi", path=env.get("PATH"))
-    if exe is None:
+    argv = npu_smi_argv(env.get("PATH"))
+    if argv is None:
         return False
-    ps.start("npu-smi", [exe, "info"], env)
+    ps.start("npu-smi", argv, env)
     return True
