@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vramplan.contract import LoraSpec  # noqa: F401 - re-exported: one LoRA spec for planner and trainer
+
 
 @dataclass(frozen=True)
 class TextSpec:
@@ -119,14 +121,6 @@ class HardwareSpec:
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * 2**30)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int
-    alpha: int
-    dropout: float
-    targets: tuple[str, ...]  # module-name suffixes; ("all-linear",) = every Linear except lm_head
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from vramplan.contract import PLAN_SCHEMA, ContractError, read_plan  # noqa: F401 - PLAN_SCHEMA re-exported
 from vramplan.errors import UsageError
 
-PLAN_SCHEMA = "vramplan-plan/1"
 DEFAULT_MODEL = "llava-llama3-8b-instruct"
 DEFAULT_RECIPE = "qlora"
 
@@ -76,18 +76,10 @@ class EstimateOptions:
 
 def load_plan(path: str) -> dict:
     """Read a plan.json (docs/contracts.md); a bad file is one UsageError naming --plan."""
-    import json
-
-    hint = "write one with `vramplan estimate --save-plan FILE`"
     try:
-        plan = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--plan {path}: {e.strerror or e}", hint) from None
-    except ValueError as e:
-        raise UsageError(f"--plan {path}: not valid JSON ({e})", hint) from None
-    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
-        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", hint)
-    return plan
+        return read_plan(path)
+    except ContractError as e:
+        raise UsageError(f"--plan {e.message}", e.hint) from None
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vramplan.contract import ENV_PROGRESS_INTERVAL
+
 
 def fmt_bytes(n: float | None) -> str:
     """Bytes in GiB (2**30), MiB or KiB: the unit is always named."""
@@ -130,7 +132,7 @@ class ProgressView:
         self.world_size = world_size
         self.label = label
         self.stream = stream or sys.stderr
-        self.interval = float(os.environ.get("VRAMPLAN_PROGRESS_INTERVAL", interval))
+        self.interval = float(os.environ.get(ENV_PROGRESS_INTERVAL, interval))
         if tty is None:
             try:
                 tty = self.stream.isatty()
