@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from vramplan import preflight
+from vramplan.contract import ENV_PREFLIGHT_TIMEOUT
 from vramplan.inputs import devices
 from vramplan.preflight import (
     CHECK_NAMES,
@@ -589,7 +590,7 @@ def test_probe_process_that_aborts_does_not_take_preflight_down(tmp_path):
 
 
 def test_probe_that_hangs_is_stopped(tmp_path, monkeypatch):
-    monkeypatch.setenv("VRAMPLAN_PREFLIGHT_TIMEOUT", "4")
+    monkeypatch.setenv(ENV_PREFLIGHT_TIMEOUT, "4")
     env = _fake_torchvision(tmp_path, "import time\ntime.sleep(120)\n")
     (tv,) = run_checks(None, tmp_path, only=["torchvision"], env=env)
     assert tv.status == "FAIL" and "hung and was stopped" in tv.detail

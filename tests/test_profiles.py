@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from vramplan.contract import ENV_PROFILES
 from vramplan.inputs import profiles as P
 from vramplan.cli import cli
 from vramplan.errors import ProfileError, UsageError
@@ -105,14 +106,14 @@ def test_env_dir_overrides_and_extends(tmp_path, monkeypatch):
     (tmp_path / "hardware" / "rtx-4090.toml").write_text(src.replace("memory_gib = 23.98828125", "memory_gib = 20.0"))
     (tmp_path / "hardware" / "my-card.toml").write_text(src.replace('aliases = ["4090", "rtx4090", "geforce rtx 4090"]',
                                                                     'aliases = ["mycard"]'))
-    monkeypatch.setenv("VRAMPLAN_PROFILES", str(tmp_path))
+    monkeypatch.setenv(ENV_PROFILES, str(tmp_path))
     assert P.profiles_dirs()[0] == tmp_path
     assert P.load_hardware("rtx-4090").memory_gib == 20.0
     assert "my-card" in P.list_profiles("hardware") and "a100-80gb" in P.list_profiles("hardware")
     from vramplan.inputs.gpus import parse_gpus
 
     assert parse_gpus("2xMyCard").hardware.name == "my-card"
-    monkeypatch.setenv("VRAMPLAN_PROFILES", str(tmp_path / "typo"))
+    monkeypatch.setenv(ENV_PROFILES, str(tmp_path / "typo"))
     with pytest.raises(UsageError, match="VRAMPLAN_PROFILES: .*typo is not a directory"):
         P.load_hardware("rtx-4090")
 
@@ -175,7 +176,7 @@ def test_wheel_carries_profiles(tmp_path):
             "assert vramplan.__file__.startswith(sys.argv[1]), vramplan.__file__; "
             "d = P.profiles_dirs(); assert [x.name for x in d] == ['_profiles'], d; "
             "print(P.load_model('llava-llama3-8b-instruct').name, P.load_hardware('a10').name)")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "VRAMPLAN_PROFILES"}
+    env = {k: v for k, v in __import__("os").environ.items() if k != ENV_PROFILES}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], capture_output=True, text=True,
                          timeout=60, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -185,7 +186,7 @@ def test_wheel_carries_profiles(tmp_path):
 def test_listing_skips_broken_user_profile_with_warning(tmp_path, monkeypatch):
     (tmp_path / "hardware").mkdir()
     shutil.copy(DATA / "unknown-key.toml", tmp_path / "hardware" / "broken.toml")
-    monkeypatch.setenv("VRAMPLAN_PROFILES", str(tmp_path))
+    monkeypatch.setenv(ENV_PROFILES, str(tmp_path))
     env = json.loads(invoke("profiles", "--json").stdout)
     assert env["exit_code"] == 0 and "broken" not in {r["id"] for r in env["data"]["hardware"]}
     assert any("broken.toml: memory_gb: unknown key" in w for w in env["warnings"])

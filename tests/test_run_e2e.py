@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from vramplan.contract import ENV_PROGRESS_INTERVAL, ENV_TEST_INJECT_OOM_AT_STEP
+
 pytestmark = pytest.mark.slow
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", VRAMPLAN_PROGRESS_INTERVAL="0")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", **{ENV_PROGRESS_INTERVAL: "0"})
 
 
 def vramplan(*args, env=None, timeout=240):
@@ -112,7 +114,7 @@ def test_preflight_fail_stops_before_launch(tiny, tmp_path):
 
 def test_oom_on_first_attempt_falls_back(tiny, tmp_path):
     out = tmp_path / "oom"
-    env = dict(ENV, VRAMPLAN_TEST_INJECT_OOM_AT_STEP="1")
+    env = dict(ENV, **{ENV_TEST_INJECT_OOM_AT_STEP: "1"})
     p = vramplan("run", "--auto", "--model", str(tiny / "model"), "--device", "cpu", "--gpus", "1x16G",
                  "--dataset", str(tiny / "data.json"), "--images", str(tiny / "images"), "--global-batch", "4",
                  "--seq-len", "192", "--lora-r", "16", "--epochs", "1",

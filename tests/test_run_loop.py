@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from test_launch import make_plan
+from vramplan.contract import ENV_PROGRESS_INTERVAL, ENV_TEST_INJECT_OOM_AT_STEP, ENV_TEST_INJECT_OOM_ATTEMPTS
 from vramplan.errors import ExitCode
 from vramplan.run import attempts as runner
 from vramplan.run.report import finish_report
 
-STAND_IN = r'''
+STAND_IN = f"OOM_ENV = {ENV_TEST_INJECT_OOM_AT_STEP!r}  # the trainer's test-only OOM switch\n" + r'''
 import json, os, signal, sys, time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ plan = json.loads(Path(args[args.index("--plan") + 1]).read_text())
 out = Path(plan["output_dir"])
 steps = int(os.environ.get("FAKE_STEPS", "4"))
 delay = float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
-oom_at = int(os.environ.get("VRAMPLAN_TEST_INJECT_OOM_AT_STEP", "0") or 0)
+oom_at = int(os.environ.get(OOM_ENV, "0") or 0)
 stop = []
 rank = int(os.environ.get("RANK", "0"))
 def on_signal(signum, frame):
@@ -110,7 +111,7 @@ def settings(out, **kw):
 
 
 def test_oom_then_fallback_succeeds_and_both_attempts_recorded(tmp_path, stand_in, monkeypatch):
-    monkeypatch.setenv(runner.INJECT_OOM, "2")
+    monkeypatch.setenv(ENV_TEST_INJECT_OOM_AT_STEP, "2")
     out = tmp_path / "run"
     fallback = cpu_plan(tmp_path, micro=1, accum=4)
     outcome = runner.run_attempts(cpu_plan(tmp_path), settings(out), lambda p: [cpu_plan(tmp_path), fallback])
@@ -125,8 +126,8 @@ def test_oom_then_fallback_succeeds_and_both_attempts_recorded(tmp_path, stand_i
 
 
 def test_every_attempt_oom_gives_exit_6(tmp_path, stand_in, monkeypatch):
-    monkeypatch.setenv(runner.INJECT_OOM, "1")
-    monkeypatch.setenv(runner.INJECT_OOM_ATTEMPTS, "99")
+    monkeypatch.setenv(ENV_TEST_INJECT_OOM_AT_STEP, "1")
+    monkeypatch.setenv(ENV_TEST_INJECT_OOM_ATTEMPTS, "99")
     out = tmp_path / "run"
     plans = [cpu_plan(tmp_path, micro=1, accum=4), cpu_plan(tmp_path, micro=4, accum=1)]
     outcome = runner.run_attempts(cpu_plan(tmp_path), settings(out, max_attempts=2), lambda p: plans)
@@ -144,7 +145,7 @@ def test_ctrl_c_is_forwarded_and_resume_continues(tmp_path, stand_in):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(cpu_plan(tmp_path)))
     out = tmp_path / "run"
-    env = dict(os.environ, FAKE_STEPS="40", FAKE_STEP_SECONDS="0.1", VRAMPLAN_PROGRESS_INTERVAL="0")
+    env = dict(os.environ, FAKE_STEPS="40", FAKE_STEP_SECONDS="0.1", **{ENV_PROGRESS_INTERVAL: "0"})
     cmd = [sys.executable, "-m", "vramplan", "run", "--plan", str(plan), "--output", str(out), "--skip-preflight"]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30

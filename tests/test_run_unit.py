@@ -10,6 +10,7 @@ import time
 import pytest
 
 from test_launch import make_plan
+from vramplan.contract import ENV_TEST_INJECT_OOM_AT_STEP, ENV_TEST_INJECT_OOM_ATTEMPTS
 from vramplan.errors import UsageError
 from vramplan.run import attempts as runner
 from vramplan.run.launch import build_launch
@@ -79,11 +80,11 @@ def test_output_dir_guards(tmp_path):
 def test_injected_oom_reaches_only_the_first_attempt(tmp_path, monkeypatch):
     la = build_launch(make_plan(tmp_path, device="cpu"), tmp_path / "plan.json", environ={})
     settings = runner.RunSettings(tmp_path)
-    monkeypatch.setenv(runner.INJECT_OOM, "2")
-    assert runner.trainer_env(la, settings, 1)[runner.INJECT_OOM] == "2"
-    assert runner.INJECT_OOM not in runner.trainer_env(la, settings, 2)
-    monkeypatch.setenv(runner.INJECT_OOM_ATTEMPTS, "5")
-    assert runner.trainer_env(la, settings, 3)[runner.INJECT_OOM] == "2"
+    monkeypatch.setenv(ENV_TEST_INJECT_OOM_AT_STEP, "2")
+    assert runner.trainer_env(la, settings, 1)[ENV_TEST_INJECT_OOM_AT_STEP] == "2"
+    assert ENV_TEST_INJECT_OOM_AT_STEP not in runner.trainer_env(la, settings, 2)
+    monkeypatch.setenv(ENV_TEST_INJECT_OOM_ATTEMPTS, "5")
+    assert runner.trainer_env(la, settings, 3)[ENV_TEST_INJECT_OOM_AT_STEP] == "2"
 
 
 def test_write_attempt_dir(tmp_path):

@@ -1,6 +1,7 @@
 """`python -m train --plan plan.json` or flags; also under torchrun and the deepspeed launcher (--local_rank).
 
-Exit codes: docs/contracts.md (0 ok, 2 usage, 6 out of memory, 7 disk full, 130 interrupted, 1 crash).
+Exit codes: vramplan.contract.ExitCode, the README's exit-code table (0 ok, 2 usage, 6 out of memory, 7 disk full,
+130 interrupted, 1 crash).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def _setup_logging() -> None:
 
 
 def _teardown() -> None:
-    """barrier + destroy_process_group: without it ZeRO-3 ranks can abort at exit (cpu-stack-facts.md §6)."""
+    """barrier + destroy_process_group before exit (PyTorch torch/distributed/distributed_c10d.py
+    destroy_process_group): without them ZeRO-3 ranks can abort at interpreter exit."""
     try:
         import torch.distributed as dist
 
@@ -50,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
     _setup_logging()
     lws = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if lws > 1 and "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher leaves it unset:
-        import torch                                      # N ranks x all cores oversubscribe (cpu-stack-facts §6)
+    # torchrun sets OMP_NUM_THREADS=1 per worker (torch/distributed/run.py); the deepspeed launcher
+    # (deepspeed/launcher/launch.py) leaves it unset, and N ranks x all cores oversubscribe the CPU
+    if lws > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // lws))
     log = logging.getLogger("train")
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         return int(e.exit_code)
-    from train.recipe import run
+    from train.training import run
 
     try:
         code, _model = run(cfg)

@@ -13,6 +13,7 @@ Resume takes the newest checkpoint whose MANIFEST verifies (sizes and sha256); o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -21,6 +22,8 @@ import re
 import shutil
 from pathlib import Path
 
+from vramplan.contract import ENV_TEST_FREE_BYTES
+
 from train.exit_codes import DiskFullError
 
 log = logging.getLogger("train")
@@ -28,11 +31,24 @@ MANIFEST = "MANIFEST.json"
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
 MARGIN = 1.10  # require 10% more than the expected size: sizes vary a little between saves
-FREE_BYTES_ENV = "VRAMPLAN_TEST_FREE_BYTES"  # test-only: pretend this many bytes are free on the disk
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain. torch.save reports a full disk as
+    `RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos` with the OSError chained."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        s = str(e).lower()
+        if "no space left" in s or "file write failed" in s or "disk quota" in s:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def free_bytes(path: Path) -> int:
-    fake = os.environ.get(FREE_BYTES_ENV)
+    fake = os.environ.get(ENV_TEST_FREE_BYTES)  # test-only: pretend this many bytes are free
     if fake:
         return int(fake)
     return shutil.disk_usage(path).free

@@ -12,33 +12,30 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vramplan.contract import (ALL_LINEAR, RECIPE_TRAIN_KEYS, TEMPLATES, ContractError, LoraSpec, read_plan,
+                               recipe_defaults)
+
 from train.exit_codes import UsageError
+
+__all__ = ["LoraSpec", "TrainConfig", "add_flags", "from_args", "from_plan"]
 
 RECIPES = ("qlora", "lora", "pretrain", "full")
 QUANTS = ("nf4", "int8", "none")
 DTYPES = ("bf16", "fp16", "fp32")
-TEMPLATES = ("llama3", "vicuna_v1")
 DEVICES = ("auto", "cuda", "cpu", "npu")
-VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+ATTNS = ("sdpa", "eager")
+VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # CLIP's linears (a flag-made vision LoRA)
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int
-    alpha: int
-    dropout: float = 0.05
-    targets: Any = "all-linear"  # "all-linear" or a list of module names
+class _RecipeDefault:
+    def __repr__(self) -> str:
+        return "<recipe default>"
 
-    @staticmethod
-    def from_dict(d: dict | None, where: str) -> "LoraSpec | None":
-        if d is None:
-            return None
-        try:
-            t = d.get("targets", "all-linear")
-            return LoraSpec(int(d["r"]), int(d["alpha"]), float(d.get("dropout", 0.05)),
-                            t if isinstance(t, str) else tuple(t))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"{where}: needs r, alpha (ints), dropout, targets ({e})", "see docs/contracts.md") from e
+
+# A field left at RECIPE_DEFAULT takes the recipe profile's value (profiles/recipes/<recipe>.toml, read by
+# vramplan.contract.recipe_defaults): the trainer without a plan trains what vramplan plans for that recipe.
+RECIPE_DEFAULT: Any = _RecipeDefault()
+RECIPE_FIELDS = (*RECIPE_TRAIN_KEYS, "llm_lora", "vision_lora")
 
 
 @dataclass(frozen=True)
@@ -52,25 +49,25 @@ class TrainConfig:
     projector_path: str | None = None
     chat_template: str = "llama3"
     recipe: str = "qlora"
-    quant: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "bf16"
-    llm_lora: LoraSpec | None = LoraSpec(64, 16)
-    vision_lora: LoraSpec | None = None
-    train_projector: bool = True
-    train_llm_full: bool = False
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    quant: str = RECIPE_DEFAULT
+    double_quant: bool = RECIPE_DEFAULT
+    compute_dtype: str = RECIPE_DEFAULT
+    llm_lora: LoraSpec | None = RECIPE_DEFAULT
+    vision_lora: LoraSpec | None = RECIPE_DEFAULT
+    train_projector: bool = RECIPE_DEFAULT
+    train_llm_full: bool = RECIPE_DEFAULT
+    learning_rate: float = RECIPE_DEFAULT
+    weight_decay: float = RECIPE_DEFAULT
+    warmup_ratio: float = RECIPE_DEFAULT
     lr_scheduler: str = "cosine"
-    optimizer: str = "adamw_torch"
-    epochs: float = 1.0
+    optimizer: str = RECIPE_DEFAULT
+    epochs: float = RECIPE_DEFAULT
     max_steps: int | None = None
-    max_length: int = 2048
-    gradient_checkpointing: bool = True
+    max_length: int = RECIPE_DEFAULT
+    gradient_checkpointing: bool = RECIPE_DEFAULT
     attn_implementation: str = "sdpa"
-    save_steps: int = 500
-    keep_checkpoints: int = 2
+    save_steps: int = RECIPE_DEFAULT
+    keep_checkpoints: int = RECIPE_DEFAULT
     dataloader_workers: int = 0
     seed: int = 42
     micro_batch: int = 1
@@ -87,6 +84,7 @@ class TrainConfig:
 
         if self.recipe not in RECIPES:
             bad("--recipe", f"unknown recipe {self.recipe!r}", f"one of {', '.join(RECIPES)}")
+        self._fill_recipe_defaults()
         if self.quant not in QUANTS:
             bad("--quant", f"unknown quantization {self.quant!r}", f"one of {', '.join(QUANTS)}")
         if self.compute_dtype not in DTYPES:
@@ -112,6 +110,8 @@ class TrainConfig:
                         ("--max-length", self.max_length)):
             if not isinstance(v, int) or v < 1:
                 bad(flag, f"must be a positive integer, got {v!r}")
+        if not isinstance(self.dataloader_workers, int) or self.dataloader_workers < 0:
+            bad("--workers", f"must be 0 or a positive integer, got {self.dataloader_workers!r}")
         if self.max_steps is not None and self.max_steps < 1:
             bad("--max-steps", f"must be >= 1, got {self.max_steps}")
         if self.epochs <= 0:
@@ -124,6 +124,13 @@ class TrainConfig:
             bad("--quant", "recipe qlora needs a quantized LLM (nf4 or int8)", "use --recipe lora for no quantization")
         if self.ds_config is not None and not isinstance(self.ds_config, dict):
             bad("--deepspeed", "the DeepSpeed config must be a JSON object")
+
+    def _fill_recipe_defaults(self) -> None:
+        unset = [k for k in RECIPE_FIELDS if getattr(self, k) is RECIPE_DEFAULT]
+        if unset:
+            defaults = _recipe_defaults(self.recipe)
+            for k in unset:
+                object.__setattr__(self, k, defaults[k])  # frozen: filled once, while being built
 
     @property
     def run_dir(self) -> Path:
@@ -140,25 +147,36 @@ def is_hub_id(p: str) -> bool:
 
 
 def _recipe_defaults(recipe: str) -> dict:
-    """Defaults per stage: XTuner's single-GPU LLaVA-Llama-3 QLoRA, LLaVA-1.5 LoRA/pretrain (llava-recipes.md §1, §5)."""
-    if recipe == "qlora":
-        return {"quant": "nf4", "llm_lora": LoraSpec(64, 16), "learning_rate": 2e-4}
-    if recipe == "lora":
-        return {"quant": "none", "llm_lora": LoraSpec(128, 256), "learning_rate": 2e-4}
-    if recipe == "pretrain":
-        return {"quant": "none", "llm_lora": None, "learning_rate": 1e-3}
-    return {"quant": "none", "llm_lora": None, "train_llm_full": True, "learning_rate": 2e-5}
+    try:
+        return recipe_defaults(recipe)
+    except ContractError as e:
+        raise UsageError.from_contract(e) from None
+
+
+def _lora(d: dict | None, where: str) -> LoraSpec | None:
+    try:
+        return LoraSpec.from_dict(d, where)
+    except ContractError as e:
+        raise UsageError.from_contract(e) from None
+
+
+def _lora_flag(base: LoraSpec | None, r: int | None, alpha: int | None, targets: tuple[str, ...]) -> LoraSpec | None:
+    """--lora-r/--lora-alpha (or the vision pair) over the recipe's LoRA: rank 0 means none; without a
+    recipe LoRA the flags make one (alpha defaults to the rank)."""
+    if r == 0:
+        return None
+    if base is None:
+        return LoraSpec(r or alpha, alpha or r, 0.05, targets)
+    return replace(base, r=r or base.r, alpha=alpha or base.alpha)
 
 
 def from_plan(path: str, overrides: dict) -> TrainConfig:
+    """TrainConfig from a plan.json (docs/contracts.md); a recipe key the plan lacks takes the recipe
+    profile's value; `overrides` (flags that are not None) win."""
     try:
-        plan = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--plan {path}: {e.strerror or e}", "write one with `vramplan estimate --save-plan`") from e
-    except ValueError as e:
-        raise UsageError(f"--plan {path}: not valid JSON ({e})", "write one with `vramplan estimate --save-plan`") from e
-    if not isinstance(plan, dict) or plan.get("schema") != "vramplan-plan/1":
-        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be 'vramplan-plan/1')", "")
+        plan = read_plan(path)
+    except ContractError as e:
+        raise UsageError.from_contract(e, "--plan ") from None
     m, r = plan.get("model") or {}, plan.get("recipe") or {}
     b, d, hw = plan.get("batch") or {}, plan.get("data") or {}, plan.get("hardware") or {}
     est = plan.get("estimate") or {}
@@ -170,12 +188,13 @@ def from_plan(path: str, overrides: dict) -> TrainConfig:
                                      else (m.get("hf_ids") or {}).get("llava")),
         llm_path=m.get("llm_path"), vision_path=m.get("vision_path"),
         projector_path=m.get("projector_path"), chat_template=m.get("chat_template") or "llama3",
-        llm_lora=LoraSpec.from_dict(r.get("llm_lora"), "plan recipe.llm_lora"),
-        vision_lora=LoraSpec.from_dict(r.get("vision_lora"), "plan recipe.vision_lora"),
         micro_batch=int(b.get("micro_batch", 1)), grad_accum=int(b.get("grad_accum", 1)),
         device=hw.get("device") or "auto", ds_config=plan.get("ds_config"),
         expected_checkpoint_bytes=est.get("checkpoint_bytes"), estimate=est,
     )
+    for key in ("llm_lora", "vision_lora"):
+        if key in r:  # null: no such LoRA
+            kw[key] = _lora(r[key], f"--plan {path}: recipe.{key}")
     if r.get("name"):
         kw["recipe"] = r["name"]
     for key in ("quant", "double_quant", "compute_dtype", "train_projector", "train_llm_full",
@@ -204,10 +223,13 @@ def add_flags(ap: argparse.ArgumentParser) -> None:
     a("--max-steps", type=int), a("--epochs", type=float), a("--lr", type=float)
     a("--micro-batch", type=int), a("--grad-accum", type=int), a("--max-length", type=int)
     a("--save-steps", type=int), a("--keep-checkpoints", type=int), a("--seed", type=int)
-    a("--lora-r", type=int), a("--lora-alpha", type=int)
-    a("--vision-lora-r", type=int, help="add a LoRA on the CLIP tower with this rank")
+    a("--lora-r", type=int, help="LLM LoRA rank (default: the recipe's; 0: none)")
+    a("--lora-alpha", type=int)
+    a("--vision-lora-r", type=int, help="CLIP tower LoRA rank (default: the recipe's; 0: none)")
     a("--vision-lora-alpha", type=int)
     a("--no-gradient-checkpointing", action="store_true")
+    a("--workers", type=int, help="DataLoader worker processes (0: load in the training process)")
+    a("--attn", choices=ATTNS, help="attention implementation (from_pretrained attn_implementation)")
     a("--deepspeed", help="DeepSpeed config JSON (ZeRO 0/1/2/3, offload)")
     a("--expected-checkpoint-bytes", type=int, help="free-space check before each save (default: last checkpoint)")
     a("--resume", action="store_true", help="continue from the newest verified checkpoint in RUN_DIR/checkpoints")
@@ -221,19 +243,20 @@ def from_args(ns: argparse.Namespace) -> TrainConfig:
             ds = json.loads(Path(ns.deepspeed).read_text())
         except (OSError, ValueError) as e:
             raise UsageError(f"--deepspeed {ns.deepspeed}: cannot read a JSON config ({e})", "") from e
-    common = {"output_dir": ns.output, "max_steps": ns.max_steps, "device": ns.device, "resume": ns.resume or None}
+    common = {"output_dir": ns.output, "max_steps": ns.max_steps, "device": ns.device, "resume": ns.resume or None,
+              "dataloader_workers": ns.workers, "attn_implementation": ns.attn}
     if ns.plan:
         over = dict(common)
         if ds is not None:
             over["ds_config"] = ds
         return from_plan(ns.plan, over)
     recipe = ns.recipe or "qlora"
-    kw: dict[str, Any] = _recipe_defaults(recipe)
-    if ns.lora_r or ns.lora_alpha:
-        base = kw.get("llm_lora") or LoraSpec(64, 16)
-        kw["llm_lora"] = replace(base, r=ns.lora_r or base.r, alpha=ns.lora_alpha or base.alpha)
-    if ns.vision_lora_r:
-        kw["vision_lora"] = LoraSpec(ns.vision_lora_r, ns.vision_lora_alpha or ns.vision_lora_r, 0.05, VISION_TARGETS)
+    kw: dict[str, Any] = {}
+    if ns.lora_r is not None or ns.lora_alpha is not None:
+        kw["llm_lora"] = _lora_flag(_recipe_defaults(recipe)["llm_lora"], ns.lora_r, ns.lora_alpha, (ALL_LINEAR,))
+    if ns.vision_lora_r is not None or ns.vision_lora_alpha is not None:
+        kw["vision_lora"] = _lora_flag(_recipe_defaults(recipe)["vision_lora"], ns.vision_lora_r,
+                                       ns.vision_lora_alpha, VISION_TARGETS)
     flags = {"dataset": ns.dataset, "images": ns.images, "model_path": ns.model, "llm_path": ns.llm,
              "vision_path": ns.vision, "projector_path": ns.projector, "recipe": recipe, "quant": ns.quant,
              "compute_dtype": ns.compute_dtype, "chat_template": ns.chat_template, "epochs": ns.epochs,
@@ -247,3 +270,4 @@ def from_args(ns: argparse.Namespace) -> TrainConfig:
     if not kw.get("output_dir"):
         raise UsageError("--output: no run dir given", "pass --output RUN_DIR")
     return TrainConfig(**kw)
+

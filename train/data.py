@@ -1,82 +1,39 @@
-"""LLaVA-format dataset: chat templates, label masking, pad-to-square images, safe truncation.
+"""LLaVA-format dataset: label masking, pad-to-square images, safe truncation.
 
-Record: {"id", "image" (relative to --images; optional), "conversations": [{"from": "human"|"gpt", "value"}...]}.
-Only assistant ("gpt") turns are trained on (labels of everything else are -100), like LLaVA's
-`preprocess_v1` and XTuner's `template_map_fn` + `encode_fn`. Templates (llava-recipes.md §1.2):
-  llama3:    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>
-             <|start_header_id|>assistant<|end_header_id|>\n\n{a}<|eot_id|>   (XTuner llama3_chat)
-  vicuna_v1: <s>{system} USER: {q} ASSISTANT: {a}</s>                        (LLaVA conv_vicuna_v1)
-The `<image>` placeholder becomes `image_seq_length` image tokens (LLaVA's expansion in HF format).
+Record: {"id", "image" (relative to --images; optional), "conversations": [{"from": "human"|"gpt", "value"}...]};
+the record rules, chat roles and templates are shared with vramplan (`vramplan.contract`: check_record,
+chat_turns, template_segments; llama3 = XTuner llama3_chat, vicuna_v1 = LLaVA conv_vicuna_v1). Only assistant
+("gpt") turns are trained on (labels of everything else are -100), like LLaVA's `preprocess_v1` and XTuner's
+`template_map_fn` + `encode_fn`. The `<image>` placeholder becomes `image_seq_length` image tokens (LLaVA's
+expansion in HF format).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
+
+from vramplan.contract import IMAGE_TOKEN, chat_turns, check_record, template_segments
 
 from train.exit_codes import DatasetError
 
 IGNORE = -100
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-@dataclass(frozen=True)
-class Segment:
-    text: str
-    train: bool  # True: the tokens are labels (assistant answer); False: masked
-
-
-def template_segments(turns: list[tuple[str, str]], template: str, bos: str = "<s>") -> list[Segment]:
-    """Turns [(role, text)] -> text segments with a train flag, per the chat template."""
-    segs: list[Segment] = []
-    if template == "llama3":
-        segs.append(Segment("<|begin_of_text|>", False))
-        for role, text in turns:
-            head = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-            if role == "assistant":
-                segs += [Segment(head, False), Segment(f"{text}<|eot_id|>", True)]
-            else:
-                segs.append(Segment(f"{head}{text}<|eot_id|>", False))
-        return segs
-    system = next((t for r, t in turns if r == "system"), VICUNA_SYSTEM)
-    segs.append(Segment(f"{bos}{system}", False))
-    for role, text in turns:
-        if role == "user":
-            segs.append(Segment(f" USER: {text} ASSISTANT:", False))
-        elif role == "assistant":
-            segs.append(Segment(f" {text}</s>", True))
-    return segs
 
 
 def validate_record(rec, index: int, images_dir: Path | None) -> None:
-    """Raise DatasetError naming the record (index and id) when it cannot be trained on."""
+    """Raise DatasetError naming the record (index and id) and all its problems when it cannot be trained on."""
     rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
-    where = f"dataset record {index} (id {rid!r})"
-    if not isinstance(rec, dict):
-        raise DatasetError(f"{where}: not a JSON object", "each record is {'id', 'image', 'conversations'}")
-    conv = rec.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise DatasetError(f"{where}: 'conversations' missing or empty", "a list of {'from', 'value'} turns")
-    for j, t in enumerate(conv):
-        if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
-            raise DatasetError(f"{where}: turn {j} needs 'from' (human/gpt/system) and a string 'value'", "")
-    if not any(ROLES[t["from"]] == "assistant" for t in conv):
-        raise DatasetError(f"{where}: no assistant ('gpt') turn to train on", "")
-    n_img = sum(t["value"].count("<image>") for t in conv)
-    if "image" in rec and rec["image"] is not None:
-        if not isinstance(rec["image"], str):
-            raise DatasetError(f"{where}: 'image' must be a file name", "")
+    problems, _ = check_record(rec)
+    image = rec.get("image") if isinstance(rec, dict) else None
+    if isinstance(image, str) and image:
         if images_dir is None:
-            raise DatasetError(f"{where}: has an image but no --images folder was given", "pass --images DIR")
-        if not (images_dir / rec["image"]).is_file():
-            raise DatasetError(f"{where}: image {rec['image']!r} not found in {images_dir}", "check --images")
-        if n_img > 1:
-            raise DatasetError(f"{where}: {n_img} <image> placeholders for one image", "use one <image>")
-    elif n_img:
-        raise DatasetError(f"{where}: has <image> in the text but no 'image' field", "")
+            problems.append("has an image but no --images folder was given (pass --images DIR)")
+        elif not (images_dir / image).is_file():
+            problems.append(f"image {image!r} not found in {images_dir}")
+    if problems:
+        raise DatasetError(f"dataset record {index} (id {rid!r}): {'; '.join(problems)}",
+                           "each record is {'id', 'image', 'conversations'}; "
+                           "`vramplan preflight --dataset FILE` lists every bad record")
 
 
 def load_records(path: str, images: str | None) -> list[dict]:
@@ -97,14 +54,10 @@ def load_records(path: str, images: str | None) -> list[dict]:
 def encode(rec: dict, tokenizer, template: str, image_token_id: int, image_tokens: int, max_length: int,
            index: int = 0) -> dict:
     """input_ids and labels (assistant tokens only). Truncation drops text after the image, never image tokens."""
-    turns = [(ROLES[t["from"]], t["value"]) for t in rec["conversations"]]
-    if rec.get("image") and not any("<image>" in v for _, v in turns):
-        first = next(i for i, (r, _) in enumerate(turns) if r == "user")
-        turns[first] = (turns[first][0], "<image>\n" + turns[first][1])  # LLaVA puts the image first
     ids: list[int] = []
     labels: list[int] = []
-    for seg in template_segments(turns, template, tokenizer.bos_token or "<s>"):
-        pieces = seg.text.split("<image>")
+    for seg in template_segments(chat_turns(rec), template, tokenizer.bos_token or "<s>"):
+        pieces = seg.text.split(IMAGE_TOKEN)
         for k, piece in enumerate(pieces):
             if k > 0:
                 ids += [image_token_id] * image_tokens

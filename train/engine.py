@@ -7,11 +7,15 @@ import functools
 import logging
 import os
 import secrets
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
+
+from vramplan.contract import ENV_TEST_INJECT_OOM_AT_STEP
 
 from train import checkpoint as ck
 from train.config import TrainConfig
@@ -20,7 +24,6 @@ from train.metrics import MetricsLog, barrier, broadcast, gather, local_memory
 
 log = logging.getLogger("train")
 TRAINABLE = "trainable.safetensors"  # checkpoint weights of a no-PEFT run (projector pretraining)
-OOM_ENV = "VRAMPLAN_TEST_INJECT_OOM_AT_STEP"  # test-only: raise an OOM at this step (docs/contracts.md)
 
 
 @dataclass
@@ -48,22 +51,6 @@ class RunState:
         return self.rank == 0
 
 
-def _is_disk_full(e: BaseException | None) -> bool:
-    """ENOSPC/EDQUOT anywhere in the exception chain. torch.save reports a full disk as
-    `RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos` with the OSError chained."""
-    import errno
-
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        s = str(e).lower()
-        if "no space left" in s or "file write failed" in s or "disk quota" in s:
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
 class SafeCheckpointTrainer(Trainer):
     """Trainer whose checkpoints follow train.checkpoint's protocol (no silent loss)."""
 
@@ -73,13 +60,24 @@ class SafeCheckpointTrainer(Trainer):
         return str(self._staging) if getattr(self, "_staging", None) else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        run, cfg = self.run, self.run.cfg
-        root = cfg.run_dir / "checkpoints"
-        step = self.state.global_step
+        """One save, in train.checkpoint's order: space check, every rank writes into a temp dir, rank 0
+        verifies and renames it, only then prunes beyond keep-N, and only then "saved" is logged."""
+        run = self.run
+        root, step = run.cfg.run_dir / "checkpoints", self.state.global_step
         run.phase = "save"
         t0 = time.time()
+        self._check_space(root)
+        tag = broadcast(secrets.token_hex(4))
+        self._write_staged(model, trial, root, step, tag)
+        barrier()
+        path, nbytes, removed = self._publish(root, step, tag)
+        self._record_saved(step, path, nbytes, removed, t0)
+
+    def _check_space(self, root: Path) -> None:
+        """Rank 0 makes room for the next checkpoint (ck.ensure_space); every rank raises DiskFullError if it cannot."""
+        cfg = self.run.cfg
         err = None
-        if run.is_main:
+        if self.run.is_main:
             root.mkdir(parents=True, exist_ok=True)
             try:
                 ck.ensure_space(root, cfg.expected_checkpoint_bytes or ck.last_size(root), cfg.keep_checkpoints)
@@ -88,9 +86,20 @@ class SafeCheckpointTrainer(Trainer):
         err = broadcast(err)
         if err:
             raise DiskFullError(*err)
-        tag = broadcast(secrets.token_hex(4))
+
+    def _write_staged(self, model, trial, root: Path, step: int, tag: str) -> None:
+        """Every rank writes into checkpoints/.tmp-checkpoint-<step>-<tag>/; a full disk on any rank removes
+        the partial write and raises DiskFullError on all of them."""
+        local = self._write_local(model, trial, root, step, tag)
+        errs = [x for x in gather(local) if x]
+        if errs:
+            if self.run.is_main:
+                shutil.rmtree(ck.tmp_dir(root, step, tag), ignore_errors=True)
+            raise DiskFullError(*errs[0])
+
+    def _write_local(self, model, trial, root: Path, step: int, tag: str) -> tuple[str, str] | None:
+        """HF's own save, pointed into the temp dir; (message, hint) when this rank's disk filled up."""
         self._staging = ck.tmp_dir(root, step, tag)
-        local = None
         engine = self.model_wrapped if self.is_deepspeed_enabled and self._trainable_only() else None
         try:
             if engine is not None:
@@ -102,47 +111,45 @@ class SafeCheckpointTrainer(Trainer):
         except Exception as e:  # noqa: BLE001 - classified just below
             # torch.save may report a full disk only as "unexpected pos" / "iostream error": look at the disk
             # itself before the cleanup frees the space again
-            full = _is_disk_full(e) or ck.free_bytes(root) < max(16 * 2**20, ck.last_size(root) or 0)
-            if run.is_main:  # a partial write is never trusted: remove it now (it also frees the space)
-                import shutil
-
+            full = ck.is_disk_full(e) or ck.free_bytes(root) < max(16 * 2**20, ck.last_size(root) or 0)
+            if self.run.is_main:  # a partial write is never trusted: remove it now (it also frees the space)
                 shutil.rmtree(ck.tmp_dir(root, step, tag), ignore_errors=True)
             if not full:
                 raise
-            local = (f"checkpoint {step}: write failed, disk full ({str(e).splitlines()[0][:200]})",
-                     "free disk space, then rerun with --resume")
+            return (f"checkpoint {step}: write failed, disk full ({str(e).splitlines()[0][:200]})",
+                    "free disk space, then rerun with --resume")
         finally:
             self._staging = None
             if engine is not None:
                 engine.save_checkpoint = orig
-        errs = [x for x in gather(local) if x]
-        if errs:
-            if run.is_main:
-                import shutil
+        return None
 
-                shutil.rmtree(ck.tmp_dir(root, step, tag), ignore_errors=True)
-            raise DiskFullError(*errs[0])
-        barrier()
+    def _publish(self, root: Path, step: int, tag: str) -> tuple[str, int, list]:
+        """Rank 0 verifies the written checkpoint and renames it to checkpoint-<step> (ck.finalize), then
+        prunes verified checkpoints beyond keep-N (ck.prune); every rank gets (path, bytes, removed)."""
         result = None
-        if run.is_main:
+        if self.run.is_main:
             try:
                 dest, man = ck.finalize(ck.tmp_dir(root, step, tag) / f"checkpoint-{step}", root, step)
-                removed = ck.prune(root, cfg.keep_checkpoints, step)
+                removed = ck.prune(root, self.run.cfg.keep_checkpoints, step)
                 result = ("ok", str(dest), man["total_bytes"], removed)
             except DiskFullError as e:
                 result = ("err", e.message, e.hint, [])
         result = broadcast(result)
         if result[0] == "err":
             raise DiskFullError(result[1], result[2])
-        run.last_checkpoint, run.checkpoint_bytes = result[1], result[2]
+        return result[1], result[2], result[3]
+
+    def _record_saved(self, step: int, path: str, nbytes: int, removed: list, t0: float) -> None:
+        """After verification only: the run state, the metrics event and the "saved" log line."""
+        run = self.run
+        run.last_checkpoint, run.checkpoint_bytes = path, nbytes
         run.save_seconds += time.time() - t0
         if run.metrics:
-            run.metrics.write("checkpoint", step=step, path=result[1], bytes=result[2], verified=True,
-                              removed=result[3])
+            run.metrics.write("checkpoint", step=step, path=path, bytes=nbytes, verified=True, removed=removed)
         if run.is_main:
-            log.info("saved checkpoint-%d (%d bytes, verified)", step, result[2])  # only after verification
+            log.info("saved checkpoint-%d (%d bytes, verified)", step, nbytes)
         run.phase = "train"
-
 
     # recipe "pretrain" (no PEFT): save/restore only the trainable weights (the projector), like LLaVA's
     # mm_projector.bin, instead of the whole frozen model in every checkpoint
@@ -188,11 +195,11 @@ class RunCallback(TrainerCallback):
                                    world_size=self.run.world, device=self.run.device)
 
     def on_step_begin(self, args, state, control, **kw):
-        inject = os.environ.get(OOM_ENV)
+        inject = os.environ.get(ENV_TEST_INJECT_OOM_AT_STEP)  # test-only (docs/contracts.md "Launch")
         if inject and state.global_step + 1 == int(inject):
             import torch
 
-            raise torch.OutOfMemoryError(f"test-injected out of memory at step {inject} ({OOM_ENV})")
+            raise torch.OutOfMemoryError(f"test-injected out of memory at step {inject} ({ENV_TEST_INJECT_OOM_AT_STEP})")
 
     def on_step_end(self, args, state, control, **kw):
         self.run.step = state.global_step

@@ -1,23 +1,11 @@
-"""Exit codes of `python -m train` (docs/contracts.md) and the errors that carry them.
-
-The numbers equal `vramplan.errors.ExitCode` (a test pins it); the trainer never imports vramplan.
-"""
+"""The errors of `python -m train` and the exit codes they carry (`vramplan.contract.ExitCode`, the one
+table shared with vramplan; README "Exit codes")."""
 
 from __future__ import annotations
 
-import enum
+from vramplan.contract import ContractError, ExitCode
 
-
-class ExitCode(enum.IntEnum):
-    OK = 0
-    ERROR = 1  # unexpected internal error
-    USAGE = 2  # bad flag / plan / path / dataset record
-    NO_FIT = 3  # (vramplan only)
-    PREFLIGHT_FAILED = 4  # (vramplan only)
-    TRAIN_FAILED = 5  # (vramplan run: the trainer failed otherwise)
-    OUT_OF_MEMORY = 6  # out of GPU/CPU memory; failure.json written
-    DISK_FULL = 7  # a checkpoint could not be written safely; last verified one intact; failure.json written
-    INTERRUPTED = 130  # SIGINT/SIGTERM: stopped at a step boundary
+__all__ = ["DatasetError", "DiskFullError", "ExitCode", "TrainError", "UsageError", "is_oom"]
 
 
 class TrainError(Exception):
@@ -35,6 +23,11 @@ class TrainError(Exception):
 class UsageError(TrainError):
     exit_code = ExitCode.USAGE
     kind = "error"
+
+    @classmethod
+    def from_contract(cls, e: ContractError, prefix: str = "") -> "UsageError":
+        """A shared-file problem (plan, recipe profile) as this trainer's usage error."""
+        return cls(prefix + e.message, e.hint)
 
 
 class DatasetError(UsageError):

@@ -1,19 +1,14 @@
-"""metrics.jsonl / summary.json / failure.json (docs/contracts.md "Run directory"), memory per rank."""
+"""metrics.jsonl (docs/contracts.md "Run directory"), memory per rank, and the collectives the run records need.
+
+summary.json / failure.json are written atomically with `vramplan.contract.write_json`.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Atomic: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 class MetricsLog:

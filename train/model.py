@@ -9,15 +9,18 @@ import logging
 import re
 from pathlib import Path
 
+from vramplan.contract import ALL_LINEAR
+
 from train.config import TrainConfig
 from train.exit_codes import UsageError
 
 log = logging.getLogger("train")
 
-# With transformers 5, llm_int8_skip_modules needs FULL prefixes or it is silently ignored and the vision
-# tower/projector get quantized too (cpu-stack-facts.md §5).
+# With transformers 5, llm_int8_skip_modules needs FULL module-name prefixes (the LLaVA tree is
+# model.{vision_tower, multi_modal_projector, language_model}, transformers models/llava/modeling_llava.py):
+# short names are silently ignored and the vision tower/projector get quantized too.
 SKIP_QUANT = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-PROJ_KEY_MAPS = (  # projector checkpoints -> HF LLaVA (llava-recipes.md §6)
+PROJ_KEY_MAPS = (  # projector checkpoints -> HF LLaVA (XTuner convert_xtuner_weights_to_hf.py key renames)
     (re.compile(r"^(?:.*\.)?projector\.model\.0\.(weight|bias)$"), "linear_1"),  # XTuner ProjectorModel
     (re.compile(r"^(?:.*\.)?projector\.model\.2\.(weight|bias)$"), "linear_2"),
     (re.compile(r"^(?:.*\.)?mm_projector\.0\.(weight|bias)$"), "linear_1"),  # LLaVA mlp2x_gelu mm_projector.bin
@@ -195,11 +198,11 @@ def target_regex(model, cfg: TrainConfig) -> str:
     parts = []
     if cfg.llm_lora:
         t = cfg.llm_lora.targets
-        names = _linear_names(model, "model.language_model.") if t == "all-linear" else set(t)
+        names = _linear_names(model, "model.language_model.") if ALL_LINEAR in t else set(t)
         parts.append(r"model\.language_model\..*\.(?:%s)" % "|".join(sorted(map(re.escape, names))))
     if cfg.vision_lora:
         t = cfg.vision_lora.targets
-        names = _linear_names(model, "model.vision_tower.") if t == "all-linear" else set(t)
+        names = _linear_names(model, "model.vision_tower.") if ALL_LINEAR in t else set(t)
         parts.append(r"model\.vision_tower\..*\.(?:%s)" % "|".join(sorted(map(re.escape, names))))
     return "|".join(f"(?:{p})" for p in parts)
 

@@ -59,7 +59,9 @@ def cli(no_color: bool) -> None:
     if no_color:
         import os
 
-        os.environ["VRAMPLAN_NO_COLOR"] = "1"
+        from vramplan.contract import ENV_NO_COLOR
+
+        os.environ[ENV_NO_COLOR] = "1"
 
 
 def _command_name(argv: list[str]) -> str:

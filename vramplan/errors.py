@@ -1,27 +1,15 @@
 """Exit codes and the error types that carry them.
 
 Library code raises a :class:`VramplanError` subclass; only the CLI boundary turns it into
-one line on stderr (or a JSON envelope on stdout) and an exit code. The table below is the
-documented contract (README "Exit codes"); a test pins it.
+one line on stderr (or a JSON envelope on stdout) and an exit code. The codes are
+`vramplan.contract.ExitCode` (shared with the trainer; README "Exit codes"; a test pins the table).
 """
 
 from __future__ import annotations
 
-import enum
+from vramplan.contract import ExitCode
 
-
-class ExitCode(enum.IntEnum):
-    """Process exit codes of every `vramplan` command (and of the bundled trainer)."""
-
-    OK = 0  # success; for `estimate`, at least one candidate fits
-    ERROR = 1  # unexpected internal error (a bug: please report it with VRAMPLAN_DEBUG=1)
-    USAGE = 2  # bad input: unknown flag/GPU/model, broken profile, missing path, bad dataset
-    NO_FIT = 3  # estimate/plan: no candidate fits the given hardware
-    PREFLIGHT_FAILED = 4  # preflight: at least one check FAILed (or WARNed under --strict)
-    TRAIN_FAILED = 5  # run: the trainer exited with an error that is not OOM or disk-full
-    OUT_OF_MEMORY = 6  # trainer: out of memory (run --auto: every fallback plan ran out of memory)
-    DISK_FULL = 7  # trainer: a checkpoint could not be written safely; last good one kept
-    INTERRUPTED = 130  # Ctrl-C / SIGTERM: stopped cleanly, last verified checkpoint kept
+__all__ = ["ExitCode", "NoFitError", "PreflightFailed", "ProfileError", "UsageError", "VramplanError"]
 
 
 class VramplanError(Exception):

@@ -30,7 +30,7 @@ def test_cuda_4bit_layers_and_reload(tiny, tmp_path):
     import torch
 
     from train.config import LoraSpec, TrainConfig
-    from train.recipe import run
+    from train.training import run
 
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), dataset=str(tiny / "data.json"), images=str(tiny / "images"),
                       model_path=str(tiny / "model"), recipe="qlora", quant="nf4", compute_dtype="bf16",

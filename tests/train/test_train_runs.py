@@ -13,6 +13,8 @@ import time
 import pytest
 from trainhelpers import REPO, base_args, read_jsonl, run_train, train_env
 
+from vramplan.contract import ENV_TEST_FREE_BYTES, ENV_TEST_INJECT_OOM_AT_STEP
+
 from train import checkpoint as ck
 
 
@@ -47,7 +49,7 @@ def test_qlora_nf4_learns_and_adapter_reloads_in_fresh_process(tiny, tmp_path):
     import torch
 
     from train.config import LoraSpec, TrainConfig
-    from train.recipe import run
+    from train.training import run
 
     out = tmp_path / "run"
     cfg = TrainConfig(output_dir=str(out), dataset=str(tiny / "data.json"), images=str(tiny / "images"),
@@ -102,7 +104,7 @@ def test_qlora_nf4_learns_and_adapter_reloads_in_fresh_process(tiny, tmp_path):
 def test_oom_injection_exit_6_with_failure_record(tiny, tmp_path):
     out = tmp_path / "run"
     p = run_train(base_args(tiny, out, "--max-steps", "5", "--save-steps", "10"),
-                  env=train_env(VRAMPLAN_TEST_INJECT_OOM_AT_STEP=3))
+                  env=train_env(**{ENV_TEST_INJECT_OOM_AT_STEP: 3}))
     assert p.returncode == 6, p.stderr[-2000:]
     f = json.loads((out / "failure.json").read_text())
     assert f["kind"] == "oom" and f["phase"] == "train" and f["step"] == 2 and f["exit_code"] == 6
@@ -116,7 +118,7 @@ def test_disk_full_exit_7_keeps_last_checkpoint(tiny, tmp_path):
     """Free space (test hook) is too small for the 2nd checkpoint: exit 7, checkpoint-2 intact, no 'saved' for 4."""
     out = tmp_path / "run"
     p = run_train(base_args(tiny, out, "--max-steps", "6", "--save-steps", "2", "--keep-checkpoints", "1"),
-                  env=train_env(VRAMPLAN_TEST_FREE_BYTES=10_000))
+                  env=train_env(**{ENV_TEST_FREE_BYTES: 10_000}))
     # the first save has no expected size (no plan estimate, no earlier checkpoint); the second uses the first's size
     assert p.returncode == 7, p.stderr[-2000:]
     f = json.loads((out / "failure.json").read_text())

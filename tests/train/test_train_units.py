@@ -14,20 +14,42 @@ from train.config import LoraSpec, TrainConfig
 from train.exit_codes import DatasetError, DiskFullError, ExitCode, UsageError
 
 
-def test_exit_codes_equal_vramplan():
+def test_exit_codes_are_the_shared_table():
+    from vramplan import contract
     from vramplan.errors import ExitCode as V
 
-    assert {e.name: int(e) for e in ExitCode} == {e.name: int(e) for e in V}
+    assert ExitCode is V is contract.ExitCode  # one enum, re-exported by both sides
+    assert {e.name: int(e) for e in ExitCode} == {
+        "OK": 0, "ERROR": 1, "USAGE": 2, "NO_FIT": 3, "PREFLIGHT_FAILED": 4, "TRAIN_FAILED": 5,
+        "OUT_OF_MEMORY": 6, "DISK_FULL": 7, "INTERRUPTED": 130}
 
 
-def test_trainer_does_not_import_vramplan():
+def test_trainer_imports_only_the_contract_of_vramplan():
+    """train/ may import vramplan.contract (stdlib only) and nothing else of vramplan."""
     import ast
 
+    offenders = []
     for f in Path(__file__).resolve().parents[2].joinpath("train").rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any(n.split(".")[0] == "vramplan" for n in names), f"{f} imports vramplan"
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                mods = [f"{node.module}.{a.name}" if node.module == "vramplan" else node.module for a in node.names]
+            else:
+                continue
+            offenders += [f"{f.name}:{node.lineno} {m}" for m in mods
+                          if m.split(".")[0] == "vramplan" and m != "vramplan.contract"]
+    assert not offenders, offenders
+
+
+def test_contract_imports_no_other_vramplan_module():
+    import subprocess
+    import sys
+
+    code = ("import sys, vramplan.contract, train.config, train.data, train.exit_codes, train.checkpoint; "
+            "print(sorted(m for m in sys.modules if m.startswith('vramplan')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['vramplan', 'vramplan.contract']"
 
 
 def _cfg(tiny, **kw) -> TrainConfig:
@@ -105,7 +127,7 @@ def test_truncation_never_cuts_image_tokens(tok_ip):
 
 
 @pytest.mark.parametrize("rec,needle", [
-    ({"id": "a", "image": "img_0000.png"}, "'conversations' missing"),
+    ({"id": "a", "image": "img_0000.png"}, "'conversations' is missing"),
     ({"id": "b", "conversations": [{"from": "human", "value": "hi"}]}, "no assistant"),
     ({"id": "c", "image": "nope.png", "conversations": [{"from": "gpt", "value": "x"}]}, "not found"),
     ({"id": "d", "conversations": [{"from": "robot", "value": "x"}]}, "turn 0"),
@@ -297,10 +319,20 @@ def test_finalize_failure_is_disk_full_and_cleans_up(tmp_path, monkeypatch):
     assert not (root / "checkpoint-3").exists() and not staged.parent.exists()
 
 
-def test_lora_spec_from_plan_dict():
+def test_lora_spec_from_plan_dict(tiny, tmp_path):
+    from vramplan.contract import ContractError
+
+    from train.config import from_plan
+
     assert LoraSpec.from_dict({"r": 8, "alpha": 16, "targets": ["q_proj"]}, "x") == LoraSpec(8, 16, 0.05, ("q_proj",))
-    with pytest.raises(UsageError, match="recipe.llm_lora"):
+    assert LoraSpec(8, 16).targets == LoraSpec(8, 16, 0.05, "all-linear").targets == ("all-linear",)
+    with pytest.raises(ContractError, match="recipe.llm_lora"):
         LoraSpec.from_dict({"alpha": 1}, "plan recipe.llm_lora")
+    plan = {"schema": "vramplan-plan/1", "model": {"path": str(tiny / "model")}, "recipe": {"llm_lora": {"alpha": 1}},
+            "data": {"dataset": str(tiny / "data.json")}, "output_dir": str(tmp_path)}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UsageError, match=r"plan.json: recipe.llm_lora: needs r, alpha"):
+        from_plan(str(tmp_path / "plan.json"), {})
 
 
 def test_flags_accept_deepspeed_local_rank_and_plan_overrides(tiny, tmp_path):
@@ -367,3 +399,79 @@ def test_sigint_then_forwarded_sigterm_is_one_stop_request(tmp_path):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _ns(*args: str):
+    import argparse
+
+    from train.config import add_flags
+
+    ap = argparse.ArgumentParser()
+    add_flags(ap)
+    return ap.parse_args(list(args))
+
+
+@pytest.mark.parametrize("recipe", ["qlora", "lora", "pretrain", "full"])
+def test_recipe_defaults_equal_what_vramplan_plans(tmp_path, recipe):
+    """`python -m train --recipe R` without a plan trains with the recipe profile vramplan plans with."""
+    from vramplan.contract import RECIPE_TRAIN_KEYS
+    from vramplan.inputs.profiles import load_recipe
+
+    from train.config import from_args
+
+    (tmp_path / "d.json").write_text("[]")
+    flags = ["--model", str(tmp_path), "--dataset", str(tmp_path / "d.json"), "--output", str(tmp_path / "o")]
+    spec = load_recipe(recipe)
+    for cfg in (from_args(_ns(*flags, "--recipe", recipe)),
+                TrainConfig(output_dir=str(tmp_path), dataset=str(tmp_path / "d.json"), model_path=str(tmp_path),
+                            recipe=recipe)):
+        for key in (*RECIPE_TRAIN_KEYS, "llm_lora", "vision_lora"):
+            assert getattr(cfg, key) == getattr(spec, key), key
+    if recipe == "qlora":
+        assert (cfg.llm_lora.r, cfg.llm_lora.alpha, cfg.vision_lora.r) == (512, 256, 64)
+
+
+def test_lora_flags_adjust_or_drop_the_recipe_lora(tmp_path):
+    from train.config import from_args
+
+    (tmp_path / "d.json").write_text("[]")
+    flags = ["--model", str(tmp_path), "--dataset", str(tmp_path / "d.json"), "--output", str(tmp_path / "o")]
+    cfg = from_args(_ns(*flags, "--lora-r", "64", "--vision-lora-r", "0"))
+    assert (cfg.llm_lora.r, cfg.llm_lora.alpha, cfg.llm_lora.targets, cfg.vision_lora) == (64, 256, ("all-linear",), None)
+    cfg = from_args(_ns(*flags, "--vision-lora-alpha", "8"))
+    assert (cfg.vision_lora.r, cfg.vision_lora.alpha, cfg.llm_lora.r) == (64, 8, 512)
+
+
+def test_plan_without_recipe_keys_takes_the_recipe_profile(tmp_path):
+    from vramplan.contract import recipe_defaults
+
+    from train.config import from_plan
+
+    (tmp_path / "d.json").write_text("[]")
+    plan = {"schema": "vramplan-plan/1", "model": {"path": str(tmp_path)}, "data": {"dataset": str(tmp_path / "d.json")},
+            "recipe": {"name": "lora", "learning_rate": 1e-4, "vision_lora": None}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cfg = from_plan(str(tmp_path / "plan.json"), {})
+    lora = recipe_defaults("lora")
+    assert cfg.learning_rate == 1e-4 and cfg.vision_lora is None  # the plan's values (null: no such LoRA)
+    assert (cfg.quant, cfg.llm_lora, cfg.save_steps) == (lora["quant"], lora["llm_lora"], lora["save_steps"])
+
+
+def test_workers_and_attn_flags_reach_the_dataloader_and_the_model(tiny, tmp_path):
+    from train import engine
+    from train.config import from_args
+    from train.model import load_base
+
+    cfg = from_args(_ns("--model", str(tiny / "model"), "--dataset", str(tiny / "data.json"), "--images",
+                        str(tiny / "images"), "--output", str(tmp_path), "--recipe", "lora", "--compute-dtype", "fp32",
+                        "--workers", "2", "--attn", "eager"))
+    assert (cfg.dataloader_workers, cfg.attn_implementation) == (2, "eager")
+    model, tok, ip = load_base(cfg.model_path, cfg, "cpu")
+    assert model.config.text_config._attn_implementation == "eager"
+    records = D.load_records(cfg.dataset, cfg.images)
+    ds = D.LlavaDataset(records, tok, ip, "llama3", model.config.image_token_index, 4, 512, cfg.images)
+    trainer = engine.SafeCheckpointTrainer(model=model, args=engine.training_args(cfg, "cpu", 1), train_dataset=ds,
+                                           data_collator=lambda b: D.collate(b, tok.pad_token_id))
+    assert trainer.get_train_dataloader().num_workers == 2
+    with pytest.raises(UsageError, match="--workers"):
+        _cfg(tiny, dataloader_workers=-1)

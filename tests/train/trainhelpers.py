@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vramplan.contract import ENV_TEST_FREE_BYTES, ENV_TEST_INJECT_OOM_AT_STEP
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -16,8 +18,8 @@ def train_env(**extra) -> dict:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VRAMPLAN_TEST_FREE_BYTES",
-              "VRAMPLAN_TEST_INJECT_OOM_AT_STEP"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", ENV_TEST_FREE_BYTES,
+              ENV_TEST_INJECT_OOM_AT_STEP):
         env.pop(k, None)
     env.update({k: str(v) for k, v in extra.items()})
     return env

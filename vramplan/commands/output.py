@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
+from vramplan.contract import ENV_DEBUG, ENV_NO_COLOR
 from vramplan.errors import ExitCode, VramplanError
 
 SCHEMA = "vramplan/1"
@@ -24,11 +25,11 @@ ENVELOPE_KEYS = ("schema", "command", "status", "exit_code", "data", "warnings",
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("VRAMPLAN_DEBUG", "") not in ("", "0")
+    return os.environ.get(ENV_DEBUG, "") not in ("", "0")
 
 
 def _no_color() -> bool:
-    return bool(os.environ.get("NO_COLOR")) or os.environ.get("VRAMPLAN_NO_COLOR", "") not in ("", "0")
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get(ENV_NO_COLOR, "") not in ("", "0")
 
 
 def _width(stream) -> int | None:

@@ -14,7 +14,6 @@ from vramplan.commands.output import CommandResult, run_command
 from vramplan.plan.plan_json import load_plan
 from vramplan.preflight import CHECK_NAMES
 
-PLAN_SCHEMA = "vramplan-plan/1"
 # estimate flags that only describe paths the checks also read: giving them alone still means
 # "the default estimate for this machine", not "an explicit plan request"
 _PATH_FLAGS = {"dataset", "images", "output_dir"}

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from vramplan.estimate.families.clip import VisionSpec
 from vramplan.estimate.families.llama import TextSpec
 from vramplan.estimate.families.llava import ProjectorSpec
+from vramplan.contract import LoraSpec  # noqa: F401 - re-exported: one LoRA spec for planner and trainer
+
 
 __all__ = ["HardwareSpec", "LoraSpec", "ModelSpec", "ProjectorSpec", "RecipeSpec", "TextSpec", "VisionSpec"]
 
@@ -71,14 +73,6 @@ class HardwareSpec:
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * 2**30)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int
-    alpha: int
-    dropout: float
-    targets: tuple[str, ...]  # module-name suffixes; ("all-linear",) = every Linear except lm_head
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,9 @@
 
 Format (haotian-liu/LLaVA `LazySupervisedDataset`; the bundled trainer's `train/data.py`):
 a JSON list of records `{"id", "image" (path relative to the images folder; optional),
-"conversations": [{"from": "human"|"gpt", "value": str}, ...]}`. The turns alternate human/gpt
-(starting with human, after an optional leading "system" turn; "user"/"assistant" are accepted as
-aliases). A record with an `image` carries exactly one `<image>` placeholder, in its first human
-turn; a record without one carries none.
+"conversations": [{"from": "human"|"gpt", "value": str}, ...]}`. The record rules are the trainer's
+(`vramplan.contract.check_record`): turns alternate human/gpt, an `image` has exactly one `<image>`
+placeholder in the first human turn, and so on; this module adds the image files and the measurements.
 
 No torch here. Pillow is optional: with it every image is opened and verified
 (`Image.verify()`), without it images are only checked for existence and size (the report says so).
@@ -15,14 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vramplan.contract import IMAGE_TOKEN, check_record
 from vramplan.errors import UsageError
 from vramplan.units import fmt_bytes
-
-IMAGE_TOKEN = "<image>"
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 # Text tokens are approximated from characters, without loading a tokenizer:
 # ~4 characters per token for English text with GPT-style byte-level BPE (OpenAI, "What are tokens and
@@ -34,7 +31,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 # text and code tokenize denser: treat the number as an estimate, not a count.
 CHARS_PER_TOKEN = 4.0
 # Chat-template tokens per turn: Llama-3 `<|start_header_id|>role<|end_header_id|>\n\n ... <|eot_id|>`
-# is 5 special/header tokens (train/data.py template_segments); vicuna_v1's " USER: "/" ASSISTANT:" is similar.
+# is 5 special/header tokens (vramplan.contract.template_segments); vicuna_v1's " USER: "/" ASSISTANT:" is similar.
 TEMPLATE_TOKENS_PER_TURN = 5
 
 
@@ -106,30 +103,6 @@ def _stats(values: list[float]) -> dict:
     return {"mean": sum(v) / len(v), "p50": pct(50), "p95": pct(95), "max": float(v[-1])}
 
 
-def _check_turns(conv) -> tuple[list[str], list[tuple[str, str]]]:
-    """Problems with the conversation structure, and the (role, text) turns that could be read."""
-    if not isinstance(conv, list) or not conv:
-        return ["'conversations' is missing or not a non-empty list"], []
-    problems: list[str] = []
-    turns: list[tuple[str, str]] = []
-    for j, t in enumerate(conv):
-        if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
-            problems.append(f"turn {j} needs 'from' (human/gpt) and a string 'value'")
-            return problems, turns
-        turns.append((ROLES[t["from"]], t["value"]))
-    body = turns[1:] if turns[0][0] == "system" else turns
-    for j, (role, _) in enumerate(body):
-        want = "user" if j % 2 == 0 else "assistant"
-        if role != want:
-            k = j + (len(turns) - len(body))
-            problems.append(f"turn {k} is {conv[k]['from']!r} but the turns must alternate human/gpt "
-                            f"starting with human (expected {'human' if want == 'user' else 'gpt'})")
-            break
-    if not any(r == "assistant" for r, _ in body):
-        problems.append("no gpt turn to train on")
-    return problems, turns
-
-
 def _open_image(path: Path) -> str | None:
     """None when Pillow opens and verifies the file, else the error text."""
     from PIL import Image
@@ -142,14 +115,8 @@ def _open_image(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def scan_dataset(json_path: Path, images_dir: Path | None, *, open_images: bool = True,
-                 max_errors: int = 5) -> DatasetReport:
-    """Validate every record of a LLaVA-format JSON file and measure it.
-
-    Image paths resolve against `images_dir`, or the JSON file's folder when it is None (noted).
-    Raises DatasetError for a file that cannot be read, is not JSON, or is not a list of records.
-    """
-    json_path = Path(json_path)
+def _read_records(json_path: Path) -> list:
+    """The JSON list of records; DatasetError for a file that is unreadable, not JSON or not a list."""
     try:
         raw = json_path.read_bytes()
     except OSError as e:
@@ -165,86 +132,101 @@ def scan_dataset(json_path: Path, images_dir: Path | None, *, open_images: bool 
     if not isinstance(data, list):
         raise DatasetError(f"--dataset {json_path}: the top level is a JSON {type(data).__name__}, not a list of records",
                            "LLaVA format is a JSON list: [{\"id\": ..., \"image\": ..., \"conversations\": [...]}, ...]")
+    return data
 
-    notes: list[str] = []
-    root = Path(images_dir) if images_dir is not None else json_path.parent
-    if images_dir is None:
-        notes.append(f"no images folder given: image paths resolved against the dataset's folder {root}")
-    pil = False
-    if open_images:
-        try:
-            import PIL.Image  # noqa: F401
 
-            pil = True
-        except ImportError:
-            notes.append("Pillow is not installed: images checked for existence and size only, not opened")
-    elif data:
-        notes.append("images checked for existence and size only (not opened)")
+def _image_mode(open_images: bool, any_records: bool) -> tuple[bool, list[str]]:
+    """(open images with Pillow?, notes saying when they are not)."""
+    if not open_images:
+        return False, ["images checked for existence and size only (not opened)"] if any_records else []
+    try:
+        import PIL.Image  # noqa: F401
 
-    errors: list[str] = []
-    error_count = 0
+        return True, []
+    except ImportError:
+        return False, ["Pillow is not installed: images checked for existence and size only, not opened"]
 
-    def bad(i: int, rec, problem: str) -> None:
-        nonlocal error_count
-        error_count += 1
-        if len(errors) < max_errors:
+
+@dataclass
+class _Tally:
+    """Counts and problems gathered over the records."""
+
+    max_errors: int
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+    chars: list[float] = field(default_factory=list)
+    tokens: list[float] = field(default_factory=list)
+    with_image: int = 0
+    found: int = 0
+    missing: int = 0
+    unreadable: int = 0
+    image_bytes: int = 0
+    seen: set = field(default_factory=set)
+
+    def bad(self, i: int, rec, problem: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < self.max_errors:
             rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
-            errors.append(f"record #{i} (id={rid!r}): {problem}")
+            self.errors.append(f"record #{i} (id={rid!r}): {problem}")
 
-    if not data:
-        bad(0, None, "the dataset has no records")
-    chars: list[float] = []
-    tokens: list[float] = []
-    with_image = found = missing = unreadable = 0
-    image_bytes = 0
-    seen: set[Path] = set()
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            bad(i, rec, f"not a JSON object but a {type(rec).__name__}")
-            continue
-        problems, turns = _check_turns(rec.get("conversations"))
+
+def _image_problems(image: str, root: Path, pil: bool, t: _Tally) -> list[str]:
+    """Find (and with Pillow, open) one record's image file; count it."""
+    path = Path(image) if Path(image).is_absolute() else root / image
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError:
+        size = None
+    if size is None:
+        t.missing += 1
+        return [f"image {image!r} not found in {root}"]
+    t.found += 1
+    if path not in t.seen:
+        t.seen.add(path)
+        t.image_bytes += size
+    err = _open_image(path) if pil else None
+    if err:
+        t.unreadable += 1
+        return [f"image {image!r} does not open: {err}"]
+    return []
+
+
+def _scan_record(i: int, rec, root: Path, pil: bool, t: _Tally) -> None:
+    problems, turns = check_record(rec)
+    if isinstance(rec, dict):
         n_chars = sum(len(v.replace(IMAGE_TOKEN, "")) for _, v in turns)
-        chars.append(n_chars)
-        tokens.append(math.ceil(n_chars / CHARS_PER_TOKEN) + TEMPLATE_TOKENS_PER_TURN * len(turns) + 1)
-        n_img = sum(v.count(IMAGE_TOKEN) for _, v in turns)
+        t.chars.append(n_chars)
+        t.tokens.append(math.ceil(n_chars / CHARS_PER_TOKEN) + TEMPLATE_TOKENS_PER_TURN * len(turns) + 1)
         image = rec.get("image")
         if image is not None:
-            with_image += 1
-            first_user = next((v for r, v in turns if r == "user"), "")
-            if not isinstance(image, str) or not image:
-                problems.append(f"'image' must be one file name, got {json.dumps(image)[:60]}")
-            else:
-                if n_img == 0 and turns:
-                    problems.append(f"has an image but no {IMAGE_TOKEN} in the text (put one in the first human turn)")
-                elif n_img > 1:
-                    problems.append(f"has {n_img} {IMAGE_TOKEN} placeholders for one image (exactly one is needed)")
-                elif n_img == 1 and IMAGE_TOKEN not in first_user:
-                    problems.append(f"its {IMAGE_TOKEN} is not in the first human turn")
-                path = Path(image) if Path(image).is_absolute() else root / image
-                try:
-                    size = path.stat().st_size if path.is_file() else None
-                except OSError:
-                    size = None
-                if size is None:
-                    missing += 1
-                    problems.append(f"image {image!r} not found in {root}")
-                else:
-                    found += 1
-                    if path not in seen:
-                        seen.add(path)
-                        image_bytes += size
-                    if pil:
-                        err = _open_image(path)
-                        if err:
-                            unreadable += 1
-                            problems.append(f"image {image!r} does not open: {err}")
-        elif n_img:
-            problems.append(f"has {n_img} {IMAGE_TOKEN} in the text but no 'image' field")
-        if problems:
-            bad(i, rec, "; ".join(problems))
+            t.with_image += 1
+            if isinstance(image, str) and image:
+                problems += _image_problems(image, root, pil, t)
+    if problems:
+        t.bad(i, rec, "; ".join(problems))
 
+
+def scan_dataset(json_path: Path, images_dir: Path | None, *, open_images: bool = True,
+                 max_errors: int = 5) -> DatasetReport:
+    """Validate every record of a LLaVA-format JSON file and measure it.
+
+    Image paths resolve against `images_dir`, or the JSON file's folder when it is None (noted).
+    Raises DatasetError for a file that cannot be read, is not JSON, or is not a list of records.
+    """
+    json_path = Path(json_path)
+    data = _read_records(json_path)
+    root = Path(images_dir) if images_dir is not None else json_path.parent
+    notes = [] if images_dir is not None else \
+        [f"no images folder given: image paths resolved against the dataset's folder {root}"]
+    pil, mode_notes = _image_mode(open_images, bool(data))
+    notes += mode_notes
+    t = _Tally(max_errors)
+    if not data:
+        t.bad(0, None, "the dataset has no records")
+    for i, rec in enumerate(data):
+        _scan_record(i, rec, root, pil, t)
     return DatasetReport(
-        path=str(json_path), images_dir=str(root), samples=len(data), with_image=with_image, images_found=found,
-        images_missing=missing, images_unreadable=unreadable, image_bytes=image_bytes, images_opened=pil,
-        text_chars=_stats(chars), text_tokens=_stats(tokens), error_count=error_count, errors=tuple(errors),
+        path=str(json_path), images_dir=str(root), samples=len(data), with_image=t.with_image, images_found=t.found,
+        images_missing=t.missing, images_unreadable=t.unreadable, image_bytes=t.image_bytes, images_opened=pil,
+        text_chars=_stats(t.chars), text_tokens=_stats(t.tokens), error_count=t.error_count, errors=tuple(t.errors),
         notes=tuple(notes))

@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
+from vramplan.contract import TEMPLATES, ContractError, LoraSpec, profile_dirs, tomllib
 from vramplan.errors import ProfileError, UsageError
-from vramplan.estimate.specs import HardwareSpec, LoraSpec, ModelSpec, ProjectorSpec, RecipeSpec, VisionSpec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from vramplan.estimate.specs import HardwareSpec, ModelSpec, ProjectorSpec, RecipeSpec, VisionSpec
 
 SCHEMA_VERSION = 1
 SUBDIR = {"model": "models", "llm": "models", "vision": "models", "hardware": "hardware", "recipe": "recipes"}
@@ -56,7 +51,7 @@ VISION = _family_schema("vision", "clip")
 PROJECTOR = {"kind": _f(str, choices=("mlp2x_gelu", "linear"))}  # LLaVA's (families/llava.py KINDS)
 HF_IDS = {"llava": _f(str, False), "llm": _f(str, False), "vision": _f(str, False)}
 MODEL = {**COMMON, "stored_dtype": _f(str, False, choices=("bf16", "fp16", "fp32")),
-         "chat_template": _f(str, False, choices=("llama3", "vicuna_v1")), "image_token_added": _f(bool, False),
+         "chat_template": _f(str, False, choices=TEMPLATES), "image_token_added": _f(bool, False),
          "hf_ids": HF_IDS, "text": TEXT, "vision": VISION, "projector": PROJECTOR}
 NUM = (int, float)
 HARDWARE = {**COMMON, "vendor": _f(str, choices=("nvidia", "ascend")), "display_name": _f(str),
@@ -86,21 +81,12 @@ SOURCED_TABLES = {"model": ("text", "vision", "projector"), "llm": ("text",), "v
 
 
 def profiles_dirs() -> list[Path]:
-    """Existing profile roots in lookup order ($VRAMPLAN_PROFILES, repo profiles/, bundled copy)."""
-    import vramplan
-
-    pkg = Path(vramplan.__file__).resolve().parent
-    cands = [Path(p).expanduser() for p in os.environ.get("VRAMPLAN_PROFILES", "").split(os.pathsep) if p.strip()]
-    for c in cands:
-        if not c.is_dir():
-            raise UsageError(f"VRAMPLAN_PROFILES: {c} is not a directory",
-                             "point it at a dir holding models/, hardware/ or recipes/, or unset it")
-    cands += [pkg.parent / "profiles", pkg / "_profiles"]
-    out: list[Path] = []
-    for c in cands:
-        if c.is_dir() and c.resolve() not in [o.resolve() for o in out]:
-            out.append(c)
-    return out
+    """Existing profile roots in lookup order (vramplan.contract.profile_dirs: $VRAMPLAN_PROFILES, repo
+    profiles/, bundled copy)."""
+    try:
+        return profile_dirs()
+    except ContractError as e:
+        raise UsageError(e.message, e.hint) from None
 
 
 def _index(subdir: str) -> dict[str, Path]:

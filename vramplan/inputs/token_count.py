@@ -1,7 +1,8 @@
 """Tokens per dataset record, as the trainer will see them (chat template included, image excluded).
 
-The templates mirror train/data.py's `template_segments` and `encode` (vramplan never imports
-train/; tests/estimate/test_token_count.py checks the counts equal the trainer's input_ids). With a local model dir that has `tokenizer.json`, records are tokenized
+The chat templates are the trainer's own (`vramplan.contract.chat_turns` and `template_segments`, which
+train/data.py `encode` tokenizes; tests/estimate/test_token_count.py checks the counts equal the
+trainer's input_ids). With a local model dir that has `tokenizer.json`, records are tokenized
 exactly with the `tokenizers` library (Rust, no torch); otherwise text is approximated at 4
 characters per token (OpenAI's rule of thumb for English BPE) with each template special token
 counted as one token.
@@ -14,11 +15,9 @@ import math
 import re
 from pathlib import Path
 
+from vramplan.contract import IMAGE_TOKEN, chat_turns, template_segments
 from vramplan.inputs.dataset import CHARS_PER_TOKEN
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SPECIAL = re.compile(r"<\|[a-z_]+\|>|</?s>")
 MAX_RECORDS = 5000  # records tokenized for the statistics (a deterministic stride sample beyond)
 
@@ -26,27 +25,8 @@ MAX_RECORDS = 5000  # records tokenized for the statistics (a deterministic stri
 def pieces(record: dict, template: str, bos: str = "<s>") -> list[str]:
     """The record's text pieces as the trainer tokenizes them: each template segment, split at
     `<image>` (whose tokens are counted separately as the model's image tokens)."""
-    turns = [(ROLES.get(str(t.get("from", "")).lower(), "user"), str(t.get("value", "")))
-             for t in record.get("conversations", []) if isinstance(t, dict)]
-    if record.get("image") and not any("<image>" in v for _, v in turns):
-        first = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
-        if first is not None:
-            turns[first] = (turns[first][0], "<image>\n" + turns[first][1])  # LLaVA puts the image first
-    segs: list[str] = []
-    if template == "llama3":
-        segs.append("<|begin_of_text|>")
-        for role, text in turns:
-            head = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-            segs += [head, f"{text}<|eot_id|>"] if role == "assistant" else [f"{head}{text}<|eot_id|>"]
-    else:
-        system = next((t for r, t in turns if r == "system"), VICUNA_SYSTEM)
-        segs.append(f"{bos}{system}")
-        for role, text in turns:
-            if role == "user":
-                segs.append(f" USER: {text} ASSISTANT:")
-            elif role == "assistant":
-                segs.append(f" {text}</s>")
-    return [p for seg in segs for p in seg.split("<image>") if p]
+    segs = template_segments(chat_turns(record), template, bos)
+    return [p for seg in segs for p in seg.text.split(IMAGE_TOKEN) if p]
 
 
 def _approx(text: str) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from vramplan.contract import ENV_DEBUG
 from vramplan.preflight import accelerators, ascend, data, disk, memory, mkl, packages, torch_stack
 from vramplan.preflight.base import STATUSES, CheckResult, Context
 from vramplan.preflight.probes import ProbeSet, start_npu_smi, start_python_probe
@@ -113,7 +114,7 @@ def _start_probes(ctx: Context, names: set) -> None:
 
 
 def _crashed(name: str, e: BaseException) -> CheckResult:
-    if os.environ.get("VRAMPLAN_DEBUG", "") not in ("", "0"):
+    if os.environ.get(ENV_DEBUG, "") not in ("", "0"):
         traceback.print_exc(file=sys.stderr)
     return CheckResult(name, "FAIL", f"the check itself crashed: {type(e).__name__}: {e}",
                        "rerun with VRAMPLAN_DEBUG=1 for a traceback and report it")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vramplan.inputs.devices import npu_smi_argv
+from vramplan.contract import ENV_PREFLIGHT_TIMEOUT
 
 MARK = "@@vramplan-probe@@"
 SCRIPT = Path(__file__).with_name("_probe_script.py")
@@ -25,7 +26,7 @@ DEFAULT_TIMEOUT_S = 60.0
 
 def probe_timeout() -> float:
     try:
-        return float(os.environ.get("VRAMPLAN_PREFLIGHT_TIMEOUT", DEFAULT_TIMEOUT_S))
+        return float(os.environ.get(ENV_PREFLIGHT_TIMEOUT, DEFAULT_TIMEOUT_S))
     except ValueError:
         return DEFAULT_TIMEOUT_S
 

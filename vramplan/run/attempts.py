@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vramplan.commands.output import message
+from vramplan.contract import ENV_TEST_INJECT_OOM_AT_STEP, ENV_TEST_INJECT_OOM_ATTEMPTS, write_json
 from vramplan.errors import ExitCode, UsageError, VramplanError
 from vramplan.run.launch import Launch, build_launch, child_env, write_launch_files
 from vramplan.run.process import launch_and_wait
@@ -49,13 +50,6 @@ def read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def plan_shape(plan: dict) -> dict:
@@ -127,15 +121,12 @@ def classify(returncode: int, run_dir: Path, started: float, interrupted: bool) 
     return EXIT_KIND.get(returncode, "error") if returncode != 0 else "error", failure, summary
 
 
-INJECT_OOM = "VRAMPLAN_TEST_INJECT_OOM_AT_STEP"  # test-only (docs/contracts.md): the trainer raises an OOM at step N
-INJECT_OOM_ATTEMPTS = "VRAMPLAN_TEST_INJECT_OOM_ATTEMPTS"  # test-only: pass INJECT_OOM to the first K attempts (1)
-
 
 def trainer_env(launch: Launch, settings: RunSettings, attempt: int) -> dict[str, str]:
     env = child_env(launch)
     env.update(settings.extra_env)
-    if INJECT_OOM in env and attempt > int(env.get(INJECT_OOM_ATTEMPTS) or 1):
-        del env[INJECT_OOM]  # the injected OOM stands for "this plan does not fit"; fallbacks do
+    if ENV_TEST_INJECT_OOM_AT_STEP in env and attempt > int(env.get(ENV_TEST_INJECT_OOM_ATTEMPTS) or 1):
+        del env[ENV_TEST_INJECT_OOM_AT_STEP]  # the injected OOM stands for "this plan does not fit"; fallbacks do
     return env
 
 

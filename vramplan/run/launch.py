@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vramplan.contract import free_port
 from vramplan.errors import UsageError
 
 DEFAULT_MULTINODE_PORT = 29500
@@ -84,13 +84,6 @@ class Launch:
             "node_commands": [shell_join(c) for c in self.node_commands],
             "hostfile": self.hostfile, "notes": list(self.notes),
         }
-
-
-def free_port() -> int:
-    """A TCP port free on this host right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_cores() -> int:

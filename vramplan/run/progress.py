@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vramplan.units import fmt_bytes, fmt_clock
+from vramplan.contract import ENV_PROGRESS_INTERVAL
 
 
 def tail_events(path: Path, offset: int) -> tuple[list[dict], int]:
@@ -113,7 +114,7 @@ class ProgressView:
         self.world_size = world_size
         self.label = label
         self.stream = stream or sys.stderr
-        self.interval = float(os.environ.get("VRAMPLAN_PROGRESS_INTERVAL", interval))
+        self.interval = float(os.environ.get(ENV_PROGRESS_INTERVAL, interval))
         if tty is None:
             try:
                 tty = self.stream.isatty()

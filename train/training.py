@@ -1,4 +1,4 @@
-"""One training run, start to finish (torchtune-style recipe): load -> data -> train -> export -> summary.
+"""One training run, start to finish: load -> data -> train -> export -> summary.
 
 `run(cfg)` returns the exit code and writes the run dir files; failures become failure.json records.
 """
@@ -7,26 +7,25 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 import traceback
+
+from vramplan.contract import free_port, write_json
 
 from train import checkpoint as ck
 from train.config import TrainConfig
 from train.exit_codes import DiskFullError, ExitCode, TrainError, is_oom
-from train.metrics import MetricsLog, barrier, local_memory, write_json
+from train.metrics import MetricsLog, barrier, local_memory
 
 log = logging.getLogger("train")
 
 
 def _dist_env(cfg: TrainConfig) -> tuple[int, int, int]:
     """(rank, world, local_rank). A single plain process with DeepSpeed gets a 1-process group env
-    (else DeepSpeed tries MPI discovery and fails on mpi4py; cpu-stack-facts.md §4)."""
+    (without RANK/WORLD_SIZE DeepSpeed's deepspeed/comm/comm.py init_distributed falls back to
+    mpi_discovery, which needs mpi4py)."""
     if cfg.ds_config is not None and "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -94,12 +93,6 @@ def _resume_point(cfg: TrainConfig, is_main: bool) -> str | None:
     return str(path) if path else None
 
 
-def engine_disk_full(e: BaseException) -> bool:
-    from train.engine import _is_disk_full
-
-    return _is_disk_full(e)
-
-
 def run(cfg: TrainConfig) -> tuple[int, object]:
     """Train; returns (exit code, trained model or None). Never raises for OOM/disk/usage/interrupt."""
     from train import engine
@@ -130,7 +123,7 @@ def run(cfg: TrainConfig) -> tuple[int, object]:
         _failure(state, "interrupted", "interrupted by a second signal", ExitCode.INTERRUPTED, t0)
         return int(ExitCode.INTERRUPTED), None
     except BaseException as e:  # noqa: BLE001 - OOM and crashes become failure.json
-        if engine_disk_full(e):
+        if ck.is_disk_full(e):
             _failure(state, "disk_full", f"disk full: {str(e).splitlines()[0][:300]}", ExitCode.DISK_FULL, t0)
             log.error("disk full in phase %s at step %d: %s", state.phase, state.step, str(e).splitlines()[0][:300])
             return int(ExitCode.DISK_FULL), None
@@ -195,7 +188,7 @@ def _train(cfg: TrainConfig, state, local_rank: int, t0: float):
         if state.is_main:
             ck.publish(staged, final, state.step)  # MANIFEST.json: the adapter is verified like a checkpoint
     except OSError as e:
-        if not engine._is_disk_full(e):
+        if not ck.is_disk_full(e):
             raise
         raise DiskFullError(f"final/ could not be written: {e}", "free disk space, then rerun with --resume") from e
     barrier()

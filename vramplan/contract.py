@@ -1,0 +1,279 @@
+"""What vramplan/ and train/ share: exit codes, plan.json, LoRA specs, recipe defaults, chat templates,
+dataset record rules, environment-variable names and two file/network helpers (docs/contracts.md).
+
+Standard library only, and no other vramplan module: train/ imports this module and nothing else of
+vramplan, so the planner and the trainer read one definition of each thing they must agree on.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of every `vramplan` command and of `python -m train` (README "Exit codes")."""
+
+    OK = 0  # success; for `estimate`, at least one candidate fits
+    ERROR = 1  # unexpected internal error (a bug: please report it with VRAMPLAN_DEBUG=1)
+    USAGE = 2  # bad input: unknown flag/GPU/model, broken profile, missing path, bad plan or dataset record
+    NO_FIT = 3  # estimate/plan: no candidate fits the given hardware
+    PREFLIGHT_FAILED = 4  # preflight: at least one check FAILed (or WARNed under --strict)
+    TRAIN_FAILED = 5  # run: the trainer exited with an error that is not OOM or disk-full
+    OUT_OF_MEMORY = 6  # trainer: out of GPU/CPU memory, failure.json written (run --auto: every fallback too)
+    DISK_FULL = 7  # trainer: a checkpoint could not be written safely; last verified one kept; failure.json written
+    INTERRUPTED = 130  # Ctrl-C / SIGTERM: stopped cleanly at a step boundary, last verified checkpoint kept
+
+
+class ContractError(ValueError):
+    """A shared file (plan, profile) is unusable: one line and a fix hint. Each side turns it into its
+    own usage error (exit 2)."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+# Environment variables read or set by vramplan and the trainer (README "Environment").
+ENV_PROFILES = "VRAMPLAN_PROFILES"  # profile dirs searched first, os.pathsep-separated
+ENV_DEBUG = "VRAMPLAN_DEBUG"  # "1": tracebacks for internal errors
+ENV_NO_COLOR = "VRAMPLAN_NO_COLOR"  # "1": no colour (also NO_COLOR)
+ENV_PROGRESS_INTERVAL = "VRAMPLAN_PROGRESS_INTERVAL"  # seconds between `vramplan run` progress lines
+ENV_PREFLIGHT_TIMEOUT = "VRAMPLAN_PREFLIGHT_TIMEOUT"  # seconds for each preflight probe
+# test-only switches, ignored unless set (docs/contracts.md "Launch")
+ENV_TEST_INJECT_OOM_AT_STEP = "VRAMPLAN_TEST_INJECT_OOM_AT_STEP"  # the trainer raises an OOM at step N
+ENV_TEST_INJECT_OOM_ATTEMPTS = "VRAMPLAN_TEST_INJECT_OOM_ATTEMPTS"  # `vramplan run`: only the first K attempts (1)
+ENV_TEST_FREE_BYTES = "VRAMPLAN_TEST_FREE_BYTES"  # the trainer's free-space check sees N bytes
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Atomic: written to a temp file beside `path`, fsynced, then renamed over it (os.replace), so a
+    reader never sees half a file and a crash leaves the old one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# plan.json (docs/contracts.md "plan.json")
+PLAN_SCHEMA = "vramplan-plan/1"
+PLAN_HINT = "write one with `vramplan estimate --save-plan FILE`"
+
+
+def read_plan(path: str | os.PathLike) -> dict:
+    """A plan.json as a dict; ContractError "PATH: what is wrong" for a file that is not one."""
+    try:
+        plan = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ContractError(f"{path}: {e.strerror or e}", PLAN_HINT) from None
+    except ValueError as e:
+        raise ContractError(f"{path}: not valid JSON ({e})", PLAN_HINT) from None
+    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
+        raise ContractError(f"{path}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", PLAN_HINT)
+    return plan
+
+
+ALL_LINEAR = "all-linear"  # every nn.Linear except lm_head (XTuner xtuner/model/llava.py find_all_linear_names)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA adapter (peft LoraConfig r, lora_alpha, lora_dropout, target module-name suffixes)."""
+
+    r: int
+    alpha: int
+    dropout: float = 0.05
+    targets: tuple[str, ...] = (ALL_LINEAR,)  # a str or list is stored as a tuple: "all-linear" -> ("all-linear",)
+
+    def __post_init__(self) -> None:
+        t = self.targets
+        object.__setattr__(self, "targets", (t,) if isinstance(t, str) else tuple(t))
+
+    @classmethod
+    def from_dict(cls, d: dict | None, where: str) -> "LoraSpec | None":
+        """From a plan or profile table {"r", "alpha", "dropout", "targets"}; None stays None."""
+        if d is None:
+            return None
+        try:
+            return cls(int(d["r"]), int(d["alpha"]), float(d.get("dropout", 0.05)), d.get("targets", ALL_LINEAR))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ContractError(f"{where}: needs r, alpha (ints), dropout, targets ({e})",
+                                "see docs/contracts.md") from None
+
+
+def profile_dirs() -> list[Path]:
+    """Existing profile roots in lookup order: $VRAMPLAN_PROFILES (one or more dirs, os.pathsep-separated),
+    the repo's profiles/ next to the package, the copy bundled in the wheel (vramplan/_profiles)."""
+    pkg = Path(__file__).resolve().parent
+    cands = [Path(p).expanduser() for p in os.environ.get(ENV_PROFILES, "").split(os.pathsep) if p.strip()]
+    for c in cands:
+        if not c.is_dir():
+            raise ContractError(f"{ENV_PROFILES}: {c} is not a directory",
+                                "point it at a dir holding models/, hardware/ or recipes/, or unset it")
+    cands += [pkg.parent / "profiles", pkg / "_profiles"]
+    out: list[Path] = []
+    for c in cands:
+        if c.is_dir() and c.resolve() not in [o.resolve() for o in out]:
+            out.append(c)
+    return out
+
+
+# What a recipe profile says about training itself, with the defaults of the optional keys
+# (those of vramplan.estimate.specs.RecipeSpec). The batch shape is not here: the planner picks it per
+# hardware, and the trainer without a plan uses --micro-batch/--grad-accum (default 1 x 1).
+RECIPE_TRAIN_KEYS = ("quant", "double_quant", "compute_dtype", "train_projector", "train_llm_full", "learning_rate",
+                     "weight_decay", "warmup_ratio", "optimizer", "epochs", "max_length", "gradient_checkpointing",
+                     "save_steps", "keep_checkpoints")
+RECIPE_OPTIONAL = {"optimizer": "adamw_torch", "weight_decay": 0.0, "warmup_ratio": 0.03}
+
+
+def recipe_defaults(name: str) -> dict:
+    """The training settings of recipe profile `name` (profiles/recipes/<name>.toml, first profile dir
+    holding it), keyed like the trainer's TrainConfig, with llm_lora/vision_lora as LoraSpec or None."""
+    path = next((d / "recipes" / f"{name}.toml" for d in profile_dirs() if (d / "recipes" / f"{name}.toml").is_file()),
+                None)
+    if path is None:
+        raise ContractError(f"unknown recipe profile {name!r}", "`vramplan profiles` lists the recipes")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ContractError(f"{path}: {e}", "`vramplan profiles validate` names the problem") from None
+    out = {}
+    for key in RECIPE_TRAIN_KEYS:
+        if key not in data and key not in RECIPE_OPTIONAL:
+            raise ContractError(f"{path}: {key}: missing required key", "see profiles/README.md for the schema")
+        out[key] = data.get(key, RECIPE_OPTIONAL.get(key))
+    out["learning_rate"] = float(out["learning_rate"])
+    for key in ("llm_lora", "vision_lora"):
+        out[key] = LoraSpec.from_dict(data.get(key), f"{path}: {key}")
+    return out
+
+
+# Chat format: LLaVA-format records -> template text pieces, each trained on (assistant answers) or not.
+IMAGE_TOKEN = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# LLaVA llava/conversation.py conv_vicuna_v1 system prompt
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = ("llama3", "vicuna_v1")
+
+
+class Segment(NamedTuple):
+    text: str
+    train: bool  # True: its tokens are labels (an assistant answer); False: masked
+
+
+def chat_turns(rec: dict) -> list[tuple[str, str]]:
+    """(role, text) per turn of a record. A record with an image but no <image> gets one in front of its
+    first user turn, where LLaVA puts the image (LLaVA llava/train/train.py preprocess_multimodal)."""
+    conv = rec.get("conversations")
+    turns = [(ROLES.get(str(t.get("from", "")).lower(), "user"), str(t.get("value", "")))
+             for t in (conv if isinstance(conv, list) else []) if isinstance(t, dict)]
+    if rec.get("image") and not any(IMAGE_TOKEN in v for _, v in turns):
+        first = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
+        if first is not None:
+            turns[first] = (turns[first][0], f"{IMAGE_TOKEN}\n{turns[first][1]}")
+    return turns
+
+
+def template_segments(turns: list[tuple[str, str]], template: str, bos: str = "<s>") -> list[Segment]:
+    """Turns -> text segments with a train flag.
+    llama3:    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>
+               <|start_header_id|>assistant<|end_header_id|>\\n\\n{a}<|eot_id|>
+               (XTuner xtuner/utils/templates.py PROMPT_TEMPLATE.llama3_chat)
+    vicuna_v1: {bos}{system} USER: {q} ASSISTANT: {a}</s>   (LLaVA llava/conversation.py conv_vicuna_v1)
+    """
+    segs: list[Segment] = []
+    if template == "llama3":
+        segs.append(Segment("<|begin_of_text|>", False))
+        for role, text in turns:
+            head = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+            if role == "assistant":
+                segs += [Segment(head, False), Segment(f"{text}<|eot_id|>", True)]
+            else:
+                segs.append(Segment(f"{head}{text}<|eot_id|>", False))
+        return segs
+    system = next((t for r, t in turns if r == "system"), VICUNA_SYSTEM)
+    segs.append(Segment(f"{bos}{system}", False))
+    for role, text in turns:
+        if role == "user":
+            segs.append(Segment(f" USER: {text} ASSISTANT:", False))
+        elif role == "assistant":
+            segs.append(Segment(f" {text}</s>", True))
+    return segs
+
+
+def _turn_problems(conv) -> tuple[list[str], list[tuple[str, str]]]:
+    """Problems with the conversation structure, and the (role, text) turns that could be read."""
+    if not isinstance(conv, list) or not conv:
+        return ["'conversations' is missing or not a non-empty list"], []
+    turns: list[tuple[str, str]] = []
+    for j, t in enumerate(conv):
+        if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
+            return [f"turn {j} needs 'from' (human/gpt/system) and a string 'value'"], turns
+        turns.append((ROLES[t["from"]], t["value"]))
+    problems: list[str] = []
+    lead = 1 if turns[0][0] == "system" else 0
+    for j, (role, _) in enumerate(turns[lead:]):
+        want = "user" if j % 2 == 0 else "assistant"
+        if role != want:
+            k = j + lead
+            problems.append(f"turn {k} is {conv[k]['from']!r} but the turns must alternate human/gpt "
+                            f"starting with human (expected {'human' if want == 'user' else 'gpt'})")
+            break
+    if not any(r == "assistant" for r, _ in turns[lead:]):
+        problems.append("no assistant ('gpt') turn to train on")
+    return problems, turns
+
+
+def check_record(rec) -> tuple[list[str], list[tuple[str, str]]]:
+    """(problems, readable turns) of one LLaVA-format record (the file named by `image` is not looked at).
+
+    Rules (haotian-liu/LLaVA LazySupervisedDataset format): a JSON object whose `conversations` alternate
+    human/gpt, starting with human after an optional leading "system" turn ("user"/"assistant" are aliases),
+    with at least one gpt turn; a record with an `image` (one file name) has exactly one <image>, in its first
+    human turn; a record without one has none.
+    """
+    if not isinstance(rec, dict):
+        return [f"not a JSON object but a {type(rec).__name__}"], []
+    problems, turns = _turn_problems(rec.get("conversations"))
+    n_img = sum(v.count(IMAGE_TOKEN) for _, v in turns)
+    image = rec.get("image")
+    if image is None:
+        if n_img:
+            problems.append(f"has {n_img} {IMAGE_TOKEN} in the text but no 'image' field")
+    elif not isinstance(image, str) or not image:
+        problems.append(f"'image' must be one file name, got {json.dumps(image)[:60]}")
+    elif n_img == 0 and turns:
+        problems.append(f"has an image but no {IMAGE_TOKEN} in the text (put one in the first human turn)")
+    elif n_img > 1:
+        problems.append(f"has {n_img} {IMAGE_TOKEN} placeholders for one image (exactly one is needed)")
+    elif n_img == 1 and IMAGE_TOKEN not in next((v for r, v in turns if r == "user"), ""):
+        problems.append(f"its {IMAGE_TOKEN} is not in the first human turn")
+    return problems, turns
