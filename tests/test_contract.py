@@ -38,7 +38,7 @@ def test_read_plan_errors_are_one_line_with_a_hint(tmp_path):
 
 def test_plan_errors_name_the_flag_on_both_sides(tmp_path):
     from vramplan.errors import UsageError as V
-    from vramplan.plan.request import load_plan
+    from vramplan.plan.plan_json import load_plan
 
     with pytest.raises(V) as e:
         load_plan(str(tmp_path / "nope.json"))

@@ -8,12 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vramplan import __version__
+from vramplan.contract import PLAN_SCHEMA, ContractError, read_plan
 from vramplan.errors import NoFitError, UsageError
 from vramplan.estimate.specs import LoraSpec
 from vramplan.plan.service import EstimateResult
-
-PLAN_SCHEMA = "vramplan-plan/1"
-
 
 def plan_dict(res: EstimateResult, index: int | None = None, output_dir: str | None = None) -> dict:
     """The plan.json for one candidate (docs/contracts.md)."""
@@ -70,17 +68,7 @@ def plan_dict(res: EstimateResult, index: int | None = None, output_dir: str | N
 
 def load_plan(path: str) -> dict:
     """Read a plan.json (docs/contracts.md); a bad file is one UsageError naming --plan."""
-    import json
-
-    hint = "write one with `vramplan estimate --save-plan FILE`"
     try:
-        plan = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--plan {path}: {e.strerror or e}", hint) from None
-    except ValueError as e:
-        raise UsageError(f"--plan {path}: not valid JSON ({e})", hint) from None
-    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
-        raise UsageError(f"--plan {path}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", hint)
-    return plan
-
-
+        return read_plan(path)
+    except ContractError as e:
+        raise UsageError(f"--plan {e.message}", e.hint) from None

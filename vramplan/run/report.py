@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vramplan.run.attempts import read_json, write_json
+from vramplan.contract import write_json
+from vramplan.run.attempts import read_json
 from vramplan.run.calibration import compare_run
 from vramplan.units import utc_stamp
 

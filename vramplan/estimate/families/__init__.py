@@ -27,7 +27,8 @@ import pkgutil
 from dataclasses import dataclass
 from types import ModuleType
 
-ALL_LINEAR = "all-linear"
+from vramplan.contract import ALL_LINEAR  # every nn.Linear except lm_head (PEFT "all-linear")
+
 
 
 @dataclass(frozen=True)
