@@ -79,6 +79,7 @@ def test_zero2_optimizer_offload(tiny, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "ds.json").write_text(json.dumps(_ds_config(2, offload=True)))
     p = run_train(base_args(tiny, out, "--recipe", "lora", "--max-steps", "4", "--save-steps", "2",
+                            "--keep-checkpoints", "2",  # the lora recipe keeps 1; both saves are checked below
                             "--deepspeed", str(tmp_path / "ds.json")), torchrun=2, port=29643, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     _check_run(out, 4)

@@ -213,7 +213,9 @@ def test_bad_dataset_record_exit_2_one_line(tiny, tmp_path):
     args[args.index("--dataset") + 1] = str(bad)
     p = run_train(args)
     assert p.returncode == 2
-    assert "dataset record 3 (id 'broken-3'): image 'missing.png' not found" in p.stderr
+    line = next(x for x in p.stderr.splitlines() if "dataset record 3 (id 'broken-3'): " in x)
+    # every problem of the record on its one line (the rules vramplan preflight applies too)
+    assert "turn 0 is 'gpt'" in line and "image 'missing.png' not found" in line
     assert "Traceback" not in p.stderr
 
 
@@ -262,10 +264,11 @@ def small_fs(tmp_path):
 
 @pytest.mark.slow
 def test_real_enospc_during_write_exit_7_keeps_last_checkpoint(tiny, small_fs):
-    """The free-space check is fooled (expected size 1 byte), so the 2nd save really hits ENOSPC mid-write."""
+    """The free-space check is fooled (expected size 1 byte), so the 2nd save really hits ENOSPC mid-write.
+    A small LoRA (r64, no CLIP LoRA) keeps one checkpoint within the 2.5 MiB filesystem."""
     out = small_fs / "run"
     p = run_train(base_args(tiny, out, "--max-steps", "6", "--save-steps", "2", "--keep-checkpoints", "1",
-                            "--expected-checkpoint-bytes", "1"))
+                            "--expected-checkpoint-bytes", "1", "--lora-r", "64", "--vision-lora-r", "0"))
     assert p.returncode == 7, p.stderr[-2000:]
     f = json.loads((out / "failure.json").read_text())
     assert f["kind"] == "disk_full" and f["phase"] == "save" and f["step"] == 4

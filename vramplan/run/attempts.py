@@ -121,7 +121,6 @@ def classify(returncode: int, run_dir: Path, started: float, interrupted: bool) 
     return EXIT_KIND.get(returncode, "error") if returncode != 0 else "error", failure, summary
 
 
-
 def trainer_env(launch: Launch, settings: RunSettings, attempt: int) -> dict[str, str]:
     env = child_env(launch)
     env.update(settings.extra_env)
