@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from vramplan.errors import ExitCode
 from vramplan.commands.output import ENVELOPE_KEYS, envelope
+from vramplan.errors import ExitCode
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -18,11 +18,18 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from vramplan.inputs import profiles as P  # noqa: E402
-from vramplan.estimate.params import (count_params, decoder_layer_params, largest_layer_params, linear_groups,  # noqa: E402
-                             lora_modules, lora_params, vision_params)
 from vramplan.estimate.families import clip  # noqa: E402
+from vramplan.estimate.params import (  # noqa: E402
+    count_params,
+    decoder_layer_params,
+    largest_layer_params,
+    linear_groups,
+    lora_modules,
+    lora_params,
+    vision_params,
+)
 from vramplan.estimate.specs import LoraSpec, ModelSpec, ProjectorSpec, TextSpec, VisionSpec  # noqa: E402
+from vramplan.inputs import profiles as P  # noqa: E402
 
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2",
                 "linear_1", "linear_2"}

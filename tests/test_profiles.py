@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vramplan.contract import ENV_PROFILES
-from vramplan.inputs import profiles as P
 from vramplan.cli import cli
+from vramplan.contract import ENV_PROFILES
 from vramplan.errors import ProfileError, UsageError
 from vramplan.estimate.specs import HardwareSpec, ModelSpec
+from vramplan.inputs import profiles as P
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "profiles"
@@ -52,7 +52,13 @@ def test_shipped_file_loads_and_cites_sources(path):
 
 def test_recipe_values_from_issue():
     q = P.load_recipe("qlora")
-    assert (q.quant, q.double_quant, q.llm_lora.r, q.llm_lora.alpha, q.llm_lora.dropout) == ("nf4", True, 512, 256, 0.05)
+    assert (q.quant, q.double_quant, q.llm_lora.r, q.llm_lora.alpha, q.llm_lora.dropout) == (
+        "nf4",
+        True,
+        512,
+        256,
+        0.05,
+    )
     assert q.llm_lora.targets == ("all-linear",)
     assert (q.vision_lora.r, q.vision_lora.alpha) == (64, 16)
     assert set(q.vision_lora.targets) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
@@ -63,7 +69,13 @@ def test_recipe_values_from_issue():
     assert (lo.quant, lo.llm_lora.r, lo.llm_lora.alpha, lo.global_batch, lo.max_length, lo.vision_lora) == \
         ("none", 128, 256, 128, 2048, None)
     pt = P.load_recipe("pretrain")
-    assert (pt.llm_lora, pt.vision_lora, pt.train_projector, pt.global_batch, pt.learning_rate) == (None, None, True, 256, 1e-3)
+    assert (pt.llm_lora, pt.vision_lora, pt.train_projector, pt.global_batch, pt.learning_rate) == (
+        None,
+        None,
+        True,
+        256,
+        1e-3,
+    )
     full = P.load_recipe("full")
     assert (full.train_llm_full, full.quant, full.global_batch, full.learning_rate) == (True, "none", 128, 2e-5)
 

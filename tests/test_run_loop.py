@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_launch import make_plan
+
 from vramplan.contract import ENV_PROGRESS_INTERVAL, ENV_TEST_INJECT_OOM_AT_STEP, ENV_TEST_INJECT_OOM_ATTEMPTS
 from vramplan.errors import ExitCode
 from vramplan.run import attempts as runner

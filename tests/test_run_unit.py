@@ -8,8 +8,8 @@ import os
 import time
 
 import pytest
-
 from test_launch import make_plan
+
 from vramplan.contract import ENV_TEST_INJECT_OOM_AT_STEP, ENV_TEST_INJECT_OOM_ATTEMPTS
 from vramplan.errors import UsageError
 from vramplan.run import attempts as runner

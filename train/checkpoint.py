@@ -22,9 +22,8 @@ import re
 import shutil
 from pathlib import Path
 
-from vramplan.contract import ENV_TEST_FREE_BYTES
-
 from train.exit_codes import DiskFullError
+from vramplan.contract import ENV_TEST_FREE_BYTES
 
 log = logging.getLogger("train")
 MANIFEST = "MANIFEST.json"
@@ -149,8 +148,10 @@ def ensure_space(root: Path, expected: int | None, keep: int) -> None:
         last = verified[-1].name if verified else "none"
         raise DiskFullError(
             f"not enough disk space for checkpoint: {free / 2**30:.2f} GiB free at {root}, "
-            f"{need / 2**30:.2f} GiB needed (expected {expected / 2**30:.2f} GiB + 10%); last verified checkpoint: {last}",
-            "free space on that disk (or point --output elsewhere), then rerun with --resume")
+            f"{need / 2**30:.2f} GiB needed (expected {expected / 2**30:.2f} GiB + 10%); "
+            f"last verified checkpoint: {last}",
+            "free space on that disk (or point --output elsewhere), then rerun with --resume",
+        )
 
 
 def tmp_dir(root: Path, step: int, tag: str) -> Path:

@@ -12,10 +12,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vramplan.contract import (ALL_LINEAR, RECIPE_TRAIN_KEYS, TEMPLATES, ContractError, LoraSpec, read_plan,
-                               recipe_defaults)
-
 from train.exit_codes import UsageError
+from vramplan.contract import (
+    ALL_LINEAR,
+    RECIPE_TRAIN_KEYS,
+    TEMPLATES,
+    ContractError,
+    LoraSpec,
+    read_plan,
+    recipe_defaults,
+)
 
 __all__ = ["LoraSpec", "TrainConfig", "add_flags", "from_args", "from_plan"]
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vramplan.contract import IMAGE_TOKEN, chat_turns, check_record, template_segments
-
 from train.exit_codes import DatasetError
+from vramplan.contract import IMAGE_TOKEN, chat_turns, check_record, template_segments
 
 IGNORE = -100
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from vramplan.contract import ENV_TEST_INJECT_OOM_AT_STEP
-
 from train import checkpoint as ck
 from train.config import TrainConfig
 from train.exit_codes import DiskFullError
 from train.metrics import MetricsLog, barrier, broadcast, gather, local_memory
+from vramplan.contract import ENV_TEST_INJECT_OOM_AT_STEP
 
 log = logging.getLogger("train")
 TRAINABLE = "trainable.safetensors"  # checkpoint weights of a no-PEFT run (projector pretraining)
@@ -108,7 +107,7 @@ class SafeCheckpointTrainer(Trainer):
                 orig = engine.save_checkpoint
                 engine.save_checkpoint = functools.partial(orig, exclude_frozen_parameters=True)
             super()._save_checkpoint(model, trial)
-        except Exception as e:  # noqa: BLE001 - classified just below
+        except Exception as e:
             # torch.save may report a full disk only as "unexpected pos" / "iostream error": look at the disk
             # itself before the cleanup frees the space again
             full = ck.is_disk_full(e) or ck.free_bytes(root) < max(16 * 2**20, ck.last_size(root) or 0)
@@ -199,7 +198,9 @@ class RunCallback(TrainerCallback):
         if inject and state.global_step + 1 == int(inject):
             import torch
 
-            raise torch.OutOfMemoryError(f"test-injected out of memory at step {inject} ({ENV_TEST_INJECT_OOM_AT_STEP})")
+            raise torch.OutOfMemoryError(
+                f"test-injected out of memory at step {inject} ({ENV_TEST_INJECT_OOM_AT_STEP})"
+            )
 
     def on_step_end(self, args, state, control, **kw):
         self.run.step = state.global_step
@@ -230,7 +231,7 @@ class RunCallback(TrainerCallback):
             peak_rss_bytes=[m["peak_rss"] for m in mems], rss_bytes=mems[0]["rss"])
 
 
-def relax_frozen_resume(trainer: "SafeCheckpointTrainer") -> None:
+def relax_frozen_resume(trainer: SafeCheckpointTrainer) -> None:
     """A projector-only DeepSpeed checkpoint (saved with exclude_frozen_parameters) resumes with a
     non-strict module load; HF asks for a strict one unless the model is a PEFT model."""
     if not (trainer.is_deepspeed_enabled and trainer._trainable_only()):
@@ -285,8 +286,16 @@ def training_args(cfg: TrainConfig, device: str, world: int):
     fp16 = cfg.compute_dtype == "fp16" and device != "cpu"
     clip = 1.0
     if ds is not None:
-        bf16 = bool((ds.get("bf16") or {}).get("enabled", bf16)) if (ds.get("bf16") or {}).get("enabled") != "auto" else bf16
-        fp16 = bool((ds.get("fp16") or {}).get("enabled", fp16)) if (ds.get("fp16") or {}).get("enabled") != "auto" else fp16
+        bf16 = (
+            bool((ds.get("bf16") or {}).get("enabled", bf16))
+            if (ds.get("bf16") or {}).get("enabled") != "auto"
+            else bf16
+        )
+        fp16 = (
+            bool((ds.get("fp16") or {}).get("enabled", fp16))
+            if (ds.get("fp16") or {}).get("enabled") != "auto"
+            else fp16
+        )
         if isinstance(ds.get("gradient_clipping"), (int, float)):
             clip = float(ds["gradient_clipping"])
     return TrainingArguments(

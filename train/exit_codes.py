@@ -25,7 +25,7 @@ class UsageError(TrainError):
     kind = "error"
 
     @classmethod
-    def from_contract(cls, e: ContractError, prefix: str = "") -> "UsageError":
+    def from_contract(cls, e: ContractError, prefix: str = "") -> UsageError:
         """A shared-file problem (plan, recipe profile) as this trainer's usage error."""
         return cls(prefix + e.message, e.hint)
 

@@ -87,11 +87,10 @@ def export_final(model, cfg: TrainConfig, dest: Path, is_main: bool) -> Path:
 
 def load_for_inference(model_dir: str, final_dir: str, cfg: TrainConfig, device: str = "cpu"):
     """Base model (quantized as in training) + final/ adapter(s) + projector, eval mode. For tests and users."""
+    import torch
     from peft import PeftModel
 
     from train.model import load_base
-
-    import torch
 
     base, tok, ip = load_base(model_dir, cfg, device)
     if getattr(base, "is_quantized", False):  # the same numerics as training: prepare_model_for_kbit_training
@@ -109,7 +108,10 @@ def load_for_inference(model_dir: str, final_dir: str, cfg: TrainConfig, device:
         if (final / "projector.safetensors").exists():
             from safetensors.torch import load_file
 
-            sd = {k.replace("multi_modal_projector.", ""): v for k, v in load_file(str(final / "projector.safetensors")).items()}
+            sd = {
+                k.replace("multi_modal_projector.", ""): v
+                for k, v in load_file(str(final / "projector.safetensors")).items()
+            }
             base.model.multi_modal_projector.load_state_dict(sd)
     model.eval()
     return model, tok, ip

@@ -9,10 +9,9 @@ import logging
 import re
 from pathlib import Path
 
-from vramplan.contract import ALL_LINEAR
-
 from train.config import TrainConfig
 from train.exit_codes import UsageError
+from vramplan.contract import ALL_LINEAR
 
 log = logging.getLogger("train")
 
@@ -38,7 +37,7 @@ def pick_device(requested: str) -> str:
         import torch_npu  # noqa: F401
 
         npu = torch.npu.is_available()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken torch_npu install means no usable NPU
         npu = False
     present = {"cuda": torch.cuda.is_available(), "npu": npu, "cpu": True}
     if requested == "auto":
@@ -114,8 +113,15 @@ def assemble(cfg: TrainConfig, dest: Path) -> Path:
     convert_xtuner_weights_to_hf.py. Writing to disk lets the quantizing `from_pretrained` path load it.
     """
     import torch
-    from transformers import (AutoImageProcessor, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     if (dest / "ASSEMBLED").exists():
         return dest
@@ -133,9 +139,16 @@ def assemble(cfg: TrainConfig, dest: Path) -> Path:
     vcfg = CLIPVisionConfig.from_pretrained(cfg.vision_path)
     clip = CLIPVisionModel.from_pretrained(cfg.vision_path, dtype="auto")
     image_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
-    lcfg = LlavaConfig(vision_config=vcfg, text_config=llm.config, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                       image_seq_length=image_tokens, vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       projector_hidden_act="gelu", pad_token_id=tok.pad_token_id)
+    lcfg = LlavaConfig(
+        vision_config=vcfg,
+        text_config=llm.config,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlavaForConditionalGeneration(lcfg).to(llm.dtype)
     with torch.no_grad():
         model.model.language_model.load_state_dict(llm.model.state_dict())

@@ -10,12 +10,11 @@ import os
 import time
 import traceback
 
-from vramplan.contract import free_port, write_json
-
 from train import checkpoint as ck
 from train.config import TrainConfig
 from train.exit_codes import DiskFullError, ExitCode, TrainError, is_oom
 from train.metrics import MetricsLog, barrier, local_memory
+from vramplan.contract import free_port, write_json
 
 log = logging.getLogger("train")
 
@@ -25,7 +24,9 @@ def _dist_env(cfg: TrainConfig) -> tuple[int, int, int]:
     (without RANK/WORLD_SIZE DeepSpeed's deepspeed/comm/comm.py init_distributed falls back to
     mpi_discovery, which needs mpi4py)."""
     if cfg.ds_config is not None and "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 

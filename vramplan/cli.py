@@ -13,15 +13,18 @@ import sys
 import click
 
 from vramplan import __version__
-from vramplan.errors import ExitCode
 from vramplan.commands.output import emit_json, envelope, print_error
+from vramplan.errors import ExitCode
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("vramplan.commands.estimate", "Estimate VRAM, CPU RAM, disk and time for every config; pick one."),
     "preflight": ("vramplan.commands.preflight", "Check this machine for every known launch failure."),
     "run": ("vramplan.commands.run", "Plan, preflight, launch the bundled trainer, fall back on OOM."),
-    "calibrate": ("vramplan.commands.calibrate", "Compare measured runs with their estimates; write a calibration file."),
+    "calibrate": (
+        "vramplan.commands.calibrate",
+        "Compare measured runs with their estimates; write a calibration file.",
+    ),
     "profiles": ("vramplan.commands.profiles", "List, show and validate model/hardware/recipe profiles."),
 }
 
@@ -81,9 +84,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(int(ExitCode.INTERRUPTED))
     except click.exceptions.ClickException as e:
         if "--json" in argv:
-            emit_json(envelope(_command_name(argv), "error", ExitCode.USAGE,
-                               errors=[{"code": "usage", "message": e.format_message(), "hint":
-                                        f"see `vramplan {_command_name(argv)} --help`".replace("vramplan vramplan", "vramplan")}]))
+            emit_json(
+                envelope(
+                    _command_name(argv),
+                    "error",
+                    ExitCode.USAGE,
+                    errors=[
+                        {
+                            "code": "usage",
+                            "message": e.format_message(),
+                            "hint": f"see `vramplan {_command_name(argv)} --help`".replace(
+                                "vramplan vramplan", "vramplan"
+                            ),
+                        }
+                    ],
+                )
+            )
         else:
             e.show()
         sys.exit(int(ExitCode.USAGE))

@@ -116,7 +116,7 @@ class LoraSpec:
         object.__setattr__(self, "targets", (t,) if isinstance(t, str) else tuple(t))
 
     @classmethod
-    def from_dict(cls, d: dict | None, where: str) -> "LoraSpec | None":
+    def from_dict(cls, d: dict | None, where: str) -> LoraSpec | None:
         """From a plan or profile table {"r", "alpha", "dropout", "targets"}; None stays None."""
         if d is None:
             return None

@@ -47,15 +47,20 @@ def test_estimate_package_has_no_io_imports_or_calls():
 
 def test_the_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import psutil\nfrom vramplan.inputs import gpus\nx = open('f').read()\nimport os\nos.environ['A']\n")
+    bad.write_text(
+        "import psutil\nfrom vramplan.inputs import gpus\nx = open('f').read()\nimport os\nos.environ['A']\n"
+    )
     found = _violations(bad)
     assert len(found) == 4, found
 
 
 def test_importing_the_estimate_loads_no_io_or_heavy_module():
-    code = ("import importlib, pkgutil, sys, vramplan.estimate as e\n"
-            "for m in pkgutil.walk_packages(e.__path__, 'vramplan.estimate.'): importlib.import_module(m.name)\n"
-            "bad = {'psutil', 'pynvml', 'click', 'rich', 'torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes',"
-            " 'vramplan.inputs', 'vramplan.plan', 'vramplan.run', 'vramplan.commands', 'vramplan.preflight'} & set(sys.modules)\n"
-            "assert not bad, bad\n")
+    code = (
+        "import importlib, pkgutil, sys, vramplan.estimate as e\n"
+        "for m in pkgutil.walk_packages(e.__path__, 'vramplan.estimate.'): importlib.import_module(m.name)\n"
+        "bad = {'psutil', 'pynvml', 'click', 'rich', 'torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes',"
+        " 'vramplan.inputs', 'vramplan.plan', 'vramplan.run', 'vramplan.commands', 'vramplan.preflight'}"
+        " & set(sys.modules)\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -65,11 +65,10 @@ def tiny_dir(tmp_path_factory):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_qlora_tiny_llava_groups_match_trainer_tensors(tiny_dir, tmp_path, double_quant):
     from train.config import LoraSpec as TL
-
-    from vramplan.inputs.model_dir import load_model_dir
     from vramplan.estimate.param_groups import param_groups
-    from vramplan.inputs.profiles import load_recipe
     from vramplan.estimate.specs import LoraSpec
+    from vramplan.inputs.model_dir import load_model_dir
+    from vramplan.inputs.profiles import load_recipe
 
     model, _ = _trainer_model(tiny_dir, tmp_path, recipe="qlora", quant="nf4", double_quant=double_quant,
                               llm_lora=TL(8, 16, 0.05, "all-linear"),
@@ -89,15 +88,16 @@ def test_qlora_tiny_llava_groups_match_trainer_tensors(tiny_dir, tmp_path, doubl
 
 def test_lora_tiny_llava_groups_match_trainer_tensors(tiny_dir, tmp_path):
     from train.config import LoraSpec as TL
-
-    from vramplan.inputs.model_dir import load_model_dir
     from vramplan.estimate.param_groups import param_groups
-    from vramplan.inputs.profiles import load_recipe
     from vramplan.estimate.specs import LoraSpec
+    from vramplan.inputs.model_dir import load_model_dir
+    from vramplan.inputs.profiles import load_recipe
 
     model, _ = _trainer_model(tiny_dir, tmp_path, recipe="lora", quant="none", llm_lora=TL(16, 32, 0.05, "all-linear"))
     measured = _measured_groups(model)
-    g = param_groups(load_model_dir(tiny_dir), replace(load_recipe("lora"), llm_lora=LoraSpec(16, 32, 0.05, ("all-linear",))))
+    g = param_groups(
+        load_model_dir(tiny_dir), replace(load_recipe("lora"), llm_lora=LoraSpec(16, 32, 0.05, ("all-linear",)))
+    )
     assert measured["quantized"] == 0 and g.quantized_bytes == 0
     assert g.frozen_params * 4 == measured["frozen"]
     assert g.trainable * 4 == measured["trainable"]

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from vramplan.estimate.activations import activation_bytes
 from vramplan.estimate.ds_config import buckets_for
 from vramplan.estimate.gpu_memory import gpu_memory
-from vramplan.estimate.types import Strategy
-from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.host import host_needs
+from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.specs import LoraSpec, TextSpec
+from vramplan.estimate.types import Strategy
 
 SHARDED = ("weights_frozen", "weights_trainable", "weights_quantized", "gradients", "optimizer_states",
            "fp32_grad_partition")

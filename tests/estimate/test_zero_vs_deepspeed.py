@@ -8,9 +8,9 @@ import pytest
 
 from vramplan.estimate.activations import ActivationBreakdown
 from vramplan.estimate.gpu_memory import gpu_memory
-from vramplan.estimate.types import DsBuckets, Strategy
-from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.host import host_needs
+from vramplan.estimate.param_groups import ParamGroups
+from vramplan.estimate.types import DsBuckets, Strategy
 
 P = 8_030_261_248  # Llama-3-8B (LlamaForCausalLM on the meta device; tests/test_params.py)
 LARGEST = 525_336_576  # its embed_tokens

@@ -66,7 +66,9 @@ def test_zero2_from_plan_and_resume(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     _check_run(out, 4)
     assert json.loads((out / "summary.json").read_text())["estimate"] == {"checkpoint_bytes": 1_000_000}
-    p = run_train(["--plan", str(tmp_path / "plan.json"), "--max-steps", "6", "--resume"], torchrun=2, port=29642, timeout=400)
+    p = run_train(
+        ["--plan", str(tmp_path / "plan.json"), "--max-steps", "6", "--resume"], torchrun=2, port=29642, timeout=400
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "continuing from checkpoint-4" in p.stderr
     lines = read_jsonl(out / "metrics.jsonl")

@@ -13,9 +13,8 @@ import time
 import pytest
 from trainhelpers import REPO, base_args, read_jsonl, run_train, train_env
 
-from vramplan.contract import ENV_TEST_FREE_BYTES, ENV_TEST_INJECT_OOM_AT_STEP
-
 from train import checkpoint as ck
+from vramplan.contract import ENV_TEST_FREE_BYTES, ENV_TEST_INJECT_OOM_AT_STEP
 
 
 def _batch(tiny, tok, ip, model_cfg):

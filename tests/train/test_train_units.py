@@ -294,7 +294,11 @@ def test_free_space_check_makes_space_safely_or_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(ck.shutil, "rmtree", rm)
     free["n"] = 8_000
     ck.ensure_space(root, 11_000, keep=2)  # needs 12_100: the partial dir (+3_000) is not enough
-    assert removed == [".tmp-checkpoint-8-dead", "checkpoint-2"] and (root / "checkpoint-6").exists() and (root / "checkpoint-4").exists()
+    assert (
+        removed == [".tmp-checkpoint-8-dead", "checkpoint-2"]
+        and (root / "checkpoint-6").exists()
+        and (root / "checkpoint-4").exists()
+    )
     assert not list(root.glob(ck.TMP_PREFIX + "*"))
     # impossible: the newest verified checkpoint is never sacrificed
     free["n"] = 0
@@ -320,9 +324,8 @@ def test_finalize_failure_is_disk_full_and_cleans_up(tmp_path, monkeypatch):
 
 
 def test_lora_spec_from_plan_dict(tiny, tmp_path):
-    from vramplan.contract import ContractError
-
     from train.config import from_plan
+    from vramplan.contract import ContractError
 
     assert LoraSpec.from_dict({"r": 8, "alpha": 16, "targets": ["q_proj"]}, "x") == LoraSpec(8, 16, 0.05, ("q_proj",))
     assert LoraSpec(8, 16).targets == LoraSpec(8, 16, 0.05, "all-linear").targets == ("all-linear",)
@@ -414,10 +417,9 @@ def _ns(*args: str):
 @pytest.mark.parametrize("recipe", ["qlora", "lora", "pretrain", "full"])
 def test_recipe_defaults_equal_what_vramplan_plans(tmp_path, recipe):
     """`python -m train --recipe R` without a plan trains with the recipe profile vramplan plans with."""
+    from train.config import from_args
     from vramplan.contract import RECIPE_TRAIN_KEYS
     from vramplan.inputs.profiles import load_recipe
-
-    from train.config import from_args
 
     (tmp_path / "d.json").write_text("[]")
     flags = ["--model", str(tmp_path), "--dataset", str(tmp_path / "d.json"), "--output", str(tmp_path / "o")]
@@ -437,19 +439,27 @@ def test_lora_flags_adjust_or_drop_the_recipe_lora(tmp_path):
     (tmp_path / "d.json").write_text("[]")
     flags = ["--model", str(tmp_path), "--dataset", str(tmp_path / "d.json"), "--output", str(tmp_path / "o")]
     cfg = from_args(_ns(*flags, "--lora-r", "64", "--vision-lora-r", "0"))
-    assert (cfg.llm_lora.r, cfg.llm_lora.alpha, cfg.llm_lora.targets, cfg.vision_lora) == (64, 256, ("all-linear",), None)
+    assert (cfg.llm_lora.r, cfg.llm_lora.alpha, cfg.llm_lora.targets, cfg.vision_lora) == (
+        64,
+        256,
+        ("all-linear",),
+        None,
+    )
     cfg = from_args(_ns(*flags, "--vision-lora-alpha", "8"))
     assert (cfg.vision_lora.r, cfg.vision_lora.alpha, cfg.llm_lora.r) == (64, 8, 512)
 
 
 def test_plan_without_recipe_keys_takes_the_recipe_profile(tmp_path):
+    from train.config import from_plan
     from vramplan.contract import recipe_defaults
 
-    from train.config import from_plan
-
     (tmp_path / "d.json").write_text("[]")
-    plan = {"schema": "vramplan-plan/1", "model": {"path": str(tmp_path)}, "data": {"dataset": str(tmp_path / "d.json")},
-            "recipe": {"name": "lora", "learning_rate": 1e-4, "vision_lora": None}}
+    plan = {
+        "schema": "vramplan-plan/1",
+        "model": {"path": str(tmp_path)},
+        "data": {"dataset": str(tmp_path / "d.json")},
+        "recipe": {"name": "lora", "learning_rate": 1e-4, "vision_lora": None},
+    }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     cfg = from_plan(str(tmp_path / "plan.json"), {})
     lora = recipe_defaults("lora")

@@ -7,32 +7,41 @@ from pathlib import Path
 
 import click
 
+from vramplan.commands.output import CommandResult, run_command
 from vramplan.errors import ExitCode, UsageError
 from vramplan.estimate.types import Offload
-from vramplan.commands.output import CommandResult, run_command
 
 
 def estimate_options(f):
     """The flags shared by estimate, preflight and run (they all plan the same way)."""
     opts = [
-        click.option("--model", help="Model profile (see `vramplan profiles`) or a local Hugging Face model dir. "
-                                     "Default: llava-llama3-8b-instruct."),
+        click.option(
+            "--model",
+            help="Model profile (see `vramplan profiles`) or a local Hugging Face model dir. "
+            "Default: llava-llama3-8b-instruct.",
+        ),
         click.option("--recipe", default="qlora", show_default=True, help="qlora | lora | pretrain | full"),
-        click.option("--gpus", help="e.g. 1x24G, 2x80G, 8x910B, 2xA100-80G, 4xH100, 2x8xA100-80G (nodes x GPUs). "
-                                    "Default: the GPUs/NPUs detected on this host."),
+        click.option(
+            "--gpus",
+            help="e.g. 1x24G, 2x80G, 8x910B, 2xA100-80G, 4xH100, 2x8xA100-80G (nodes x GPUs). "
+            "Default: the GPUs/NPUs detected on this host.",
+        ),
         click.option("--task", type=click.Choice(["train", "infer"]), default="train", show_default=True),
         click.option("--samples", type=int, help="Training samples (default: --dataset, else the recipe's dataset)."),
         click.option("--epochs", type=int),
         click.option("--seq-len", "seq_len", type=int, help="LLM tokens per sample incl. the image tokens."),
         click.option("--micro-batch", "micro_batch", type=int, help="Per-GPU micro-batch (default: searched)."),
-        click.option("--grad-accum", "grad_accum", type=int, help="Gradient accumulation (default: keeps the global batch)."),
+        click.option(
+            "--grad-accum", "grad_accum", type=int, help="Gradient accumulation (default: keeps the global batch)."
+        ),
         click.option("--global-batch", "global_batch", type=int, help="Samples per optimizer step over all GPUs."),
         click.option("--lora-r", "lora_r", type=int, help="LLM LoRA rank."),
         click.option("--quant", type=click.Choice(["nf4", "int8", "none"]), help="LLM weight quantization."),
         click.option("--save-steps", "save_steps", type=int),
         click.option("--keep-checkpoints", "keep_checkpoints", type=int),
-        click.option("--headroom", type=float, default=0.10, show_default=True,
-                     help="Fraction of GPU memory kept free."),
+        click.option(
+            "--headroom", type=float, default=0.10, show_default=True, help="Fraction of GPU memory kept free."
+        ),
         click.option("--zero", type=click.IntRange(0, 3), help="Only this ZeRO stage."),
         click.option("--offload", type=click.Choice(list(Offload.ALL)), help="Only this offload."),
         click.option("--grad-ckpt/--no-grad-ckpt", "grad_ckpt", default=None, help="Only with/without checkpointing."),
@@ -43,10 +52,20 @@ def estimate_options(f):
         click.option("--context", type=int, default=4096, show_default=True, help="Inference: KV-cache tokens."),
         click.option("--batch", type=int, default=1, show_default=True, help="Inference: concurrent sequences."),
         click.option("--device", type=click.Choice(["cuda", "npu", "cpu"]), help="Override the device kind."),
-        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="DataLoader worker processes per GPU (more CPU RAM; faster image decoding)."),
-        click.option("--attn", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
-                     help="Attention implementation (eager also saves the attention probabilities: more memory)."),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="DataLoader worker processes per GPU (more CPU RAM; faster image decoding).",
+        ),
+        click.option(
+            "--attn",
+            type=click.Choice(["sdpa", "eager"]),
+            default="sdpa",
+            show_default=True,
+            help="Attention implementation (eager also saves the attention probabilities: more memory).",
+        ),
         click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
     ]
     for o in reversed(opts):
@@ -78,16 +97,16 @@ def command(json_mode: bool, explain: bool, show_all: bool, save_plan: str | Non
 
         opts = options_from_kwargs(**kwargs)
         if opts.task == "infer":
-            from vramplan.plan.service import run_inference_estimate
             from vramplan.commands.estimate_render import render_infer
+            from vramplan.plan.service import run_inference_estimate
 
             data = run_inference_estimate(opts)
             ok = data["pick"] is not None
             return CommandResult("ok" if ok else "no_fit", ExitCode.OK if ok else ExitCode.NO_FIT, data,
                                  render=lambda con: render_infer(con, data))
+        from vramplan.commands.estimate_render import render_estimate
         from vramplan.plan.plan_json import plan_dict
         from vramplan.plan.service import run_estimate
-        from vramplan.commands.estimate_render import render_estimate
 
         res = run_estimate(opts)
         data = res.data()

@@ -31,7 +31,7 @@ def _best_rows(cands: list[dict], pick: int | None) -> list[int]:
     for i, c in enumerate(cands):
         groups.setdefault((c["gpus"], c["zero_stage"], c["offload"]), []).append(i)
     rows = []
-    for key, idx in groups.items():
+    for idx in groups.values():
         if pick in idx:
             rows.append(pick)
             continue

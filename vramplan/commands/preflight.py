@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from vramplan.commands.estimate import estimate_options
-from vramplan.errors import ExitCode, NoFitError, UsageError
 from vramplan.commands.output import CommandResult, run_command
+from vramplan.errors import ExitCode, NoFitError, UsageError
 from vramplan.plan.plan_json import load_plan
 from vramplan.preflight import CHECK_NAMES
 
@@ -134,7 +134,9 @@ def command(plan_file: str | None, output_dir: str | None, only: tuple[str, ...]
 
         t0 = time.monotonic()
         if kwargs.get("dataset") and not Path(kwargs["dataset"]).is_file():
-            raise UsageError(f"--dataset: no such file: {kwargs['dataset']}", "give the path of a LLaVA-format JSON file")
+            raise UsageError(
+                f"--dataset: no such file: {kwargs['dataset']}", "give the path of a LLaVA-format JSON file"
+            )
         plan, source, warnings = resolve_plan(plan_file, explicit, kwargs, output_dir or os.getcwd())
         out = output_dir or (plan or {}).get("output_dir") or os.getcwd()
         results = run_checks(plan, Path(out), dataset=kwargs.get("dataset"), images=kwargs.get("images"),

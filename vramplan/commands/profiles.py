@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from vramplan.errors import ExitCode, UsageError
 from vramplan.commands.output import CommandResult, run_command
+from vramplan.errors import ExitCode, UsageError
 
 JSON_HELP = "Print the versioned JSON envelope on stdout."
 UNITS = (("_gib", "GiB"), ("_gb", "GB"), ("_tflops", "TFLOPS"), ("_gbps", "GB/s"), ("_bytes", "bytes"))
@@ -27,9 +27,9 @@ def _param_summary(spec) -> dict:
 
 
 def _listing() -> tuple[dict, list[str]]:
-    from vramplan.inputs import profiles as P
     from vramplan.estimate.params import vision_params
     from vramplan.estimate.specs import HardwareSpec, ModelSpec, RecipeSpec
+    from vramplan.inputs import profiles as P
 
     data: dict = {"dirs": [str(d) for d in P.profiles_dirs()], "models": [], "hardware": [], "recipes": []}
     warnings: list[str] = []
@@ -68,7 +68,9 @@ def _render_listing(data: dict):
         for r in data["models"]:
             t.add_row(Text(r["id"]), r["kind"], f"{r['params'] / 1e9:.3f} B", r.get("stored_dtype", ""))
         console.print(t)
-        t = Table(title="hardware (memory as reported by nvidia-smi / npu-smi; dense tensor TFLOPS)", title_justify="left")
+        t = Table(
+            title="hardware (memory as reported by nvidia-smi / npu-smi; dense tensor TFLOPS)", title_justify="left"
+        )
         for c in ("id", "name", "memory GiB", "marketed GB", "bf16 TFLOPS", "fp16 TFLOPS"):
             t.add_column(c, justify="left" if c in ("id", "name") else "right")
         for r in data["hardware"]:
@@ -79,7 +81,9 @@ def _render_listing(data: dict):
         for c in ("id", "quant", "global batch", "lr", "description"):
             t.add_column(c)
         for r in data["recipes"]:
-            t.add_row(Text(r["id"]), r["quant"], str(r["global_batch"]), f"{r['learning_rate']:g}", Text(r["description"]))
+            t.add_row(
+                Text(r["id"]), r["quant"], str(r["global_batch"]), f"{r['learning_rate']:g}", Text(r["description"])
+            )
         console.print(t)
         console.print(Text("profile dirs (first wins): " + ", ".join(data["dirs"])))
         console.print(Text("`vramplan profiles show NAME` prints every field with its unit and source."))
@@ -164,7 +168,9 @@ def show(ctx: click.Context, name: str, json_mode: bool) -> None:
                         t.add_row(Text(f"{k}.{k2}"), Text(repr(v2) if isinstance(v2, str) else str(v2)),
                                   _unit(k2), Text(sources.get(k, "") if k2 == next(iter(v)) else ""))
                 elif k not in ("schema_version", "kind", "description", "source"):
-                    t.add_row(Text(k), Text(repr(v) if isinstance(v, str) else str(v)), _unit(k), Text(sources.get(k, "")))
+                    t.add_row(
+                        Text(k), Text(repr(v) if isinstance(v, str) else str(v)), _unit(k), Text(sources.get(k, ""))
+                    )
             console.print(t)
             if "params" in data:
                 console.print(Text("parameters (exact): " + ", ".join(f"{k} {v:,}" for k, v in data["params"].items())))

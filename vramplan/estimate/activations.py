@@ -46,7 +46,9 @@ class ActivationBreakdown:
     final_norm_saved: int
 
 
-def _vision(v: VisionSpec, lora: LoraSpec | None, images: float, grad_ckpt: bool, compute_bytes: int) -> tuple[float, float]:
+def _vision(
+    v: VisionSpec, lora: LoraSpec | None, images: float, grad_ckpt: bool, compute_bytes: int
+) -> tuple[float, float]:
     """(saved, forward transient) of the vision tower for `images` images."""
     fam = module_for(v)
     vtok = fam.tokens_per_image(v) * images
@@ -77,7 +79,9 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
         vision_saved, vision_transient = _vision(v, vision_lora, n_img, grad_ckpt, compute_bytes)
         if projector_trained and projector is not None:
             image_tokens = module_for(v).image_tokens(v) * n_img
-            projector_saved = int(image_tokens * module_for(projector).saved_bytes_per_image_token(projector, compute_bytes))
+            projector_saved = int(
+                image_tokens * module_for(projector).saved_bytes_per_image_token(projector, compute_bytes)
+            )
     logits = LOGIT_PEAK_BYTES * tokens * t.vocab_size
     final_norm = text.final_norm_bytes_per_token(t, compute_bytes) * tokens
     return ActivationBreakdown(int(llm_saved), int(llm_recompute), int(vision_saved), int(vision_transient),

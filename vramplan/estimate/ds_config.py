@@ -1,9 +1,10 @@
 """The DeepSpeed config vramplan generates for each candidate.
 
 Pure and JSON-serialisable. Bucket sizes are explicit numbers (not "auto") because the memory
-model charges them (types.DsBuckets; docs/estimate.md#deepspeed-config); optimizer/scheduler hyper-parameters are "auto" so the
-HF Trainer fills them from the same plan (transformers' DeepSpeed integration checks they agree);
-no scheduler section, so the Trainer builds the recipe's warmup + cosine schedule itself.
+model charges them (types.DsBuckets; docs/estimate.md#deepspeed-config); optimizer/scheduler
+hyper-parameters are "auto" so the HF Trainer fills them from the same plan (transformers' DeepSpeed
+integration checks they agree); no scheduler section, so the Trainer builds the recipe's warmup +
+cosine schedule itself.
 Layout follows XTuner's xtuner/configs/deepspeed/deepspeed_zero{1,2,2_offload,3,3_offload}.json and LLaVA's
 scripts/zero{2,3}.json.
 """

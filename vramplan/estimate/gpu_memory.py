@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 
 from vramplan.estimate.activations import ActivationBreakdown
 from vramplan.estimate.param_groups import ParamGroups
-from vramplan.estimate.priors import (ALLOCATOR_RESERVE_FACTOR, CPU_PROCESS_BASE_RSS, CUDA_CONTEXT_BYTES,
-                                      NCCL_BYTES_PER_RANK)
+from vramplan.estimate.priors import (
+    ALLOCATOR_RESERVE_FACTOR,
+    CPU_PROCESS_BASE_RSS,
+    CUDA_CONTEXT_BYTES,
+    NCCL_BYTES_PER_RANK,
+)
 from vramplan.estimate.types import DsBuckets, Quant, Strategy, offloads_optimizer, offloads_params
 
 ADAM_STATE_BYTES = 8  # fp32 exp_avg + exp_avg_sq
@@ -124,14 +128,26 @@ def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int) -> Co
                      "transformers DeepSpeed docs (bucket sizes); docs/estimate.md#peak-and-overheads")
 
 
-def _activation_transients(g: ParamGroups, act: ActivationBreakdown, s: Strategy, bc: int, quant: str) -> list[Component]:
+def _activation_transients(
+    g: ParamGroups, act: ActivationBreakdown, s: Strategy, bc: int, quant: str
+) -> list[Component]:
     out = [
-        Component("activations_saved", int(act.llm_saved + act.vision_saved + act.projector_saved + act.final_norm_saved),
-                  "transient", "decoder layers" + (" inputs only (checkpointing)" if s.grad_ckpt else "")
-                  + " + vision LoRA layers + projector, per micro-batch",
-                  "Korthikanti 2022 (arXiv:2205.05198); measured, docs/estimate.md#activations"),
-        Component("logits_loss_peak", act.logits_peak, "transient", "14 B x tokens x vocab at the loss backward",
-                  "vramcalc measured 14 B/logit; docs/estimate.md#activations"),
+        Component(
+            "activations_saved",
+            int(act.llm_saved + act.vision_saved + act.projector_saved + act.final_norm_saved),
+            "transient",
+            "decoder layers"
+            + (" inputs only (checkpointing)" if s.grad_ckpt else "")
+            + " + vision LoRA layers + projector, per micro-batch",
+            "Korthikanti 2022 (arXiv:2205.05198); measured, docs/estimate.md#activations",
+        ),
+        Component(
+            "logits_loss_peak",
+            act.logits_peak,
+            "transient",
+            "14 B x tokens x vocab at the loss backward",
+            "vramcalc measured 14 B/logit; docs/estimate.md#activations",
+        ),
     ]
     if act.llm_recompute:
         out.append(Component("recompute_layer", act.llm_recompute, "transient",

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 
 from vramplan.estimate.gpu_memory import ADAM_STATE_BYTES, FP32_GRAD_BYTES, MASTER_BYTES
 from vramplan.estimate.param_groups import ParamGroups
-from vramplan.estimate.priors import (CHECKPOINT_EXTRA_BYTES, CPU_PROCESS_BASE_RSS, DEEPSPEED_CPU_FACTOR, HF_SHARD_BYTES,
-                                      LOG_BYTES, PROCESS_BASE_RSS, WORKER_RSS)
+from vramplan.estimate.priors import (
+    CHECKPOINT_EXTRA_BYTES,
+    CPU_PROCESS_BASE_RSS,
+    DEEPSPEED_CPU_FACTOR,
+    HF_SHARD_BYTES,
+    LOG_BYTES,
+    PROCESS_BASE_RSS,
+    WORKER_RSS,
+)
 from vramplan.estimate.types import Strategy, offloads_optimizer, offloads_params
 
 

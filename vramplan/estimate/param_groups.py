@@ -78,7 +78,11 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
             n = g.d_in * g.d_out
             q_params += n * g.count
             q_tensors += g.count
-            per = nf4_tensor_bytes(n, recipe.double_quant) if recipe.quant == Quant.NF4 else int8_tensor_bytes(g.d_in, g.d_out)
+            per = (
+                nf4_tensor_bytes(n, recipe.double_quant)
+                if recipe.quant == Quant.NF4
+                else int8_tensor_bytes(g.d_in, g.d_out)
+            )
             q_bytes += int(per) * g.count
             # biases of quantized Linear layers stay in 16-bit: counted with the frozen group below
     frozen = counts.total - q_params - projector - full

@@ -97,8 +97,10 @@ def _reasons(job: Job, s: Strategy, vram_smi: int, cpu_ram: int, disk: int) -> l
         reasons.append(compat)
     usable = job.hardware.memory_bytes * (1 - job.headroom)
     if vram_smi > usable:
-        reasons.append(f"needs {gib(vram_smi)} per GPU > {gib(usable)} usable "
-                       f"({job.hardware.display_name} {gib(job.hardware.memory_bytes)} minus {job.headroom:.0%} headroom)")
+        reasons.append(
+            f"needs {gib(vram_smi)} per GPU > {gib(usable)} usable "
+            f"({job.hardware.display_name} {gib(job.hardware.memory_bytes)} minus {job.headroom:.0%} headroom)"
+        )
     if job.cpu_ram_bytes is not None and cpu_ram > job.cpu_ram_bytes:
         reasons.append(f"needs {gib(cpu_ram)} CPU RAM per node > {gib(job.cpu_ram_bytes)} available")
     if job.disk_free_bytes is not None and disk > job.disk_free_bytes:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vramplan.contract import LoraSpec
+
 # The family configs live with their family (vramplan/estimate/families/); re-exported for callers.
 from vramplan.estimate.families.clip import VisionSpec
 from vramplan.estimate.families.llama import TextSpec
 from vramplan.estimate.families.llava import ProjectorSpec
-from vramplan.contract import LoraSpec  # noqa: F401 - re-exported: one LoRA spec for planner and trainer
-
 
 __all__ = ["HardwareSpec", "LoraSpec", "ModelSpec", "ProjectorSpec", "RecipeSpec", "TextSpec", "VisionSpec"]
 

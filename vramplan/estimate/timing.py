@@ -15,8 +15,14 @@ from dataclasses import dataclass
 
 from vramplan.estimate.families import module_for
 from vramplan.estimate.param_groups import ParamGroups
-from vramplan.estimate.priors import (CPU_ADAM_PARAMS_PER_S, CPU_TFLOPS, MFU_PRIOR, QLORA_SLOWDOWN, STEP_OVERHEAD_S,
-                                      ZERO3_COMM_EFFICIENCY)
+from vramplan.estimate.priors import (
+    CPU_ADAM_PARAMS_PER_S,
+    CPU_TFLOPS,
+    MFU_PRIOR,
+    QLORA_SLOWDOWN,
+    STEP_OVERHEAD_S,
+    ZERO3_COMM_EFFICIENCY,
+)
 from vramplan.estimate.specs import HardwareSpec, ModelSpec
 from vramplan.estimate.types import Quant, Strategy, offloads_optimizer, offloads_params
 

@@ -130,8 +130,10 @@ def _read_records(json_path: Path) -> list:
             hint += " (JSON Lines is not supported: wrap the records in [ ... ] with commas)"
         raise DatasetError(f"--dataset {json_path}: not valid JSON ({e})", hint) from None
     if not isinstance(data, list):
-        raise DatasetError(f"--dataset {json_path}: the top level is a JSON {type(data).__name__}, not a list of records",
-                           "LLaVA format is a JSON list: [{\"id\": ..., \"image\": ..., \"conversations\": [...]}, ...]")
+        raise DatasetError(
+            f"--dataset {json_path}: the top level is a JSON {type(data).__name__}, not a list of records",
+            'LLaVA format is a JSON list: [{"id": ..., "image": ..., "conversations": [...]}, ...]',
+        )
     return data
 
 

@@ -60,7 +60,9 @@ def tensor_bytes(header: dict, where: Path) -> dict[str, tuple[str, int]]:
         try:
             dt, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise UsageError(f"{where}: tensor {name!r} has a malformed header entry", "re-download this file") from None
+            raise UsageError(
+                f"{where}: tensor {name!r} has a malformed header entry", "re-download this file"
+            ) from None
         ours, item = ST_DTYPES.get(dt, (dt.lower(), 0))
         nbytes = end - begin
         if item and nbytes != math.prod(shape) * item:

@@ -134,8 +134,12 @@ def validate_data(data: dict, file: str, expected_kind: str | None = None) -> st
     if kind is None:
         raise ProfileError(file, "kind", "missing required key", f"one of: {', '.join(KINDS)}")
     if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise ProfileError(file, "schema_version", f"{data['schema_version']!r} is not supported "
-                           f"(this vramplan reads schema_version = {SCHEMA_VERSION})", "upgrade vramplan or fix the file")
+        raise ProfileError(
+            file,
+            "schema_version",
+            f"{data['schema_version']!r} is not supported (this vramplan reads schema_version = {SCHEMA_VERSION})",
+            "upgrade vramplan or fix the file",
+        )
     if kind not in KINDS:
         close = difflib.get_close_matches(str(kind), KINDS, n=1)
         raise ProfileError(file, "kind", f"{kind!r} is not one of {', '.join(KINDS)}",

@@ -13,12 +13,15 @@ from vramplan.errors import NoFitError, UsageError
 from vramplan.estimate.specs import LoraSpec
 from vramplan.plan.service import EstimateResult
 
+
 def plan_dict(res: EstimateResult, index: int | None = None, output_dir: str | None = None) -> dict:
     """The plan.json for one candidate (docs/contracts.md)."""
     i = res.pick if index is None else index
     if i is None:
-        raise NoFitError("no candidate fits this hardware, so there is no plan to save",
-                         hint="see the reasons in `vramplan estimate`; try more GPUs, --quant nf4 or a smaller --seq-len")
+        raise NoFitError(
+            "no candidate fits this hardware, so there is no plan to save",
+            hint="see the reasons in `vramplan estimate`; try more GPUs, --quant nf4 or a smaller --seq-len",
+        )
     if not 0 <= i < len(res.candidates):
         raise UsageError(f"--candidate: {i} is out of range (0..{len(res.candidates) - 1})")
     c, j = res.candidates[i], res.job
@@ -30,7 +33,12 @@ def plan_dict(res: EstimateResult, index: int | None = None, output_dir: str | N
         if lc is None:
             return None
         t = list(lc.targets)
-        return {"r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout, "targets": "all-linear" if t == ["all-linear"] else t}
+        return {
+            "r": lc.r,
+            "alpha": lc.alpha,
+            "dropout": lc.dropout,
+            "targets": "all-linear" if t == ["all-linear"] else t,
+        }
 
     out = output_dir or res.options.output_dir
     return {

@@ -6,7 +6,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from vramplan.errors import UsageError
-
 from vramplan.estimate.types import ATTN_IMPLEMENTATIONS, DEVICES, ZERO_STAGES, Offload, Quant
 
 DEFAULT_MODEL = "llava-llama3-8b-instruct"

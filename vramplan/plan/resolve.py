@@ -110,7 +110,8 @@ def resolve_data(o: EstimateOptions, model, recipe, ctx: Context) -> DataFacts:
             text_tokens = int(rep.text_tokens_p95)
         ts = token_stats(Path(o.dataset), model.chat_template, model.path)
         if ts:
-            # the longest sample sets the peak (haotian-liu/LLaVA issue #697: OOM after tens of batches); the mean sets the time
+            # the longest sample sets the peak (haotian-liu/LLaVA issue #697: OOM after tens of batches);
+            # the mean sets the time
             text_tokens = int(ts["max"])
             mean_seq = int(model.image_tokens * images_per_sample + ts["mean"])
             ctx.assumptions.append(

@@ -75,12 +75,28 @@ def run_inference_estimate(o: EstimateOptions) -> dict:
         d["global_batch"] = o.batch  # device_map splits the layers over the GPUs, not the batch
         rows.append(d)
     m = job.model
-    return {"task": "infer", "model": {"name": m.name, "path": m.path, "params": count_params(m).total,
-                                       "trainable_params": 0, "image_tokens": m.image_tokens},
-            "recipe": recipe_dict(inference_recipe(job.recipe)), "hardware": ctx.selection, "gpus_source": ctx.gpus_source,
-            "quant": job.quant, "compute_dtype": job.compute_dtype, "context": o.context, "batch": o.batch,
-            "headroom": job.headroom, "assumptions": ctx.assumptions, "candidates": rows, "pick": best,
-            "why_not_faster": []}
+    return {
+        "task": "infer",
+        "model": {
+            "name": m.name,
+            "path": m.path,
+            "params": count_params(m).total,
+            "trainable_params": 0,
+            "image_tokens": m.image_tokens,
+        },
+        "recipe": recipe_dict(inference_recipe(job.recipe)),
+        "hardware": ctx.selection,
+        "gpus_source": ctx.gpus_source,
+        "quant": job.quant,
+        "compute_dtype": job.compute_dtype,
+        "context": o.context,
+        "batch": o.batch,
+        "headroom": job.headroom,
+        "assumptions": ctx.assumptions,
+        "candidates": rows,
+        "pick": best,
+        "why_not_faster": [],
+    }
 
 
 def plan_from_options(o: EstimateOptions, candidate: int | None = None) -> dict:

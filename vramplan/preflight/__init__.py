@@ -13,16 +13,16 @@ import os
 import shutil
 import sys
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 from vramplan.contract import ENV_DEBUG
 from vramplan.preflight import accelerators, ascend, data, disk, memory, mkl, packages, torch_stack
 from vramplan.preflight.base import STATUSES, CheckResult, Context
 from vramplan.preflight.probes import ProbeSet, start_npu_smi, start_python_probe
 
-__all__ = ["CheckResult", "Context", "CHECKS", "CHECK_NAMES", "STATUSES", "run_checks", "summarize"]
+__all__ = ["CHECKS", "CHECK_NAMES", "STATUSES", "CheckResult", "Context", "run_checks", "summarize"]
 
 
 @dataclass(frozen=True)

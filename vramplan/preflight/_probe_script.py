@@ -94,7 +94,7 @@ def probe_torch_npu():
     if importlib.util.find_spec("torch_npu") is None:
         return {"installed": False}
     import torch
-    import torch_npu  # noqa: F401
+    import torch_npu
 
     d = {"installed": True, "version": getattr(torch_npu, "__version__", None),
          "available": bool(torch.npu.is_available())}

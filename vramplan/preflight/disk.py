@@ -97,12 +97,12 @@ def space_result(output_dir: Path, output_need: int, cache_dir: Path | None = No
                  notes: tuple[str, ...] = (), margin: float = MARGIN) -> CheckResult:
     """Compare free space with the needs (bytes) at the output dir's and the cache's filesystems."""
     name = "disk-space"
-    o_where, o_free, o_total, o_dev = _free(output_dir)
+    o_where, o_free, _o_total, o_dev = _free(output_dir)
     facts = {"output_dir": str(output_dir), "measured_at": str(o_where), "output_free_bytes": o_free,
              "output_need_bytes": output_need, "margin": margin}
     problems, warns = [], []
     if cache_dir is not None and cache_need > 0:
-        c_where, c_free, c_total, c_dev = _free(cache_dir)
+        c_where, c_free, _c_total, c_dev = _free(cache_dir)
         facts.update(cache_dir=str(cache_dir), cache_free_bytes=c_free, cache_need_bytes=cache_need,
                      shared_filesystem=c_dev == o_dev)
         if c_dev == o_dev:

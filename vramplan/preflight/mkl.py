@@ -11,7 +11,7 @@ pytorch/pytorch#37377).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from vramplan.preflight.base import CheckResult, Context
 
@@ -34,11 +34,14 @@ def assess_mkl(facts: dict, env: Mapping[str, str], crash_text: str = "") -> Che
     iomp = any("libiomp" in x for x in libs)
     numpy_mkl = "mkl" in str(facts.get("numpy_blas") or "").lower()
     torch_mkl = bool(facts.get("torch_mkl")) or str(facts.get("torch_blas") or "").lower() == "mkl"
-    found = (f"torch BLAS {facts.get('torch_blas') or '?'}{' (MKL)' if torch_mkl else ''}, "
-             f"numpy BLAS {facts.get('numpy_blas') or '?'}, mkl-service {'present' if facts.get('mkl_service') else 'absent'}, "
-             f"OpenMP {'libgomp' if gomp else ''}{' + ' if gomp and iomp else ''}{'libiomp5' if iomp else ''}"
-             f"{'none seen' if not (gomp or iomp) else ''}; MKL_THREADING_LAYER={layer or 'unset'}, "
-             f"MKL_SERVICE_FORCE_INTEL={env.get('MKL_SERVICE_FORCE_INTEL') or 'unset'}")
+    found = (
+        f"torch BLAS {facts.get('torch_blas') or '?'}{' (MKL)' if torch_mkl else ''}, "
+        f"numpy BLAS {facts.get('numpy_blas') or '?'}, "
+        f"mkl-service {'present' if facts.get('mkl_service') else 'absent'}, "
+        f"OpenMP {'libgomp' if gomp else ''}{' + ' if gomp and iomp else ''}{'libiomp5' if iomp else ''}"
+        f"{'none seen' if not (gomp or iomp) else ''}; MKL_THREADING_LAYER={layer or 'unset'}, "
+        f"MKL_SERVICE_FORCE_INTEL={env.get('MKL_SERVICE_FORCE_INTEL') or 'unset'}"
+    )
     out = dict(facts, MKL_THREADING_LAYER=layer or None, MKL_SERVICE_FORCE_INTEL=env.get("MKL_SERVICE_FORCE_INTEL"))
     if crash_text:
         return CheckResult(NAME, "FAIL", f"a new process that imports torch then numpy aborts: {crash_text.strip()}",

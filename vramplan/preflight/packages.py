@@ -134,14 +134,22 @@ def check_bitsandbytes(ctx: Context) -> CheckResult:
         return CheckResult(name, "SKIP", f"the plan does not quantize (quant {ctx.quant}); bitsandbytes "
                                          f"{v or 'not installed'}")
     if st is None:
-        return CheckResult(name, bad, f"probing bitsandbytes failed: {why}", "python -m bitsandbytes   # its own report")
+        return CheckResult(
+            name, bad, f"probing bitsandbytes failed: {why}", "python -m bitsandbytes   # its own report"
+        )
     if st.get("ok") and not st.get("installed"):
         return CheckResult(name, bad, f"bitsandbytes is not installed; {ctx_txt}",
                            f"pip install -c constraints.txt 'bitsandbytes>={MINIMUMS['bitsandbytes']}'", st)
     device = st.get("device") or ctx.cache.get("probe_device") or "?"
     if st.get("device_unavailable"):
-        return CheckResult(name, "SKIP", f"bitsandbytes {st.get('version')} is installed, but NF4 on {device} cannot be "
-                                         f"tested here: {st['device_unavailable']} (see 'accelerators')", "", st)
+        return CheckResult(
+            name,
+            "SKIP",
+            f"bitsandbytes {st.get('version')} is installed, but NF4 on {device} cannot be "
+            f"tested here: {st['device_unavailable']} (see 'accelerators')",
+            "",
+            st,
+        )
     if not st.get("ok"):
         hint = ("bitsandbytes has no official Ascend build: plan bf16 LoRA instead (vramplan estimate --quant none)"
                 if device == "npu" else "python -m bitsandbytes   # its diagnostics\n"

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vramplan.inputs.devices import npu_smi_argv
 from vramplan.contract import ENV_PREFLIGHT_TIMEOUT
+from vramplan.inputs.devices import npu_smi_argv
 
 MARK = "@@vramplan-probe@@"
 SCRIPT = Path(__file__).with_name("_probe_script.py")

@@ -14,7 +14,6 @@ from the trainer's `failure.json` / `summary.json` (written after the launch) be
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path

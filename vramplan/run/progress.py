@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vramplan.units import fmt_bytes, fmt_clock
 from vramplan.contract import ENV_PROGRESS_INTERVAL
+from vramplan.units import fmt_bytes, fmt_clock
 
 
 def tail_events(path: Path, offset: int) -> tuple[list[dict], int]:

@@ -30,7 +30,6 @@ from types import ModuleType
 from vramplan.contract import ALL_LINEAR  # every nn.Linear except lm_head (PEFT "all-linear")
 
 
-
 @dataclass(frozen=True)
 class LinearGroup:
     """Identical nn.Linear modules (same name and shape) of one component."""
@@ -65,10 +64,10 @@ def family_modules() -> list[ModuleType]:
 def for_model_type(role: str, model_type: str) -> ModuleType | None:
     """The family module of `role` that reads config.json's `model_type`, or None."""
     for mod in family_modules():
-        if mod.ROLE == role and model_type in mod.HF_MODEL_TYPES:
+        if role == mod.ROLE and model_type in mod.HF_MODEL_TYPES:
             return mod
     return None
 
 
 def known_model_types(role: str) -> list[str]:
-    return sorted(t for mod in family_modules() if mod.ROLE == role for t in mod.HF_MODEL_TYPES)
+    return sorted(t for mod in family_modules() if role == mod.ROLE for t in mod.HF_MODEL_TYPES)
