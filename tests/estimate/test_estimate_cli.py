@@ -95,8 +95,16 @@ def test_inference():
     d = est_json("--gpus", "1x24G", "--task", "infer", "--context", "4096")["data"]
     assert d["task"] == "infer" and d["pick"] is not None
     c = d["candidates"][d["pick"]]
-    # bf16 LLaVA-Llama-3-8B is ~16.7 GB of weights: needs more than one 24 GB card? it fits with headroom 10%
+    # fp16 LLaVA-Llama-3-8B is ~16.7 GB of weights: at 4096 tokens it fits one 24 GB card with headroom 10%
+    assert c["dtype"] == "fp16" and c["gpus"] == 1 and d["pick_reason"]
     assert c["vram_breakdown"]["kv_cache"] == 2 * 32 * 1024 * 2 * 4096
+
+
+def test_inference_human_output_names_the_dtype_and_why():
+    p = est("--gpus", "1x24G", "--task", "infer", "--context", "8192", check_code=0)
+    pick = [line for line in p.stdout.splitlines() if line.startswith("pick")]
+    assert pick and "int8 weights on 1 GPU" in pick[0] and "fp16 does not fit" in pick[0]
+    assert "VRAM total GiB" in p.stdout and "nf4" in p.stdout
 
 
 def test_human_output_names_pick_and_units():

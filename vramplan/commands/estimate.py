@@ -36,7 +36,8 @@ def estimate_options(f):
         ),
         click.option("--global-batch", "global_batch", type=int, help="Samples per optimizer step over all GPUs."),
         click.option("--lora-r", "lora_r", type=int, help="LLM LoRA rank."),
-        click.option("--quant", type=click.Choice(["nf4", "int8", "none"]), help="LLM weight quantization."),
+        click.option("--quant", type=click.Choice(["nf4", "int8", "none"]),
+                     help="LLM weight quantization (--task infer: show only this dtype)."),
         click.option("--save-steps", "save_steps", type=int),
         click.option("--keep-checkpoints", "keep_checkpoints", type=int),
         click.option(

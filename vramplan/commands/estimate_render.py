@@ -155,17 +155,40 @@ def render_infer(con, data: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    con.print(Text(f"inference  {data['model']['name']} ({data['quant']} weights), context {data['context']} tokens x "
-                   f"batch {data['batch']} on {data['hardware']['gpu_name']} "
-                   f"({data['hardware']['memory_bytes'] / GiB:.1f} GiB each)"))
-    t = Table(title="device_map='auto' split (GiB per GPU, nvidia-smi)", title_justify="left")
-    for col in ("#", "GPUs", "weights GiB", "KV cache GiB", "VRAM max GPU GiB", "decode tok/s", "verdict"):
-        t.add_column(col, justify="right" if col != "verdict" else "left")
-    pick = data["pick"]
-    for i, c in enumerate(data["candidates"]):
-        verdict = "PICK" if i == data["pick"] else ("fits" if c["fits"] else "no: " + _short(c, data))
-        t.add_row(f"*{i}" if i == pick else str(i), str(c["gpus"]), _g(c["vram_breakdown"].get("weights", 0)),
-                  _g(c["vram_breakdown"].get("kv_cache", 0)), _g(c["vram_per_gpu_bytes"]),
+    m, hw, pick = data["model"], data["hardware"], data["pick"]
+    cands = data["candidates"]
+    lines = [
+        f"inference {m['name']}: {m['params'] / 1e9:.2f} B params, stored {m['stored_dtype']}; context "
+        f"{data['context']} tokens x batch {data['batch']}; weights in {', '.join(data['dtypes'])}"
+        + (f" (--quant {data['quant']})" if data.get("quant") else ""),
+        f"hardware  {hw['nodes']} node(s) x {hw['gpus_per_node']} x {hw['gpu_name']} "
+        f"({hw['memory_bytes'] / GiB:.1f} GiB each; {data['gpus_source']}); headroom {data['headroom']:.0%}",
+    ]
+    kbit = [d for d in data["dtypes"] if d in ("int8", "nf4")]
+    if kbit:
+        lines.append(f"compute   KV cache and activations in {data['compute_dtype']} beside {'/'.join(kbit)} weights, "
+                     "in the weights' own dtype otherwise")
+    lines += [f"note      {a}" for a in data.get("assumptions", [])]
+    if pick is not None:
+        c = cands[pick]
+        gpus = f"{c['gpus']} GPU" + ("s" if c["gpus"] > 1 else "")
+        lines.append(f"pick      #{pick}: {c['dtype']} weights on {gpus}. Why: {data['pick_reason']}")
+    for line in lines:
+        con.print(Text(line))
+    t = Table(title="device_map='auto' split per weight dtype (VRAM as nvidia-smi shows it; per GPU = the fullest; "
+                    "GiB = 2^30 bytes)", title_justify="left")
+    for col in ("#", "weights", "GPUs", "weights/GPU GiB", "KV cache/GPU GiB", "VRAM/GPU GiB", "VRAM total GiB",
+                "decode tok/s", "verdict"):
+        t.add_column(col, justify="left" if col in ("weights", "verdict") else "right")
+    for i, c in enumerate(cands):
+        verdict = "PICK" if i == pick else ("fits" if c["fits"] else "no: " + _short(c, data))
+        t.add_row(f"*{i}" if i == pick else str(i), c["dtype"], str(c["gpus"]), _g(c["vram_breakdown"]["weights"]),
+                  _g(c["vram_breakdown"]["kv_cache"]), _g(c["vram_per_gpu_bytes"]), _g(c["vram_total_bytes"]),
                   f"{c['time_detail']['decode_tokens_per_s']:.0f}", Text(verdict),
-                  style="bold green" if i == data["pick"] else "")
+                  style="bold green" if i == pick else ("" if c["fits"] else "dim"))
     con.print(t)
+    con.print(Text("decode tok/s: memory-bound (every weight and the KV cache read once per token); "
+                   "bitsandbytes int8/nf4 kernels dequantize on the fly and can be slower."))
+    if pick is None:
+        con.print(Text(f"N{data['pick_reason'][1:]}. Try more GPUs, a smaller --context or --batch.",
+                       style="bold red"))

@@ -134,9 +134,12 @@ class Candidate:
     time_detail: dict
     ds_config: dict | None
     compatible: bool = True
+    dtype: str | None = None  # --task infer: the weights' dtype (bf16, fp16, fp32, int8, nf4)
+    vram_total_bytes: int | None = None  # --task infer: nvidia-smi summed over the GPUs in use
 
     def to_dict(self) -> dict:
         s = self.strategy
+        infer = {} if self.dtype is None else {"dtype": self.dtype, "vram_total_bytes": self.vram_total_bytes}
         return {
             "zero_stage": s.zero_stage,
             "offload": s.offload,
@@ -165,4 +168,5 @@ class Candidate:
             "time_seconds": self.time_seconds,
             "time_detail": dict(self.time_detail),
             "ds_config": self.ds_config,
+            **infer,
         }

@@ -63,12 +63,17 @@ def run_estimate(o: EstimateOptions) -> EstimateResult:
 
 
 def run_inference_estimate(o: EstimateOptions) -> dict:
-    """`--task infer`: the JSON data of the inference estimate."""
-    from vramplan.estimate.inference import infer_candidates, inference_recipe
-    from vramplan.estimate.params import count_params
+    """`--task infer`: the JSON data of the inference estimate, every weight dtype (--quant narrows)."""
+    from dataclasses import replace
 
-    job, ctx = build_job(o)
-    cands, best = infer_candidates(job, o.context, o.batch)
+    from vramplan.estimate.inference import infer_candidates, infer_dtypes, inference_recipe
+    from vramplan.estimate.params import count_params
+    from vramplan.estimate.types import Quant
+
+    job, ctx = build_job(replace(o, quant=Quant.NONE))  # the dtypes come from infer_dtypes, not the recipe
+    dtypes, notes = infer_dtypes(job, o.quant)
+    ctx.assumptions.extend(notes)
+    cands, best, reason = infer_candidates(job, o.context, o.batch, dtypes)
     rows = []
     for c in cands:
         d = c.to_dict()
@@ -83,11 +88,13 @@ def run_inference_estimate(o: EstimateOptions) -> dict:
             "params": count_params(m).total,
             "trainable_params": 0,
             "image_tokens": m.image_tokens,
+            "stored_dtype": m.stored_dtype,
         },
         "recipe": recipe_dict(inference_recipe(job.recipe)),
         "hardware": ctx.selection,
         "gpus_source": ctx.gpus_source,
-        "quant": job.quant,
+        "quant": o.quant,
+        "dtypes": dtypes,
         "compute_dtype": job.compute_dtype,
         "context": o.context,
         "batch": o.batch,
@@ -95,6 +102,7 @@ def run_inference_estimate(o: EstimateOptions) -> dict:
         "assumptions": ctx.assumptions,
         "candidates": rows,
         "pick": best,
+        "pick_reason": reason,
         "why_not_faster": [],
     }
 
