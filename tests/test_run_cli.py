@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from test_launch import make_plan
 
 
@@ -81,3 +85,108 @@ def test_usage_errors(tmp_path):
     p = run_cli("--plan", str(plan), "--output", str(tmp_path / "y"), "--dry-run", "--skip-preflight",
                 "--hosts", "only-one")
     assert p.returncode == 2 and "--hosts names 1 host" in p.stderr
+
+
+def _json(p) -> dict:
+    assert "Traceback" not in p.stderr, p.stderr
+    return json.loads(p.stdout)
+
+
+RUN_DIR_RE = r"llava-llama3-8b-instruct-qlora-\d{8}T\d{6}Z"
+
+
+def test_auto_without_output_names_a_default_run_dir(tmp_path):
+    p = run_cli("--auto", "--dry-run", "--skip-preflight", "--gpus", "1x24G", "--json", cwd=tmp_path)
+    env = _json(p)
+    assert p.returncode == 0 and env["status"] == "dry_run", p.stderr
+    run_dir = Path(env["data"]["run_dir"])
+    assert run_dir.parent == tmp_path.resolve() / "runs" and re.fullmatch(RUN_DIR_RE, run_dir.name), run_dir
+    assert env["data"]["plan"]["output_dir"] == str(run_dir)
+    first = p.stderr.splitlines()[0]  # said first, before anything else
+    assert first.startswith("vramplan: run dir runs/") and run_dir.name in first
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_default_run_dir_name_is_a_safe_filename(tmp_path, monkeypatch):
+    from datetime import datetime, timezone
+
+    from vramplan.run.run_dir import default_run_dir, run_name
+
+    monkeypatch.chdir(tmp_path)
+    now = datetime(2026, 12, 1, 20, 30, tzinfo=timezone.utc)
+    assert default_run_dir("llava-llama3-8b-instruct", "qlora", now) == \
+        os.path.join("runs", "llava-llama3-8b-instruct-qlora-20261201T203000Z")
+    (tmp_path / "runs" / "m-r-20261201T203000Z").mkdir(parents=True)
+    assert default_run_dir("m", "r", now).endswith("m-r-20261201T203000Z-2")  # never reuse a dir
+    model_dir = tmp_path / "my model (v2)"
+    model_dir.mkdir()
+    assert run_name(None, {"model": str(model_dir), "recipe": "lora"}) == ("my-model-v2", "lora")
+    assert run_name({"model": {"profile": None, "path": "/x/tiny"}, "recipe": {"name": "full"}}, {}) == \
+        ("tiny", "full")
+
+
+def test_plan_without_output_dir_gets_the_default_run_dir(tmp_path):
+    plan = make_plan(tmp_path, zero=2)
+    kept = save(tmp_path, "kept.json", plan)
+    p = run_cli("--plan", str(kept), "--dry-run", "--skip-preflight", "--json", cwd=tmp_path)
+    assert _json(p)["data"]["run_dir"] == plan["output_dir"] and "run dir" not in p.stderr  # the plan's own
+    bare = save(tmp_path, "bare.json", dict(plan, output_dir=None))
+    p = run_cli("--plan", str(bare), "--dry-run", "--skip-preflight", "--json", cwd=tmp_path)
+    run_dir = Path(_json(p)["data"]["run_dir"])
+    assert run_dir.parent == tmp_path.resolve() / "runs" and re.fullmatch(RUN_DIR_RE, run_dir.name), run_dir
+
+
+def test_no_gpu_error_names_gpus_and_demo(tmp_path):
+    from vramplan.inputs.gpus import detect_local_gpus
+
+    if detect_local_gpus() is not None:
+        pytest.skip("this host has GPUs/NPUs: `run --auto` would plan for them")
+    p = run_cli("--auto", "--dry-run", cwd=tmp_path)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("vramplan: error: no GPU or NPU") and "--gpus" in lines[0] and "--demo" in lines[0]
+    assert len(lines) <= 2 and not (tmp_path / "runs").exists()
+
+
+def test_resume_without_output_says_it_needs_output(tmp_path):
+    p = run_cli("--resume", cwd=tmp_path)
+    assert p.returncode == 2 and "--resume needs --output" in p.stderr and "Traceback" not in p.stderr
+
+
+def _failing_plan(tmp_path) -> Path:
+    """A plan whose disk need no machine has: the disk-space check FAILs wherever the test runs."""
+    plan = make_plan(tmp_path, per_node=2, launcher="torchrun", zero=2)
+    plan["estimate"]["disk_breakdown"] = {"checkpoints": 10**18}
+    return save(tmp_path, "huge.json", plan)
+
+
+def test_dry_run_shows_the_launch_even_when_preflight_fails(tmp_path):
+    out = tmp_path / "r"
+    p = run_cli("--plan", str(_failing_plan(tmp_path)), "--output", str(out), "--dry-run")
+    assert p.returncode == 4, p.stderr
+    assert "#!/usr/bin/env bash" in p.stdout and "--nproc_per_node=2" in p.stdout
+    launch_at, preflight_at = p.stdout.index("--- launch.sh"), p.stdout.index("--- preflight on this machine")
+    assert launch_at < preflight_at and "disk-space" in p.stdout[preflight_at:]  # the plan first, then preflight
+    assert "preflight failed" in p.stderr and "--skip-preflight" in p.stderr and "another machine" in p.stderr
+    assert not out.exists()
+
+
+def test_dry_run_json_has_plan_and_launch_when_preflight_fails(tmp_path, monkeypatch):
+    """In process, preflight forced to FAIL: the envelope data of the dry run still has plan and launch."""
+    from vramplan.commands import run as run_cmd
+
+    monkeypatch.setattr(run_cmd, "_preflight", lambda plan, out, env: [
+        {"name": "disk-space", "status": "FAIL", "detail": "forced", "fix": ""},
+        {"name": "cpu-ram", "status": "PASS", "detail": "ok", "fix": ""}])
+    plan = json.loads(_failing_plan(tmp_path).read_text())
+    kw = dict(mode="plan", plan_file=str(save(tmp_path, "p.json", plan)), output=str(tmp_path / "r"),
+              estimate_kwargs={}, max_attempts=1, skip_preflight=False, hosts=(), node_rank=None,
+              master_port=None, json_mode=True)
+    res = run_cmd.execute(dry_run=True, **kw)
+    assert res.exit_code == 4 and res.status == "preflight_failed"
+    assert res.data["plan"]["strategy"]["zero_stage"] == 2 and res.data["launch"]["world_size"] == 2
+    assert res.data["launch_sh"].startswith("#!/usr/bin/env bash") and res.data["launched"] is False
+    assert [c["name"] for c in res.data["preflight"]] == ["disk-space", "cpu-ram"]
+    assert "--skip-preflight" in res.errors[0]["hint"] and "another machine" in res.errors[0]["hint"]
+    real = run_cmd.execute(dry_run=False, **kw)  # without --dry-run: refused before writing anything
+    assert real.exit_code == 4 and "launch" not in real.data and not (tmp_path / "r").exists()

@@ -178,7 +178,12 @@ def test_dataset_and_local_model_dir(tiny):
     assert d["model"]["path"] == str((tiny / "model").resolve()) or d["model"]["path"].endswith("model")
     c = d["candidates"][d["pick"]]
     assert c["disk_breakdown"]["base_weights"] == 0  # a local dir is already on disk
-    assert c["disk_breakdown"]["dataset"] > 0
+    # --dataset is measured, and its files are on this machine already: reported, not charged as new disk
+    assert c["disk_breakdown"]["dataset"] == 0 and c["disk_present"]["dataset"] > 0
+    assert c["disk_present"]["base_weights"] > 0
+    assert c["disk_sources"]["dataset"] == "measured" and c["disk_sources"]["base_weights"] == "measured"
+    assert c["disk_bytes"] == sum(c["disk_breakdown"].values())
+    assert c["checkpoint_saves"] == 1  # 12 samples: one save, at the last step
 
 
 def test_dataset_errors_are_usage_errors(tmp_path):

@@ -103,11 +103,29 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
         con.print(Text("Faster-looking options rejected:"))
         for w in data["why_not_faster"]:
             con.print(Text(f"  - {w}"))
-    con.print(Text(f"Disk: {fmt_bytes(c['disk_bytes'])} in all = "
-                   + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in c["disk_breakdown"].items() if v)
-                   + f"; one checkpoint {fmt_bytes(c['checkpoint_bytes'])}."))
+    con.print(Text(disk_line(c)))
     if explain:
         _explain(con, c, data)
+
+
+def _disk_source(c: dict, part: str) -> str:
+    """' (scaled)', or for the checkpoints ' (computed: 3 on disk at once of 47 saves)'."""
+    src = (c.get("disk_sources") or {}).get(part)
+    n, saves = c.get("checkpoints_on_disk"), c.get("checkpoint_saves")
+    if part == "checkpoints" and n:
+        src = f"{src or 'computed'}: {n} on disk at once" + (f" of {saves} save(s)" if saves else "")
+    return f" ({src})" if src else ""
+
+
+def disk_line(c: dict) -> str:
+    """'Disk: X to write = part size (source), ...; already on this machine, not counted: ...; one checkpoint Y.'"""
+    parts = [f"{k} {fmt_bytes(v)}{_disk_source(c, k)}" for k, v in c["disk_breakdown"].items() if v]
+    line = f"Disk: {fmt_bytes(c['disk_bytes'])} to write = " + ", ".join(parts)
+    present = c.get("disk_present") or {}
+    if present:
+        line += "; already on this machine, not counted: " + ", ".join(
+            f"{k} {fmt_bytes(v)}{_disk_source(c, k)}" for k, v in present.items())
+    return line + f"; one checkpoint {fmt_bytes(c['checkpoint_bytes'])}."
 
 
 def _bar(con, c: dict, cap: int, headroom: float, cpu: bool = False) -> None:
@@ -140,8 +158,10 @@ def _explain(con, c: dict, data: dict) -> None:
     con.print(Text(f"  CPU  pinned (page-locked) memory: {fmt_bytes(c['pinned_cpu_bytes'])} (compare `ulimit -l`)"))
     for name, b in c["checkpoint_breakdown"].items():
         con.print(Text(f"  ckpt {name}: {fmt_bytes(b)}"))
+    present = c.get("disk_present") or {}
     for name, b in c["disk_breakdown"].items():
-        con.print(Text(f"  disk {name}: {fmt_bytes(b)}"))
+        here = f"; {fmt_bytes(present[name])} already on this machine, not counted" if name in present else ""
+        con.print(Text(f"  disk {name}: {fmt_bytes(b)}{_disk_source(c, name)}{here}"))
     td = c["time_detail"]
     con.print(Text(f"  time {td['steps']} steps x ({td['compute_s_per_step']:.2f} s compute + "
                    f"{td['zero3_comm_s_per_step']:.2f} s ZeRO-3 all-gather + {td['offload_s_per_step']:.2f} s offload)"

@@ -14,10 +14,23 @@ from vramplan.commands.output import CommandResult, message, run_command
 from vramplan.commands.run_render import render_checks, render_dry, render_report
 from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.plan.plan_json import load_plan
+from vramplan.run.run_dir import default_run_dir, run_name
 
 DEMO_DIR = "vramplan-demo"
 # demo knobs, each overridable by its estimate flag: a few steps that checkpoint twice
 DEMO_DEFAULTS = {"global_batch": 2, "epochs": 2, "save_steps": 4, "keep_checkpoints": 2, "lora_r": 16}
+
+
+def _no_hardware(mode: str, estimate_kwargs: dict) -> None:
+    """--auto on a host without GPUs/NPUs and without --gpus: one line naming both ways out."""
+    from vramplan.inputs.gpus import detect_local_gpus
+
+    if mode != "auto" or estimate_kwargs.get("gpus") or estimate_kwargs.get("device") == "cpu":
+        return
+    if detect_local_gpus() is None:
+        raise UsageError("no GPU or NPU detected on this host: plan for other hardware with --gpus "
+                         "(e.g. `--gpus 1x24G --dry-run`), or try the whole pipeline on this CPU with --demo",
+                         "`vramplan run --demo` trains a tiny LLaVA here in about 2 minutes")
 
 
 def _model_paths(plan: dict) -> list[str]:
@@ -129,16 +142,19 @@ def _outcome_result(out: Path, outcome: dict, report: dict, checks: list[dict], 
                          lambda con: render_report(con, report, outcome), warnings, errors)
 
 
-def _run_dir(mode: str, plan_file: str | None, output: str | None) -> tuple[Path, dict | None]:
-    """The run dir (absolute) and, with --plan, the saved plan."""
-    if mode == "demo" and not output:
-        output = _fresh_demo_dir()
+def _run_dir(mode: str, plan_file: str | None, output: str | None, estimate_kwargs: dict
+             ) -> tuple[Path, dict | None]:
+    """The run dir (absolute) and, with --plan, the saved plan. Without --output: the demo's
+    ./vramplan-demo, the plan's output_dir, else ./runs/<model>-<recipe>-<UTC time> (said on stderr)."""
+    if mode == "resume" and not output:
+        raise UsageError("--resume needs --output DIR: the run dir of the run to continue",
+                         "e.g. `vramplan run --resume --output runs/first`")
     saved = load_plan(plan_file) if mode == "plan" else None
     if saved is not None and not output:
         output = saved.get("output_dir")  # the dir given to `estimate --output` when the plan was saved
     if not output:
-        raise UsageError("--output DIR is required: the run dir for plan.json, checkpoints and the adapter",
-                         "e.g. `--output runs/first`")
+        output = _fresh_demo_dir() if mode == "demo" else default_run_dir(*run_name(saved, estimate_kwargs))
+        message(f"vramplan: run dir {output} (--output DIR chooses another)")
     return Path(output).resolve(), saved
 
 
@@ -155,13 +171,18 @@ def _preflight_gate(plan: dict, out: Path, launch, skip: bool, warnings: list[st
     warnings += [f"preflight: {c['name']}: {c.get('detail', '')}" for c in checks if c.get("status") == "WARN"]
     if not failed:
         return checks, None
-    data = {"plan": plan, "preflight": checks, "launched": False}
-    errors = [{"code": "preflight_failed",
-               "message": f"preflight failed ({', '.join(c['name'] for c in failed)}): nothing launched",
-               "hint": "fix the FAIL checks above and rerun (or --skip-preflight at your own risk)"}]
+    data = {"plan": plan, "preflight": checks, "launched": False, "run_dir": str(out)}
     return checks, CommandResult("preflight_failed", ExitCode.PREFLIGHT_FAILED, data,
                                  lambda con: render_checks(con, failed, "preflight FAILED - nothing launched"),
-                                 warnings, errors)
+                                 warnings, _preflight_errors(failed, dry_run=False))
+
+
+def _preflight_errors(failed: list[dict], dry_run: bool) -> list[dict]:
+    verb = "nothing would launch here" if dry_run else "nothing launched"
+    return [{"code": "preflight_failed",
+             "message": f"preflight failed ({', '.join(c['name'] for c in failed)}): {verb}",
+             "hint": "fix the FAIL checks above and rerun; planning for another machine? add --skip-preflight "
+                     "(preflight judges this one)" + ("" if dry_run else ", with --dry-run to launch nothing")}]
 
 
 def _commands_only(plan: dict, launch, out: Path, checks: list[dict], warnings: list[str], dry_run: bool,
@@ -175,6 +196,11 @@ def _commands_only(plan: dict, launch, out: Path, checks: list[dict], warnings: 
         runner.write_attempt_dir(plan, out, settings, False)
     data = {"plan": plan, "launch": launch.to_dict(), "launch_sh": launch_sh, "preflight": checks,
             "dry_run": dry_run, "run_dir": str(out)}
+    failed = [c for c in checks if c.get("status") == "FAIL"]
+    if failed:  # dry run only: show what would run, then why it would not start here
+        return CommandResult("preflight_failed", ExitCode.PREFLIGHT_FAILED, dict(data, launched=False),
+                             lambda con: render_dry(con, plan, launch, launch_sh, checks, out, dry_run),
+                             warnings, _preflight_errors(failed, dry_run=True))
     return CommandResult("dry_run" if dry_run else "commands_written", ExitCode.OK, data,
                          lambda con: render_dry(con, plan, launch, launch_sh, checks, out, dry_run), warnings)
 
@@ -196,7 +222,8 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
     from vramplan.run.launch import build_launch
     from vramplan.run.report import finish_report
 
-    out, saved = _run_dir(mode, plan_file, output)
+    _no_hardware(mode, estimate_kwargs)
+    out, saved = _run_dir(mode, plan_file, output, estimate_kwargs)
     if not dry_run:
         runner.check_output_dir(out, mode == "resume")
     warnings: list[str] = []
@@ -205,7 +232,7 @@ def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kw
 
     launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
     checks, refused = _preflight_gate(plan, out, launch, skip_preflight, warnings)
-    if refused is not None:
+    if refused is not None and not dry_run:
         return refused
     if dry_run or (launch.nodes > 1 and node_rank is None):
         settings = runner.RunSettings(out, master_port=master_port, hosts=hosts)
@@ -236,8 +263,10 @@ def _fallbacks(plan: dict) -> list[dict]:
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Run a saved plan.json.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last verified checkpoint.")
 @click.option("--demo", is_flag=True, help="Build a tiny LLaVA + synthetic images and run it all on CPU (< 2 min).")
-@click.option("--output", "output_dir", type=click.Path(file_okay=False), help="Run dir (demo: ./vramplan-demo).")
-@click.option("--dry-run", is_flag=True, help="Print plan, preflight, launch.sh and commands; write and run nothing.")
+@click.option("--output", "output_dir", type=click.Path(file_okay=False),
+              help="Run dir (default: ./runs/<model>-<recipe>-<UTC time>; demo: ./vramplan-demo).")
+@click.option("--dry-run", is_flag=True,
+              help="Print plan, launch.sh and commands, then preflight; write and run nothing.")
 @click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Attempts in all, counting OOM fallbacks.")
 @click.option("--skip-preflight", is_flag=True, help="Launch without preflight checks (not recommended).")
@@ -252,6 +281,7 @@ def command(auto, plan_file, resume, demo, output_dir, dry_run, max_attempts, sk
 
     \b
     $ vramplan run --demo
+    $ vramplan run --auto --dataset data.json --images imgs/
     $ vramplan run --auto --gpus 1x24G --dataset data.json --images imgs/ --output runs/a
     $ vramplan run --plan plan.json --output runs/a --dry-run
     $ vramplan run --resume --output runs/a
@@ -263,7 +293,7 @@ def command(auto, plan_file, resume, demo, output_dir, dry_run, max_attempts, sk
         if len(modes) != 1:
             raise UsageError("give exactly one of --auto, --plan FILE, --resume, --demo"
                              + (f" (got {', '.join('--' + m for m in modes)})" if modes else ""),
-                             "e.g. `vramplan run --demo`, or `vramplan run --auto --output runs/a ...`")
+                             "e.g. `vramplan run --demo`, or `vramplan run --auto ...`")
         return execute(mode=modes[0], plan_file=plan_file, output=output_dir, estimate_kwargs=estimate_kwargs,
                        dry_run=dry_run, max_attempts=max_attempts, skip_preflight=skip_preflight,
                        hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else (),

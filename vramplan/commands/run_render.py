@@ -29,11 +29,6 @@ def render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
     con.print(Text(f"estimate: {fmt_bytes(est.get('vram_per_gpu_bytes'))} per GPU, CPU RAM "
                    f"{fmt_bytes(est.get('cpu_ram_bytes'))}, disk {fmt_bytes(est.get('disk_bytes'))}, "
                    f"time {fmt_clock(est.get('time_seconds'))}"))
-    if checks:
-        bad = [c for c in checks if c.get("status") in ("WARN", "FAIL")]
-        con.print(Text(f"preflight: {len(checks)} checks, {len(bad)} WARN/FAIL"))
-        if bad:
-            render_checks(con, bad, "preflight findings")
     verb = "would write" if dry_run else "wrote"
     files = ["plan.json", "launch.sh"] + (["ds_config.json"] if plan.get("ds_config") else []) + (
         ["hostfile"] if launch.hostfile else [])
@@ -46,6 +41,22 @@ def render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
         con.print(Text("--- per-node commands (with the exports above) ---"))
         for rank, cmd in enumerate(launch.node_commands):
             con.print(Text(f"node {rank}: {shell_join(cmd)}"), soft_wrap=True)
+    _preflight_summary(con, checks)
+
+
+def _preflight_summary(con, checks: list[dict]) -> None:
+    """After the launch: the preflight verdict on this machine (WARN/FAIL rows in a table)."""
+    from rich.text import Text
+
+    if not checks:
+        con.print(Text("--- preflight: skipped (--skip-preflight) ---"))
+        return
+    bad = [c for c in checks if c.get("status") in ("WARN", "FAIL")]
+    failed = sum(c.get("status") == "FAIL" for c in checks)
+    verdict = f"FAILED ({failed} FAIL): it would not launch here" if failed else "passed"
+    con.print(Text(f"--- preflight on this machine: {len(checks)} checks, {len(bad)} WARN/FAIL; {verdict} ---"))
+    if bad:
+        render_checks(con, bad, "preflight findings")
 
 
 def render_report(con, report: dict, outcome: dict) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from vramplan.estimate.activations import activation_bytes
 from vramplan.estimate.ds_config import buckets_for, make_ds_config
 from vramplan.estimate.gpu_memory import GpuMemory, gpu_memory
-from vramplan.estimate.host import HostNeeds, host_needs
+from vramplan.estimate.host import HostNeeds, host_needs, trainer_steps
 from vramplan.estimate.param_groups import ParamGroups, param_groups
 from vramplan.estimate.timing import TimeEstimate, estimate_time
 from vramplan.estimate.types import Candidate, Job, Offload, Quant, Strategy
@@ -76,10 +76,15 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
 
 
 def _host(job: Job, groups: ParamGroups, s: Strategy) -> HostNeeds:
+    weights_source = "measured" if job.base_weights_on_disk else (
+        "assumed" if job.model.stored_total_bytes else "computed")
     return host_needs(groups, s, compute_bytes=job.compute_bytes, deepspeed=job.device != "cpu",
                       base_weights_bytes=job.model.stored_total_bytes or groups.total_params * 2,
                       base_weights_on_disk=job.base_weights_on_disk, dataset_bytes=job.dataset_bytes,
-                      keep_checkpoints=job.recipe.keep_checkpoints, workers=job.workers, device=job.device)
+                      keep_checkpoints=job.recipe.keep_checkpoints, workers=job.workers, device=job.device,
+                      dataset_on_disk=job.dataset_on_disk, dataset_source=job.dataset_source,
+                      weights_source=weights_source, steps=trainer_steps(job.samples, job.epochs, s.global_batch),
+                      save_steps=job.recipe.save_steps)
 
 
 def _time(job: Job, groups: ParamGroups, s: Strategy) -> TimeEstimate:
@@ -130,7 +135,7 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
     vram_smi = int(mem.nvidia_smi * cal.get("vram_reserved", cal.get("vram_allocated", 1.0)))
     cpu_ram = int(host.cpu_ram_bytes * cal.get("cpu_ram", 1.0))
     ckpt = int(host.checkpoint_bytes * cal.get("checkpoint", 1.0))
-    disk = int(host.disk_bytes + (ckpt - host.checkpoint_bytes) * (job.recipe.keep_checkpoints + 1))
+    disk = int(host.disk_bytes + (ckpt - host.checkpoint_bytes) * host.checkpoints_on_disk)
     reasons = _reasons(job, s, vram_smi, cpu_ram, disk)
     ds = None
     if job.device != "cpu":
@@ -148,7 +153,9 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
                      "zero3_comm_s_per_step": t.comm_s_per_step, "offload_s_per_step": t.offload_s_per_step,
                      "overhead_s_per_step": t.overhead_s_per_step,
                      "tokens_per_s": t.tokens_per_s, "utilisation_prior": t.mfu, "peak_tflops": t.peak_tflops},
-        ds_config=ds, compatible=incompatibility(job, s) is None)
+        ds_config=ds, compatible=incompatibility(job, s) is None, disk_sources=host.disk_sources,
+        disk_present=host.disk_present, checkpoint_saves=host.checkpoint_saves,
+        checkpoints_on_disk=host.checkpoints_on_disk)
 
 
 def sweep(job: Job) -> list[Candidate]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vramplan.estimate.specs import HardwareSpec, ModelSpec, RecipeSpec
 
@@ -92,6 +92,8 @@ class Job:
     disk_free_bytes: int | None = None
     dataset_bytes: int = 0
     base_weights_on_disk: bool = False
+    dataset_on_disk: bool = False  # --dataset: its files are already on this machine (not counted as new disk)
+    dataset_source: str = "assumed"  # measured (--dataset) | scaled (--samples) | assumed (the recipe's default)
     workers: int = 0  # DataLoader workers per rank (--workers)
     micro_batches: tuple[int, ...] = ()  # fixed by --micro-batch, else searched
     grad_accum: int | None = None  # fixed by --grad-accum
@@ -136,6 +138,10 @@ class Candidate:
     compatible: bool = True
     dtype: str | None = None  # --task infer: the weights' dtype (bf16, fp16, fp32, int8, nf4)
     vram_total_bytes: int | None = None  # --task infer: nvidia-smi summed over the GPUs in use
+    disk_sources: dict = field(default_factory=dict)  # disk part -> measured | scaled | assumed | computed
+    disk_present: dict = field(default_factory=dict)  # disk part -> bytes already on this machine (not counted)
+    checkpoint_saves: int | None = None  # saves the run makes
+    checkpoints_on_disk: int = 0  # checkpoints on disk at once, at most
 
     def to_dict(self) -> dict:
         s = self.strategy
@@ -163,6 +169,10 @@ class Candidate:
             "pinned_cpu_bytes": self.pinned_bytes,
             "disk_bytes": self.disk_bytes,
             "disk_breakdown": dict(self.disk_breakdown),
+            "disk_sources": dict(self.disk_sources),
+            "disk_present": dict(self.disk_present),
+            "checkpoint_saves": self.checkpoint_saves,
+            "checkpoints_on_disk": self.checkpoints_on_disk,
             "checkpoint_bytes": self.checkpoint_bytes,
             "checkpoint_breakdown": dict(self.checkpoint_breakdown),
             "time_seconds": self.time_seconds,

@@ -29,6 +29,8 @@ class DataFacts:
     images_per_sample: float
     seq_len: int
     mean_seq_len: int  # 0 = unknown (time assumes seq_len)
+    dataset_source: str = "assumed"  # measured (--dataset) | scaled (--samples) | assumed (the recipe's default)
+    dataset_on_disk: bool = False  # --dataset: its files already occupy this machine's disk
 
 
 def _apply_overrides(recipe, o: EstimateOptions, model):
@@ -117,16 +119,37 @@ def resolve_data(o: EstimateOptions, model, recipe, ctx: Context) -> DataFacts:
             ctx.assumptions.append(
                 f"--dataset: longest record {ts['max']} text tokens, mean {ts['mean']:.0f} "
                 f"({ts['method']}{', sampled' if ts['sampled'] else ''})")
-    else:
+    elif o.task == "train":
         ctx.assumptions.append("time assumes every sample is seq-len tokens long (an upper bound); "
                                "--dataset FILE gives the real lengths")
     if o.samples is not None:
         samples = o.samples
+    dataset_bytes, source = _dataset_disk(o, recipe, samples, dataset_bytes, ctx)
     seq = min(recipe.max_length, model.image_tokens * (1 if images_per_sample else 0) + text_tokens)
     if o.seq_len is not None:
         seq = o.seq_len
     seq = max(seq, 1)
-    return DataFacts(max(1, samples), dataset_bytes, images_per_sample, seq, min(mean_seq, seq) if mean_seq else 0)
+    return DataFacts(max(1, samples), dataset_bytes, images_per_sample, seq, min(mean_seq, seq) if mean_seq else 0,
+                     source, bool(o.dataset))
+
+
+def _dataset_disk(o: EstimateOptions, recipe, samples: int, dataset_bytes: int, ctx: Context) -> tuple[int, str]:
+    """(dataset bytes, source): measured with --dataset (its files are on this machine, so no new disk);
+    scaled from the recipe's bytes per sample with --samples; else the recipe's full dataset
+    (docs/estimate.md#cpu-ram-and-disk)."""
+    from vramplan.units import fmt_bytes
+
+    if o.dataset:
+        ctx.assumptions.append(f"disk: the dataset ({fmt_bytes(dataset_bytes)}, measured) is already on this "
+                               "machine: not counted as new disk")
+        return dataset_bytes, "measured"
+    if o.samples is None or not recipe.samples:
+        return dataset_bytes, "assumed"
+    scaled = int(recipe.dataset_bytes * samples / recipe.samples)
+    ctx.assumptions.append(f"disk: dataset {fmt_bytes(scaled)} = {samples} samples x the recipe's "
+                           f"{fmt_bytes(recipe.dataset_bytes / recipe.samples)} per sample "
+                           f"({recipe.samples} samples, {fmt_bytes(recipe.dataset_bytes)}); --dataset FILE measures it")
+    return scaled, "scaled"
 
 
 def resolve_host(o: EstimateOptions, ctx: Context) -> tuple[int | None, int | None]:
@@ -186,6 +209,7 @@ def build_job(o: EstimateOptions):
               epochs=recipe.epochs, compute_dtype=compute, quant=quant, headroom=o.headroom, device=device,
               attn=o.attn, workers=o.workers, cpu_ram_bytes=cpu_ram, disk_free_bytes=disk,
               dataset_bytes=data.dataset_bytes, base_weights_on_disk=model.path is not None,
+              dataset_on_disk=data.dataset_on_disk, dataset_source=data.dataset_source,
               micro_batches=(o.micro_batch,) if o.micro_batch else (), grad_accum=o.grad_accum,
               grad_ckpt=(o.grad_ckpt,) if o.grad_ckpt is not None else grad_ckpt,
               zero_stages=(o.zero,) if o.zero is not None else (0, 1, 2, 3),

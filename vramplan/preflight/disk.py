@@ -1,7 +1,7 @@
 """Output dir writable (write + fsync + delete a probe file, inodes) and free space vs the plan's disk need.
 
 The need comes from the plan's `estimate.disk_breakdown` (vramplan/estimate/host.py;
-docs/estimate.md#cpu-ram-and-disk): checkpoints x (keep + the one being written), exports, logs go to
+docs/estimate.md#cpu-ram-and-disk): the checkpoints on disk at once, exports, logs go to
 the output dir's filesystem; base weights go to the Hugging Face cache unless already there or given as
 local dirs; the dataset counts only when it is not on this machine yet. A 10% margin on top
 (docs/preflight.md#disk-space).
