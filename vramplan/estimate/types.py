@@ -100,6 +100,7 @@ class Job:
     offloads: tuple[str, ...] = Offload.ALL
     mean_seq_len: int = 0  # mean tokens per sample for the time estimate; 0 = seq_len
     calibration: tuple = ()  # ((component, factor), ...) from `vramplan calibrate --write`
+    speed_tolerance: float = 0.10  # --speed-tolerance: the pick's time window (docs/estimate.md#the-pick)
 
     @property
     def total_gpus(self) -> int:
@@ -134,6 +135,8 @@ class Candidate:
     time_detail: dict
     ds_config: dict | None
     compatible: bool = True
+    margin_bytes: int | None = None  # usable GPU memory (card minus headroom) minus the nvidia-smi figure, per GPU
+    margin_fraction: float | None = None  # margin_bytes / the card's memory
 
     def to_dict(self) -> dict:
         s = self.strategy
@@ -165,4 +168,6 @@ class Candidate:
             "time_seconds": self.time_seconds,
             "time_detail": dict(self.time_detail),
             "ds_config": self.ds_config,
+            "margin_bytes": self.margin_bytes,
+            "margin_fraction": self.margin_fraction,
         }
