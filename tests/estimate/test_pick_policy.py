@@ -204,8 +204,8 @@ def test_json_and_human_output_state_the_policy():
     pol = d["pick_policy"]
     assert pol["speed_tolerance"] == 0.10 and pol["reason"] and pol["decided_by"]
     c = d["candidates"][d["pick"]]
-    assert c["margin_bytes"] > 0 and c["margin_fraction"] == pytest.approx(c["margin_bytes"] / 
-                                                                          d["hardware"]["memory_bytes"])
+    card = d["hardware"]["memory_bytes"]
+    assert c["margin_bytes"] > 0 and c["margin_fraction"] == pytest.approx(c["margin_bytes"] / card)
     p = _cli("--gpus", "1x24G")
     assert p.returncode == 0, p.stderr
     assert "margin GiB (%)" in p.stdout and "4.2 (19%)" in p.stdout

@@ -9,7 +9,7 @@ import click
 
 from vramplan.commands.output import CommandResult, run_command
 from vramplan.errors import ExitCode, UsageError
-from vramplan.estimate.types import Offload
+from vramplan.estimate.types import SPEED_TOLERANCE, Offload
 
 
 def estimate_options(f):
@@ -46,7 +46,7 @@ def estimate_options(f):
             "--speed-tolerance",
             "speed_tolerance",
             type=float,
-            default=0.10,
+            default=SPEED_TOLERANCE,
             show_default=True,
             help="Pick: plans within this fraction of the fastest count as equally fast; of those, the larger "
             "memory margin, lower ZeRO stage, less offload win (docs/estimate.md#the-pick).",

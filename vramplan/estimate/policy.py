@@ -16,7 +16,6 @@ from vramplan.estimate.search import STAGE_PREFERENCE, rank_key
 from vramplan.estimate.types import Candidate, Job, Offload, Quant
 from vramplan.units import GiB
 
-SPEED_TOLERANCE = 0.10  # default --speed-tolerance
 # The memory estimate's own resolution: the CUDA-context prior alone spans 0.65-1.34 GB between tools
 # (docs/estimate.md#peak-and-overheads), so margins closer than 2.5% of the card are not told apart.
 MARGIN_STEP = 0.025
@@ -111,9 +110,9 @@ def _reason(best: int, cands: list[Candidate], sets: dict, job: Job) -> tuple[st
     parts = []
     if best == f:
         decided = "speed"
-        faster_aside = [i for i in sets["aside"] if cands[i].time_seconds < b.time_seconds]
-        parts.append("the fastest plan" + (" once ZeRO-3 on one GPU or with 4-bit weights is set aside"
-                                           if faster_aside else ""))
+        faster = " ".join(r for i, r in sets["aside"].items() if cands[i].time_seconds < b.time_seconds)
+        kinds = [k for k, r in (("on one GPU", ONE_GPU_ZERO3), ("with 4-bit weights", ZERO3_4BIT)) if r in faster]
+        parts.append("the fastest plan" + (f" once ZeRO-3 {' and '.join(kinds)} is set aside" if kinds else ""))
     else:
         decided, detail = lost_on(f, best, cands, sets, job)
         slower = b.time_seconds / cands[f].time_seconds - 1
@@ -128,9 +127,10 @@ def _reason(best: int, cands: list[Candidate], sets: dict, job: Job) -> tuple[st
 
 
 def policy_text(job: Job) -> str:
-    return (f"the plans that fit within {job.speed_tolerance:.0%} of the fastest (--speed-tolerance), then the larger "
-            f"margin (equal within {MARGIN_STEP:.1%} of the card, enough at {MARGIN_ENOUGH:.0%}), lower ZeRO stage, "
-            "less offload, all GPUs in use; ZeRO-3 only on several GPUs, with 4-bit weights only if no ZeRO-2 plan fits")
+    return (f"the plans that fit within {job.speed_tolerance:.0%} of the fastest (--speed-tolerance), then the "
+            f"larger margin (equal within {MARGIN_STEP:.1%} of the card, enough at {MARGIN_ENOUGH:.0%}), lower ZeRO "
+            "stage, less offload, all GPUs in use; ZeRO-3 only on several GPUs, with 4-bit weights only if no ZeRO-2 "
+            "plan fits")
 
 
 def _label(c: Candidate) -> str:

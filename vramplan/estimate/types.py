@@ -40,6 +40,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 DEVICES = ("cuda", "npu", "cpu")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+SPEED_TOLERANCE = 0.10  # default --speed-tolerance: the pick's time window (docs/estimate.md#the-pick)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class Job:
     offloads: tuple[str, ...] = Offload.ALL
     mean_seq_len: int = 0  # mean tokens per sample for the time estimate; 0 = seq_len
     calibration: tuple = ()  # ((component, factor), ...) from `vramplan calibrate --write`
-    speed_tolerance: float = 0.10  # --speed-tolerance: the pick's time window (docs/estimate.md#the-pick)
+    speed_tolerance: float = SPEED_TOLERANCE  # --speed-tolerance
 
     @property
     def total_gpus(self) -> int:

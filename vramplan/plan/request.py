@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from vramplan.errors import UsageError
-from vramplan.estimate.types import ATTN_IMPLEMENTATIONS, DEVICES, ZERO_STAGES, Offload, Quant
+from vramplan.estimate.types import ATTN_IMPLEMENTATIONS, DEVICES, SPEED_TOLERANCE, ZERO_STAGES, Offload, Quant
 
 DEFAULT_MODEL = "llava-llama3-8b-instruct"
 DEFAULT_RECIPE = "qlora"
@@ -45,7 +45,7 @@ class EstimateOptions:
     device: str | None = None  # --device cuda|npu|cpu (default: from the GPUs)
     workers: int = 0  # --workers: DataLoader worker processes per rank (each costs CPU RAM, speeds up image decoding)
     attn: str = "sdpa"  # --attn sdpa|eager: eager saves the attention probabilities (much more memory)
-    speed_tolerance: float = 0.10  # --speed-tolerance: the pick's time window, a fraction (docs/estimate.md#the-pick)
+    speed_tolerance: float = SPEED_TOLERANCE  # --speed-tolerance: the pick's time window, a fraction
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
