@@ -19,8 +19,9 @@ from vramplan.units import GiB
 # The memory estimate's own resolution: the CUDA-context prior alone spans 0.65-1.34 GB between tools
 # (docs/estimate.md#peak-and-overheads), so margins closer than 2.5% of the card are not told apart.
 MARGIN_STEP = 0.025
-# Enough margin: fms-acceleration's nvidia-smi / allocated ratios have a median near 1.26 against the
-# 1.12 prior, i.e. ~12% more than estimated at a full card; 15% of the card beyond the headroom covers it.
+# Enough margin (a prior): fms-acceleration's nvidia-smi / allocated ratios (median ~1.26, CUDA context
+# included) against the estimate's x1.12 + 0.75 GiB mean up to ~10% of the card more at a full card;
+# 15% covers that with room for the other priors (docs/estimate.md#the-pick).
 MARGIN_ENOUGH = 0.15
 # ZeRO-1 and ZeRO-2 are one code path (DeepSpeed runtime/zero/stage_1_and_2.py, `partition_gradients`
 # is the difference) and the same plan on one GPU: one step of "lower stage"; STAGE_PREFERENCE orders them.
