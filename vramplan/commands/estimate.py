@@ -9,7 +9,7 @@ import click
 
 from vramplan.commands.output import CommandResult, run_command
 from vramplan.errors import ExitCode, UsageError
-from vramplan.estimate.types import Offload
+from vramplan.estimate.types import SPEED_TOLERANCE, Offload
 
 
 def estimate_options(f):
@@ -42,6 +42,15 @@ def estimate_options(f):
         click.option("--keep-checkpoints", "keep_checkpoints", type=int),
         click.option(
             "--headroom", type=float, default=0.10, show_default=True, help="Fraction of GPU memory kept free."
+        ),
+        click.option(
+            "--speed-tolerance",
+            "speed_tolerance",
+            type=float,
+            default=SPEED_TOLERANCE,
+            show_default=True,
+            help="Pick: plans within this fraction of the fastest count as equally fast; of those, the larger "
+            "memory margin, lower ZeRO stage, less offload win (docs/estimate.md#the-pick).",
         ),
         click.option("--zero", type=click.IntRange(0, 3), help="Only this ZeRO stage."),
         click.option("--offload", type=click.Choice(list(Offload.ALL)), help="Only this offload."),

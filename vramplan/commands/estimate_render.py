@@ -12,6 +12,13 @@ def _g(b) -> str:
     return f"{b / GiB:.1f}"
 
 
+def _margin(c: dict) -> str:
+    """The table's margin cell: usable memory minus the nvidia-smi figure, GiB and % of the card."""
+    if c.get("margin_bytes") is None:
+        return "-"
+    return f"{c['margin_bytes'] / GiB:.1f} ({c['margin_fraction']:.0%})"
+
+
 def _short(c: dict, data: dict) -> str:
     """A short table verdict; the full reasons are in --json and below the table."""
     usable = data["hardware"]["memory_bytes"] * (1 - data["headroom"])
@@ -74,8 +81,8 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
     title = ("Candidates (device: this CPU; VRAM/GPU = peak memory of the training process; GiB = 2^30 bytes)"
              if cpu else "Candidates (VRAM = what nvidia-smi shows at peak; GiB = 2^30 bytes)")
     t = Table(title=title, title_justify="left")
-    for col in ("#", "GPUs", "ZeRO", "offload", "micro x accum", "ckpt", "VRAM/GPU GiB", "CPU RAM GiB",
-                "disk GiB", "checkpoint GiB", "time", "verdict"):
+    for col in ("#", "GPUs", "ZeRO", "offload", "micro x accum", "ckpt", "VRAM/GPU GiB", "margin GiB (%)",
+                "CPU RAM GiB", "disk GiB", "checkpoint GiB", "time", "verdict"):
         t.add_column(col, justify="right" if col not in ("offload", "verdict", "ckpt") else "left")
     for i in rows:
         c = cands[i]
@@ -83,7 +90,7 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
         style = "bold green" if i == pick else ("" if c["fits"] else "dim")
         t.add_row(f"*{i}" if i == pick else str(i), str(c["gpus"]), str(c["zero_stage"]), OFF_SHORT[c["offload"]],
                   f"{c['micro_batch']} x {c['grad_accum']}", "on" if c["grad_checkpointing"] else "off",
-                  _g(c["vram_per_gpu_bytes"]), _g(c["cpu_ram_bytes"]), _g(c["disk_bytes"]),
+                  _g(c["vram_per_gpu_bytes"]), _margin(c), _g(c["cpu_ram_bytes"]), _g(c["disk_bytes"]),
                   _g(c["checkpoint_bytes"]), fmt_seconds(c["time_seconds"]), Text(verdict), style=style)
     con.print(t)
     if pick is None:
@@ -94,13 +101,16 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
     cap = data["hardware"]["memory_bytes"]
     con.print(Text(f"Pick #{pick}: ZeRO-{c['zero_stage']}, offload {c['offload']}, {c['gpus']} GPU(s), micro-batch "
                    f"{c['micro_batch']} x accumulation {c['grad_accum']}, checkpointing "
-                   f"{'on' if c['grad_checkpointing'] else 'off'} - fastest that fits; peak in {c['peak_phase']}.",
-                   style="bold"))
+                   f"{'on' if c['grad_checkpointing'] else 'off'}; peak in {c['peak_phase']}.", style="bold"))
+    policy = data.get("pick_policy") or {}
+    if policy.get("reason"):
+        con.print(Text(f"  why: {policy['reason']}."))
+        con.print(Text(f"  policy: {policy['text']} (docs/estimate.md#the-pick)."))
     for n in c["notes"]:
         con.print(Text(f"  note: {n}"))
     _bar(con, c, cap, data["headroom"], cpu)
     if data.get("why_not_faster"):
-        con.print(Text("Faster-looking options rejected:"))
+        con.print(Text("Faster-looking options not picked:"))
         for w in data["why_not_faster"]:
             con.print(Text(f"  - {w}"))
     con.print(Text(disk_line(c)))

@@ -1,5 +1,5 @@
 """Enumerate every ZeRO stage x offload x GPU count x micro-batch x checkpointing candidate,
-estimate each, mark what fits, rank by time and pick one, saying why faster options lost."""
+estimate each and mark what fits. The pick among them is vramplan/estimate/policy.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from vramplan.estimate.timing import TimeEstimate, estimate_time
 from vramplan.estimate.types import Candidate, Job, Offload, Quant, Strategy
 from vramplan.units import gib
 
-ZERO3_4BIT_NOTE = ("ZeRO-3 with 4-bit weights needs bnb_4bit_quant_storage = the compute dtype (set in this plan) and "
-                   "bitsandbytes>=0.43.3, accelerate>=1.0.1, transformers>4.44.2, peft>0.13.0 (PEFT DeepSpeed docs); "
+# the known failure: bitsandbytes-foundation/bitsandbytes#1179, huggingface/peft#2014; the fix: PEFT
+# docs/source/accelerate/deepspeed.md
+ZERO3_4BIT_NOTE = ("ZeRO-3 with 4-bit weights is known to fail with \"All input tensors need to be on the same GPU\" "
+                   "unless bnb_4bit_quant_storage = the compute dtype (set in this plan) and bitsandbytes>=0.43.3, "
+                   "accelerate>=1.0.1, transformers>4.44.2, peft>0.13.0 (PEFT DeepSpeed docs); "
                    "`vramplan preflight` checks the versions")
 
 
@@ -137,6 +140,7 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
     ckpt = int(host.checkpoint_bytes * cal.get("checkpoint", 1.0))
     disk = int(host.disk_bytes + (ckpt - host.checkpoint_bytes) * host.checkpoints_on_disk)
     reasons = _reasons(job, s, vram_smi, cpu_ram, disk)
+    margin = int(job.hardware.memory_bytes * (1 - job.headroom)) - vram_smi
     ds = None
     if job.device != "cpu":
         buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
@@ -155,7 +159,8 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
                      "tokens_per_s": t.tokens_per_s, "utilisation_prior": t.mfu, "peak_tflops": t.peak_tflops},
         ds_config=ds, compatible=incompatibility(job, s) is None, disk_sources=host.disk_sources,
         disk_present=host.disk_present, checkpoint_saves=host.checkpoint_saves,
-        checkpoints_on_disk=host.checkpoints_on_disk)
+        checkpoints_on_disk=host.checkpoints_on_disk,
+        margin_bytes=margin, margin_fraction=margin / job.hardware.memory_bytes)
 
 
 def sweep(job: Job) -> list[Candidate]:
@@ -181,48 +186,7 @@ STAGE_PREFERENCE = {2: 0, 1: 1, 0: 2, 3: 3}  # on ties: ZeRO-2 is the path XTune
 
 
 def rank_key(c: Candidate):
+    """Time order, fastest first; ties: fewer GPUs, less offload, preferred stage, larger micro-batch, no ckpt."""
     s = c.strategy
-    # fastest first; ties: fewer GPUs, less offload, preferred stage, larger micro-batch, checkpointing off
     return (round(c.time_seconds, 3), s.gpus, Offload.ALL.index(s.offload),
             STAGE_PREFERENCE[s.zero_stage], -s.micro_batch, s.grad_ckpt)
-
-
-def _combo(c: Candidate) -> tuple:
-    return (c.strategy.zero_stage, c.strategy.offload, c.strategy.gpus)
-
-
-def pick(cands: list[Candidate]) -> tuple[int | None, list[str]]:
-    """Index of the fastest fitting candidate, and why each faster-looking combination lost.
-
-    For every (ZeRO, offload, GPUs) combination with a variant estimated faster than the pick,
-    one line: if nothing in the combination fits, the reason of its smallest variant (micro-batch 1,
-    checkpointing on); otherwise why its faster variants do not fit.
-    """
-    fitting = [i for i, c in enumerate(cands) if c.fits]
-    if not fitting:
-        return None, []
-    best = min(fitting, key=lambda i: rank_key(cands[i]))
-    t_best = cands[best].time_seconds
-    combos: dict[tuple, list[Candidate]] = {}
-    for c in cands:
-        combos.setdefault(_combo(c), []).append(c)
-    lines = []
-    for key, group in sorted(combos.items(), key=lambda kv: min(c.time_seconds for c in kv[1])):
-        faster = [c for c in group if c.time_seconds < t_best - 1e-9 and not c.fits]
-        if not faster:
-            continue
-        z, off, gpus = key
-        label = f"ZeRO-{z} offload={off} on {gpus} GPU(s)"
-        if not any(c.fits for c in group):
-            smallest = min(group, key=lambda c: c.vram_per_gpu_bytes)
-            s = smallest.strategy
-            lines.append(f"{label}: even at micro-batch {s.micro_batch} with checkpointing "
-                         f"{'on' if s.grad_ckpt else 'off'}: {'; '.join(smallest.reasons)}")
-        else:
-            c = min(faster, key=lambda c: c.vram_per_gpu_bytes)
-            s = c.strategy
-            lines.append(f"{label}, micro-batch {s.micro_batch}, checkpointing {'on' if s.grad_ckpt else 'off'} "
-                         f"(faster): {'; '.join(c.reasons)}")
-        if len(lines) >= 8:
-            break
-    return best, lines

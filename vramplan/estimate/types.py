@@ -40,6 +40,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 DEVICES = ("cuda", "npu", "cpu")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+SPEED_TOLERANCE = 0.10  # default --speed-tolerance: the pick's time window (docs/estimate.md#the-pick)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Job:
     offloads: tuple[str, ...] = Offload.ALL
     mean_seq_len: int = 0  # mean tokens per sample for the time estimate; 0 = seq_len
     calibration: tuple = ()  # ((component, factor), ...) from `vramplan calibrate --write`
+    speed_tolerance: float = SPEED_TOLERANCE  # --speed-tolerance
 
     @property
     def total_gpus(self) -> int:
@@ -142,6 +144,8 @@ class Candidate:
     disk_present: dict = field(default_factory=dict)  # disk part -> bytes already on this machine (not counted)
     checkpoint_saves: int | None = None  # saves the run makes
     checkpoints_on_disk: int = 0  # checkpoints on disk at once, at most
+    margin_bytes: int | None = None  # usable GPU memory (card minus headroom) minus the nvidia-smi figure, per GPU
+    margin_fraction: float | None = None  # margin_bytes / the card's memory
 
     def to_dict(self) -> dict:
         s = self.strategy
@@ -178,5 +182,7 @@ class Candidate:
             "time_seconds": self.time_seconds,
             "time_detail": dict(self.time_detail),
             "ds_config": self.ds_config,
+            "margin_bytes": self.margin_bytes,
+            "margin_fraction": self.margin_fraction,
             **infer,
         }

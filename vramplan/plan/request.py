@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from vramplan.errors import UsageError
-from vramplan.estimate.types import ATTN_IMPLEMENTATIONS, DEVICES, ZERO_STAGES, Offload, Quant
+from vramplan.estimate.types import ATTN_IMPLEMENTATIONS, DEVICES, SPEED_TOLERANCE, ZERO_STAGES, Offload, Quant
 
 DEFAULT_MODEL = "llava-llama3-8b-instruct"
 DEFAULT_RECIPE = "qlora"
@@ -45,6 +45,7 @@ class EstimateOptions:
     device: str | None = None  # --device cuda|npu|cpu (default: from the GPUs)
     workers: int = 0  # --workers: DataLoader worker processes per rank (each costs CPU RAM, speeds up image decoding)
     attn: str = "sdpa"  # --attn sdpa|eager: eager saves the attention probabilities (much more memory)
+    speed_tolerance: float = SPEED_TOLERANCE  # --speed-tolerance: the pick's time window, a fraction
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
@@ -62,6 +63,10 @@ class EstimateOptions:
             bad("--keep-checkpoints", "must be at least 1 (the last good checkpoint is never deleted)")
         if not 0 <= self.headroom < 0.9:
             bad("--headroom", f"must be a fraction in [0, 0.9), got {self.headroom}", "e.g. --headroom 0.1 for 10%")
+        if isinstance(self.speed_tolerance, bool) or not isinstance(self.speed_tolerance, (int, float)) \
+                or not 0 <= self.speed_tolerance <= 1:
+            bad("--speed-tolerance", f"must be a fraction in [0, 1], got {self.speed_tolerance!r}",
+                "e.g. --speed-tolerance 0.1 for 10%")
         if self.quant is not None and self.quant not in Quant.ALL:
             bad("--quant", f"must be nf4, int8 or none, not {self.quant!r}")
         if self.zero is not None and self.zero not in ZERO_STAGES:

@@ -214,7 +214,7 @@ def build_job(o: EstimateOptions):
               grad_ckpt=(o.grad_ckpt,) if o.grad_ckpt is not None else grad_ckpt,
               zero_stages=(o.zero,) if o.zero is not None else (0, 1, 2, 3),
               offloads=(o.offload,) if o.offload else Offload.ALL,
-              mean_seq_len=data.mean_seq_len, calibration=calibration)
+              mean_seq_len=data.mean_seq_len, calibration=calibration, speed_tolerance=o.speed_tolerance)
     return job, ctx
 
 

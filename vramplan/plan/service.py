@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from vramplan.estimate.param_groups import param_groups
-from vramplan.estimate.search import pick, rank_key, sweep
+from vramplan.estimate.policy import pick
+from vramplan.estimate.search import sweep
 from vramplan.plan.request import EstimateOptions, options_from_kwargs
 from vramplan.plan.resolve import Context, build_job
 
@@ -21,6 +22,7 @@ class EstimateResult:
     pick: int | None
     why_not_faster: list[str]
     context: Context
+    pick_policy: dict | None = None  # the policy, its tolerance and why the pick won (docs/estimate.md#the-pick)
 
     def data(self) -> dict:
         j = self.job
@@ -42,6 +44,7 @@ class EstimateResult:
             "candidates": [c.to_dict() for c in self.candidates],
             "pick": self.pick,
             "why_not_faster": list(self.why_not_faster),
+            "pick_policy": self.pick_policy,
         }
 
 
@@ -58,8 +61,8 @@ def recipe_dict(r) -> dict:
 def run_estimate(o: EstimateOptions) -> EstimateResult:
     job, ctx = build_job(o)
     cands = sweep(job)
-    best, why = pick(cands)
-    return EstimateResult(o, job, cands, best, why, ctx)
+    best, why, policy = pick(cands, job)
+    return EstimateResult(o, job, cands, best, why, ctx, policy)
 
 
 def run_inference_estimate(o: EstimateOptions) -> dict:
@@ -114,27 +117,36 @@ def plan_from_options(o: EstimateOptions, candidate: int | None = None) -> dict:
 
 
 def fallback_plans(plan: dict, limit: int = 5) -> list[dict]:
-    """Plans to try after `plan` ran out of memory, in the estimate's rank order (fastest first).
+    """Plans to try after `plan` ran out of memory, in the order to try them (docs/run.md#oom-fallback).
 
-    Re-runs the estimate with the plan's saved options and keeps the fitting candidates that need less
-    GPU memory than the failed one (more offload, a higher ZeRO stage, a smaller micro-batch with more
-    accumulation so the global batch stays, or more GPUs), then sorts them as the pick does.
+    Re-runs the estimate with the plan's saved options. Each next plan is the pick's policy applied to the
+    fitting candidates that need less GPU memory than the plan before it (more offload, a higher ZeRO stage,
+    a smaller micro-batch with more accumulation, or more GPUs): first among those that need at least
+    MARGIN_STEP of the card less, a difference the estimate can resolve; only when there are none, among
+    any that need less. So each attempt needs less memory than the one that failed before it.
     """
-    opts = options_from_kwargs(**plan.get("options", {}))
-    res = run_estimate(opts)
-    failed = plan.get("estimate", {})
-    limit_bytes = failed.get("vram_per_gpu_bytes", float("inf"))
-    fs = (failed.get("zero_stage"), failed.get("offload"), failed.get("gpus"), failed.get("micro_batch"),
-          failed.get("grad_checkpointing"))
-    order = []
-    for i, c in enumerate(res.candidates):
-        s = c.strategy
-        if not c.fits or (s.zero_stage, s.offload, s.gpus, s.micro_batch, s.grad_ckpt) == fs:
-            continue
-        if c.vram_per_gpu_bytes >= limit_bytes:
-            continue
-        order.append(i)
-    order.sort(key=lambda i: rank_key(res.candidates[i]))
+    from vramplan.estimate.policy import MARGIN_STEP, choose
     from vramplan.plan.plan_json import plan_dict
 
-    return [plan_dict(res, i, plan.get("output_dir")) for i in order[:limit]]
+    opts = options_from_kwargs(**plan.get("options", {}))
+    res = run_estimate(opts)
+    cands = res.candidates
+    failed = plan.get("estimate", {})
+    last = failed.get("vram_per_gpu_bytes", float("inf"))
+    step = MARGIN_STEP * res.job.hardware.memory_bytes
+    fs = (failed.get("zero_stage"), failed.get("offload"), failed.get("gpus"), failed.get("micro_batch"),
+          failed.get("grad_checkpointing"))
+    pool = [i for i, c in enumerate(cands) if c.fits and (c.strategy.zero_stage, c.strategy.offload,
+                                                            c.strategy.gpus, c.strategy.micro_batch,
+                                                            c.strategy.grad_ckpt) != fs]
+    order: list[int] = []
+    while len(order) < limit:
+        less = [i for i in pool if cands[i].vram_per_gpu_bytes < last]
+        best, _ = choose(cands, res.job, [i for i in less if cands[i].vram_per_gpu_bytes <= last - step])
+        if best is None:
+            best, _ = choose(cands, res.job, less)
+        if best is None:
+            break
+        order.append(best)
+        last = cands[best].vram_per_gpu_bytes
+    return [plan_dict(res, i, plan.get("output_dir")) for i in order]
