@@ -14,16 +14,6 @@ from vramplan.errors import UsageError
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
 
-# Bytes per element of each dtype name used in profiles, plans and safetensors headers.
-DTYPE_BYTES = {
-    "fp32": 4, "float32": 4, "F32": 4,
-    "bf16": 2, "bfloat16": 2, "BF16": 2,
-    "fp16": 2, "float16": 2, "F16": 2,
-    "int8": 1, "I8": 1, "U8": 1, "uint8": 1,
-    "I64": 8, "I32": 4, "I16": 2, "BOOL": 1, "F64": 8,
-}
-
-
 def gib(n: float) -> str:
     """Format bytes as GiB with two decimals: '13.27 GiB'."""
     return f"{n / GiB:.2f} GiB"
