@@ -120,7 +120,6 @@ def command(json_mode: bool, explain: bool, show_all: bool, save_plan: str | Non
 
         res = run_estimate(opts)
         data = res.data()
-        warnings = []
         if save_plan:
             plan = plan_dict(res, candidate)
             p = Path(save_plan)
@@ -132,7 +131,6 @@ def command(json_mode: bool, explain: bool, show_all: bool, save_plan: str | Non
             data["plan_file"] = str(p.resolve())
         ok = res.pick is not None
         return CommandResult("ok" if ok else "no_fit", ExitCode.OK if ok else ExitCode.NO_FIT, data,
-                             render=lambda con: render_estimate(con, data, explain=explain, show_all=show_all),
-                             warnings=warnings)
+                             render=lambda con: render_estimate(con, data, explain=explain, show_all=show_all))
 
     run_command("estimate", json_mode, body)
