@@ -65,6 +65,14 @@ def test_write_json_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
     assert json.loads(p.read_text()) == {"a": "/x"} and [f.name for f in tmp_path.iterdir()] == ["summary.json"]
 
 
+def test_fmt_bytes_is_one_function_with_a_readable_unit():
+    from vramplan import units
+
+    assert units.fmt_bytes is C.fmt_bytes
+    assert [C.fmt_bytes(n) for n in (None, 512, 3 * 2**10, int(5.5 * 2**20), 2**31)] == [
+        "n/a", "512 B", "3.00 KiB", "5.50 MiB", "2.00 GiB"]
+
+
 def test_free_port_is_bindable():
     import socket
 

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from train.exit_codes import DiskFullError
-from vramplan.contract import ENV_TEST_FREE_BYTES
+from vramplan.contract import ENV_TEST_FREE_BYTES, fmt_bytes
 
 log = logging.getLogger("train")
 MANIFEST = "MANIFEST.json"
@@ -147,8 +147,8 @@ def ensure_space(root: Path, expected: int | None, keep: int) -> None:
     if free < need:
         last = verified[-1].name if verified else "none"
         raise DiskFullError(
-            f"not enough disk space for checkpoint: {free / 2**30:.2f} GiB free at {root}, "
-            f"{need / 2**30:.2f} GiB needed (expected {expected / 2**30:.2f} GiB + 10%); "
+            f"not enough disk space for checkpoint: {fmt_bytes(free)} free at {root}, "
+            f"{fmt_bytes(need)} needed (expected {fmt_bytes(expected)} + 10%); "
             f"last verified checkpoint: {last}",
             "free space on that disk (or point --output elsewhere), then rerun with --resume",
         )
@@ -206,6 +206,31 @@ def publish(staged: Path, dest: Path, step: int) -> dict:
         shutil.rmtree(staged, ignore_errors=True)
         raise DiskFullError(f"{dest.name}/ could not be written safely: {e}",
                             "free disk space, then rerun with --resume (the last verified checkpoint is intact)") from e
+
+
+FINAL_TMP_PREFIX = ".tmp-final-"  # run_dir/.tmp-final-<pid>/: final/ being written by that process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_final_tmp(run_dir: Path) -> list[str]:
+    """Remove run_dir/.tmp-final-<pid>/ left by a writer that is gone (killed, or a failed export): never trusted."""
+    removed = []
+    for p in run_dir.glob(FINAL_TMP_PREFIX + "*"):
+        pid = p.name[len(FINAL_TMP_PREFIX):]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
 
 
 def prune(root: Path, keep: int, current_step: int | None = None) -> list[str]:

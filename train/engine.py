@@ -35,6 +35,8 @@ class RunState:
     world: int = 1
     phase: str = "load"
     step: int = 0
+    start_step: int = 0  # global step this invocation started (or resumed) at
+    old_summary: dict | None = None  # rank 0, --resume: summary.json as the previous invocation left it
     stop_requested: bool = False
     interrupted: bool = False
     checkpoint_bytes: int | None = None
@@ -71,6 +73,18 @@ class SafeCheckpointTrainer(Trainer):
         barrier()
         path, nbytes, removed = self._publish(root, step, tag)
         self._record_saved(step, path, nbytes, removed, t0)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        """HF derives what is left of a resumed run from whole epochs (transformers trainer.py
+        _init_training_state, _run_epoch) and checks max_steps only after a step (DefaultFlowCallback
+        on_step_end), so a checkpoint at max_steps mid-epoch trained one more step. Here a resumed state
+        at or past max_steps has no epoch left: the loop runs no step."""
+        epochs, skip = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                    resume_from_checkpoint, trial)
+        if resume_from_checkpoint is not None and self.state.global_step >= max_steps:
+            return num_train_epochs, 0
+        return epochs, skip
 
     def _check_space(self, root: Path) -> None:
         """Rank 0 makes room for the next checkpoint (ck.ensure_space); every rank raises DiskFullError if it cannot."""
@@ -188,6 +202,7 @@ class RunCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.run.phase = "train"
+        self.run.start_step = state.global_step
         self.last_t, self.last_tokens = time.time(), state.num_input_tokens_seen
         if self.run.metrics:
             self.run.metrics.write("start", step=state.global_step, max_steps=state.max_steps,

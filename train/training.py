@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import traceback
 
 from train import checkpoint as ck
 from train.config import TrainConfig
 from train.exit_codes import DiskFullError, ExitCode, TrainError, is_oom
-from train.metrics import MetricsLog, barrier, local_memory
+from train.metrics import MetricsLog, barrier, broadcast, local_memory
 from vramplan.contract import free_port, write_json
 
 log = logging.getLogger("train")
@@ -94,6 +95,42 @@ def _resume_point(cfg: TrainConfig, is_main: bool) -> str | None:
     return str(path) if path else None
 
 
+def _read_summary(run_dir) -> dict | None:
+    import json
+
+    try:
+        old = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _finished_at(cfg: TrainConfig, old_summary: dict | None, step: int | None) -> int | None:
+    """The step of a final/ that verifies (MANIFEST.json sha256) and says the run is done: either this
+    invocation resumed at that step and trained none (`step`), or the previous summary.json said "ok" at it
+    and it reaches --max-steps. None: final/ must be (re)written."""
+    man = ck.verify(cfg.run_dir / "final", deep=True)
+    done = man.get("step") if man else None
+    if not isinstance(done, int):
+        return None
+    if step is not None:
+        return done if done == step else None
+    ok = isinstance(old_summary, dict) and old_summary.get("status") == "ok" and old_summary.get("steps") == done
+    return done if ok and (not cfg.max_steps or cfg.max_steps <= 0 or done >= cfg.max_steps) else None
+
+
+def _already_finished(cfg: TrainConfig, state, step: int, t0: float) -> tuple[int, None]:
+    """--resume of a finished run: keep final/ and the summary as they are (a summary that says so, else a new one)."""
+    if state.is_main:
+        old = state.old_summary
+        ok = isinstance(old, dict) and old.get("status") == "ok" and old.get("steps") == step
+        state.step = step
+        write_json(cfg.run_dir / "summary.json", old if ok else _summary(state, "ok", t0, str(cfg.run_dir / "final")))
+        state.metrics.write("end", status="ok", step=step, final_dir=str(cfg.run_dir / "final"), already_finished=True)
+        log.info("already finished at step %d: final/ verifies, nothing to train (not rewritten)", step)
+    return 0, None
+
+
 def run(cfg: TrainConfig) -> tuple[int, object]:
     """Train; returns (exit code, trained model or None). Never raises for OOM/disk/usage/interrupt."""
     from train import engine
@@ -106,8 +143,11 @@ def run(cfg: TrainConfig) -> tuple[int, object]:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     state.metrics = MetricsLog(cfg.run_dir / "metrics.jsonl", rank == 0)
     if rank == 0:
+        state.old_summary = _read_summary(cfg.run_dir) if cfg.resume else None
         for stale in ("failure.json", "summary.json"):
             (cfg.run_dir / stale).unlink(missing_ok=True)
+        for name in ck.remove_stale_final_tmp(cfg.run_dir):
+            log.warning("removed %s: a partial final/ of an earlier run", name)
     old_handlers = engine.install_signal_handlers(state)
     model = None
     try:
@@ -165,6 +205,10 @@ def _train(cfg: TrainConfig, state, local_rank: int, t0: float):
                                            data_collator=partial(D.collate, pad_id=tok.pad_token_id),
                                            callbacks=[engine.RunCallback(state)])
     trainer.run = state
+    # after the Trainer is built: with several ranks the process group exists, and rank 0 decides for all
+    done = broadcast(_finished_at(cfg, state.old_summary, None) if cfg.resume and state.is_main else None)
+    if done is not None:
+        return _already_finished(cfg, state, done, t0)
     resume = _resume_point(cfg, state.is_main)
     if resume:
         engine.relax_frozen_resume(trainer)
@@ -181,17 +225,23 @@ def _train(cfg: TrainConfig, state, local_rank: int, t0: float):
         _failure(state, "interrupted", f"stopped on a signal at step {state.step}", ExitCode.INTERRUPTED, t0)
         barrier()
         return int(ExitCode.INTERRUPTED), None
+    trained_none = state.step == state.start_step
+    if trained_none and broadcast(_finished_at(cfg, None, state.step) if state.is_main else None) is not None:
+        return _already_finished(cfg, state, state.step, t0)
     state.phase = "save"
     final = cfg.run_dir / "final"
-    staged = cfg.run_dir / f".tmp-final-{os.getpid()}"
+    staged = cfg.run_dir / f"{ck.FINAL_TMP_PREFIX}{os.getpid()}"
     try:
         export_final(model, cfg, staged, state.is_main)  # gathers under ZeRO-3: every rank
         if state.is_main:
             ck.publish(staged, final, state.step)  # MANIFEST.json: the adapter is verified like a checkpoint
-    except OSError as e:
+    except Exception as e:
+        if state.is_main:  # a partial final/ is never trusted: remove it (it also frees the space)
+            shutil.rmtree(staged, ignore_errors=True)
         if not ck.is_disk_full(e):
             raise
-        raise DiskFullError(f"final/ could not be written: {e}", "free disk space, then rerun with --resume") from e
+        raise DiskFullError(f"final/ could not be written: {str(e).splitlines()[0][:300]}",
+                            "free disk space, then rerun with --resume (the last verified checkpoint is intact)") from e
     barrier()
     state.phase = "done"
     if state.is_main:

@@ -74,6 +74,18 @@ def write_json(path: str | os.PathLike, obj) -> None:
         raise
 
 
+def fmt_bytes(n: float | None) -> str:
+    """Human size in binary units (KiB/MiB/GiB/TiB), always naming the unit; None (not measured) is 'n/a'.
+    vramplan.units re-exports it; the trainer's messages use it too."""
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def free_port() -> int:
     """A TCP port free on this host right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 
+from vramplan.contract import fmt_bytes as fmt_bytes  # one formatter, shared with the trainer
 from vramplan.errors import UsageError
 
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
@@ -17,17 +18,6 @@ KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
 def gib(n: float) -> str:
     """Format bytes as GiB with two decimals: '13.27 GiB'."""
     return f"{n / GiB:.2f} GiB"
-
-
-def fmt_bytes(n: float | None) -> str:
-    """Human size in binary units (KiB/MiB/GiB/TiB), always naming the unit; None (not measured) is 'n/a'."""
-    if n is None:
-        return "n/a"
-    n = float(n)
-    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def fmt_seconds(s: float | None) -> str:
