@@ -182,3 +182,27 @@ def test_two_runs_into_one_dir_only_one_starts(tmp_path):
         assert p.returncode == 2 and f"pid {os.getpid()}" in p.stderr, p.stderr
         assert sorted(x.name for x in out.iterdir()) == [C.VRAMPLAN_LOCK]
     assert not out.exists()  # created by the lock and left empty: removed
+
+
+def test_calibrate_repairs_an_attempt_whose_vramplan_died_but_not_a_live_one(tmp_path, holders):
+    from vramplan.run.calibration import load_run
+
+    out = _killed_run(tmp_path, summary={"status": "interrupted", "steps": 3})
+    live = holders(out / C.VRAMPLAN_LOCK)  # its vramplan is alive: the record is current, leave it
+    load_run(out)
+    assert json.loads((out / "attempts.json").read_text())["attempts"][0]["kind"] == "running"
+    live.kill()
+    live.wait()
+    load_run(out)
+    first = json.loads((out / "attempts.json").read_text())["attempts"][0]
+    assert first["kind"] == "abandoned" and first["steps"] == 3
+
+
+def test_resume_refuses_while_another_vramplan_owns_the_dir(tmp_path, holders):
+    """Two resumes started together: the second stops at the lock (it used to race on .plan.json.tmp)."""
+    out = _killed_run(tmp_path)
+    before = (out / "attempts.json").read_text()
+    first = holders(out / C.VRAMPLAN_LOCK)
+    res = CliRunner().invoke(cli, ["run", "--resume", "--output", str(out), "--skip-preflight", "--json"])
+    assert res.exit_code == 2 and f"pid {first.pid}" in res.output, res.output
+    assert (out / "attempts.json").read_text() == before

@@ -124,3 +124,14 @@ def _summary(run_dir: Path) -> dict:
 
     return read_json(run_dir / "summary.json") or {}
 
+
+
+def repair_if_orphaned(root: Path, attempts) -> list:
+    """repair_attempts() when no `vramplan run` and no trainer of `root` is alive (calibrate reads a run
+    dir without owning it: a live run's "running" attempt is left as it is)."""
+    if not isinstance(attempts, list) or not any(isinstance(a, dict) and a.get("kind") == "running"
+                                                 for a in attempts):
+        return attempts
+    if C.lock_holder(root / C.VRAMPLAN_LOCK) is not None or live_trainers(trainer_dirs(root, attempts)):
+        return attempts
+    return repair_attempts(root, attempts)
