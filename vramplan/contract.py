@@ -161,7 +161,9 @@ def hold_run_lock(path: str | os.PathLike, owner: str) -> RunLock:
         os.close(fd)
     os.ftruncate(fd, 0)  # a file left by a holder that died still holds its record
     lock = RunLock(path, fd)
-    lock.update(pid=os.getpid(), pgid=os.getpgid(0), owner=owner, command=" ".join(sys.argv)[:500],
+    argv0 = sys.argv[0]  # `python -m pkg` runs pkg/__main__.py: say it as typed
+    argv0 = f"python -m {Path(argv0).parent.name}" if argv0.endswith("__main__.py") else argv0
+    lock.update(pid=os.getpid(), pgid=os.getpgid(0), owner=owner, command=" ".join([argv0, *sys.argv[1:]])[:500],
                 since_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return lock
 
