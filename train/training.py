@@ -15,7 +15,7 @@ from train import checkpoint as ck
 from train.config import TrainConfig
 from train.exit_codes import DiskFullError, ExitCode, TrainError, is_oom
 from train.metrics import MetricsLog, barrier, broadcast, local_memory
-from vramplan.contract import free_port, write_json
+from vramplan.contract import TRAINER_LOCK, ContractError, free_port, hold_run_lock, write_json
 
 log = logging.getLogger("train")
 
@@ -141,6 +141,21 @@ def run(cfg: TrainConfig) -> tuple[int, object]:
     device = pick_device(cfg.device)
     state = engine.RunState(cfg=cfg, device=device, rank=rank, world=world)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # one trainer per run dir (docs/run.md "One owner per run dir"); rank 0 holds it for all ranks
+        lock = hold_run_lock(cfg.run_dir / TRAINER_LOCK, "trainer") if rank == 0 else None
+    except ContractError as e:  # before anything is written: the other trainer's files stay as they are
+        log.error("%s; %s", e.message, e.hint)
+        return int(ExitCode.USAGE), None
+    try:
+        return _run_owned(cfg, state, rank, local_rank, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_owned(cfg: TrainConfig, state, rank: int, local_rank: int, t0: float) -> tuple[int, object]:
+    from train import engine
+
     state.metrics = MetricsLog(cfg.run_dir / "metrics.jsonl", rank == 0)
     if rank == 0:
         state.old_summary = _read_summary(cfg.run_dir) if cfg.resume else None

@@ -8,10 +8,12 @@ vramplan, so the planner and the trainer read one definition of each thing they 
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -91,6 +93,98 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# One owner per run dir (docs/run.md "One owner per run dir"): flock(2) locks, released by the kernel
+# when their holder dies. `vramplan run` holds VRAMPLAN_LOCK, the trainer's rank 0 holds TRAINER_LOCK.
+VRAMPLAN_LOCK = ".vramplan.lock"
+TRAINER_LOCK = ".trainer.lock"
+
+
+def lock_holder(path: str | os.PathLike) -> dict | None:
+    """Who holds the lock file `path` ({"pid", "pgid", "command", ...}; {} when unreadable), or None when free."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        try:
+            info = json.loads(os.pread(fd, 65536, 0).decode())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+    finally:
+        os.close(fd)
+
+
+class RunLock:
+    """An exclusive flock on a lock file holding its owner's pid, process group and command. `release()`
+    (or the end of a `with`) removes the file while still holding it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def update(self, **info) -> None:
+        """Add keys to the owner record (e.g. the trainer's process group once it is started)."""
+        data = json.loads(os.pread(self.fd, 65536, 0).decode() or "{}")
+        data.update(info)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(data).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            Path(self.path).unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def hold_run_lock(path: str | os.PathLike, owner: str) -> RunLock:
+    """Take the lock file `path` (its dir must exist) for this process, `owner` naming it ("vramplan run",
+    "trainer"). ContractError naming the holder's pid when another process holds it."""
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            who = lock_holder(path)
+            if who is None:  # released meanwhile: try again
+                continue
+            raise ContractError(f"{path.parent} is in use by {owner_line(who)} (lock {path.name})",
+                                "wait for it to end, or stop it (kill PID) first") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder unlinked while we opened it
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)  # a file left by a holder that died still holds its record
+    lock = RunLock(path, fd)
+    argv0 = sys.argv[0]  # `python -m pkg` runs pkg/__main__.py: say it as typed
+    argv0 = f"python -m {Path(argv0).parent.name}" if argv0.endswith("__main__.py") else argv0
+    lock.update(pid=os.getpid(), pgid=os.getpgid(0), owner=owner, command=" ".join([argv0, *sys.argv[1:]])[:500],
+                since_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return lock
+
+
+def owner_line(who: dict) -> str:
+    """'vramplan run (pid 123: python -m vramplan run ...)' for a lock_holder() record."""
+    if not who.get("pid"):
+        return "another process (pid unknown)"
+    return f"{who.get('owner', 'a process')} (pid {who['pid']}: {str(who.get('command', '?'))[:120]})"
 
 
 # plan.json (docs/contracts.md "plan.json")

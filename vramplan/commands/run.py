@@ -94,14 +94,21 @@ def _estimate(kwargs: dict) -> dict:
                          "`vramplan estimate` with the same flags shows why each option was rejected") from e
 
 
-def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dict) -> tuple[dict, list[dict]]:
-    """The plan to run first, and the attempts already recorded in the run dir (--resume)."""
+def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dict, takeover: bool = False
+                  ) -> tuple[dict, list[dict]]:
+    """The plan to run first, and the attempts already recorded in the run dir (--resume: none of its
+    trainers may still be alive, unless `takeover` stops them; attempts left running are repaired)."""
     from vramplan.run import attempts as runner
+    from vramplan.run import owner
 
     if mode == "plan":
         return saved, []
     if mode == "resume":
         previous = (runner.read_json(out / "attempts.json") or {}).get("attempts") or []
+        if not isinstance(previous, list):
+            raise UsageError(f"{out / 'attempts.json'}: attempts must be a list", "")
+        owner.check_trainers(out, previous, takeover)
+        previous = owner.repair_attempts(out, previous)
         if previous and previous[-1].get("kind") == "ok":
             raise UsageError(f"--resume: {out} already finished (attempt {previous[-1].get('attempt')} ended ok; "
                              f"adapter in {Path(previous[-1]['dir']) / 'final'})",
@@ -217,17 +224,31 @@ def _check_node_zero(node_rank: int | None, hosts: tuple[str, ...], out: Path) -
 
 def execute(*, mode: str, plan_file: str | None, output: str | None, estimate_kwargs: dict, dry_run: bool,
             max_attempts: int, skip_preflight: bool, hosts: tuple[str, ...], node_rank: int | None,
-            master_port: int | None, json_mode: bool) -> CommandResult:
+            master_port: int | None, json_mode: bool, takeover: bool = False) -> CommandResult:
+    from vramplan.run.owner import owning
+
+    _no_hardware(mode, estimate_kwargs)
+    out, saved = _run_dir(mode, plan_file, output, estimate_kwargs)
+    args = dict(mode=mode, out=out, saved=saved, estimate_kwargs=estimate_kwargs, dry_run=dry_run,
+                max_attempts=max_attempts, skip_preflight=skip_preflight, hosts=hosts, node_rank=node_rank,
+                master_port=master_port, json_mode=json_mode, takeover=takeover)
+    if dry_run:  # writes nothing, so it needs no lock
+        return _execute(**args)
+    with owning(out):  # one owner per run dir: before preflight and before any file is written
+        return _execute(**args)
+
+
+def _execute(*, mode: str, out: Path, saved: dict | None, estimate_kwargs: dict, dry_run: bool,
+             max_attempts: int, skip_preflight: bool, hosts: tuple[str, ...], node_rank: int | None,
+             master_port: int | None, json_mode: bool, takeover: bool) -> CommandResult:
     from vramplan.run import attempts as runner
     from vramplan.run.launch import build_launch
     from vramplan.run.report import finish_report
 
-    _no_hardware(mode, estimate_kwargs)
-    out, saved = _run_dir(mode, plan_file, output, estimate_kwargs)
     if not dry_run:
         runner.check_output_dir(out, mode == "resume")
     warnings: list[str] = []
-    plan, previous = _resolve_plan(mode, out, saved, estimate_kwargs)
+    plan, previous = _resolve_plan(mode, out, saved, estimate_kwargs, takeover and not dry_run)
     plan = dict(plan, output_dir=str(out))
 
     launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
@@ -267,6 +288,8 @@ def _fallbacks(plan: dict) -> list[dict]:
               help="Run dir (default: ./runs/<model>-<recipe>-<UTC time>; demo: ./vramplan-demo).")
 @click.option("--dry-run", is_flag=True,
               help="Print plan, launch.sh and commands, then preflight; write and run nothing.")
+@click.option("--takeover", is_flag=True,
+              help="With --resume: stop a trainer of the run dir still running (SIGTERM, then SIGKILL) first.")
 @click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Attempts in all, counting OOM fallbacks.")
 @click.option("--skip-preflight", is_flag=True, help="Launch without preflight checks (not recommended).")
@@ -275,8 +298,8 @@ def _fallbacks(plan: dict) -> list[dict]:
 @click.option("--master-port", type=click.IntRange(1, 65535), help="Rendezvous port (default: free; 29500 multi-node).")
 @estimate_options
 @click.option("--json", "json_mode", is_flag=True, help="Print the versioned JSON envelope on stdout.")
-def command(auto, plan_file, resume, demo, output_dir, dry_run, max_attempts, skip_preflight, hosts, node_rank,
-            master_port, json_mode, **estimate_kwargs) -> None:
+def command(auto, plan_file, resume, demo, output_dir, dry_run, takeover, max_attempts, skip_preflight, hosts,
+            node_rank, master_port, json_mode, **estimate_kwargs) -> None:
     """Plan, preflight, launch the bundled trainer; fall back to the next plan on OOM.
 
     \b
@@ -294,9 +317,11 @@ def command(auto, plan_file, resume, demo, output_dir, dry_run, max_attempts, sk
             raise UsageError("give exactly one of --auto, --plan FILE, --resume, --demo"
                              + (f" (got {', '.join('--' + m for m in modes)})" if modes else ""),
                              "e.g. `vramplan run --demo`, or `vramplan run --auto ...`")
+        if takeover and modes != ["resume"]:
+            raise UsageError("--takeover goes with --resume (it stops a trainer of the run dir still running)", "")
         return execute(mode=modes[0], plan_file=plan_file, output=output_dir, estimate_kwargs=estimate_kwargs,
                        dry_run=dry_run, max_attempts=max_attempts, skip_preflight=skip_preflight,
                        hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else (),
-                       node_rank=node_rank, master_port=master_port, json_mode=json_mode)
+                       node_rank=node_rank, master_port=master_port, json_mode=json_mode, takeover=takeover)
 
     run_command("run", json_mode, body)

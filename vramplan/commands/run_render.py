@@ -64,9 +64,11 @@ def render_report(con, report: dict, outcome: dict) -> None:
 
     from vramplan.commands.calibrate import render_rows
 
-    for a in outcome["attempts"]:
-        con.print(Text(f"attempt {a['attempt']}: {a['kind']} after {a['steps']} steps, {a['wall_seconds']:.1f} s "
-                       f"({a['dir']})" + (f" - {a['why']}" if a["attempt"] > 1 else "")))
+    for a in outcome["attempts"]:  # an "abandoned" attempt (its vramplan died) has no steps or time
+        steps, wall = a.get("steps"), a.get("wall_seconds")
+        con.print(Text(f"attempt {a.get('attempt')}: {a.get('kind')} after {'?' if steps is None else steps} steps, "
+                       + ("? s" if not isinstance(wall, (int, float)) else f"{wall:.1f} s")
+                       + f" ({a.get('dir')})" + (f" - {a.get('why')}" if (a.get("attempt") or 1) > 1 else "")))
     if report["vs_estimate"]:
         render_rows(con, report["vs_estimate"], "measured vs estimated")
     if report.get("adapter_dir"):

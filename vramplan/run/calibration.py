@@ -73,6 +73,9 @@ def load_run(run_dir: str | Path) -> list[dict]:
     dirs = [run_dir]
     attempts = _read_json(run_dir / "attempts.json")
     if attempts:
+        from vramplan.run.owner import repair_if_orphaned  # its vramplan died: "running" -> "abandoned"
+
+        attempts["attempts"] = repair_if_orphaned(run_dir, attempts.get("attempts", []))
         dirs = [Path(a["dir"]) for a in attempts.get("attempts", []) if a.get("dir")] or dirs
     else:
         dirs += sorted(p for p in run_dir.glob("attempt-*") if p.is_dir())
