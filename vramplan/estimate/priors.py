@@ -50,29 +50,83 @@ LOG_BYTES = 50 * 10**6
 """metrics.jsonl, summary.json, launch.sh, plan.json, trainer.log."""
 
 # --- time (docs/estimate.md#time) ----------------------------------------------------------------------------
-MFU_PRIOR = 0.40
-"""Model FLOPs / peak: fms-acceleration Mistral-7B LoRA on 1xA100 reaches 3324 tok/s (~46% with the 6P
-convention); LLaVA-1.5-13B pretraining on 8xA100 in ~5.5 h (LLaVA README) is 40-55%."""
+UTILISATION_BY_GENERATION = {"7.0": 0.40, "7.5": 0.35, "8.0": 0.50, "8.6": 0.50, "8.9": 0.60, "9.0": 0.40}
+"""Achieved fraction of the dense tensor-core peak by the training GEMMs (model FLOPs, recompute charged on top),
+by NVIDIA compute capability. A100 (8.0): Narayanan et al. 2021 (arXiv:2104.04473, Table 1) reach 52% of peak
+counting the recompute, and fms-acceleration's Mistral-7B LoRA on one A100 (scripts/benchmarks/refs/a100_80gb.csv,
+3324 tokens/s) is 51% counted the same way. H100 (9.0): Llama 3 (Dubey et al. 2024, arXiv:2407.21783, Table 4)
+38-43% BF16 MFU. Ada (8.9): its listed peak is the FP32-accumulate rate, which cuBLAS nearly reaches; torchtune's
+README full fine-tune on an RTX 4090 (1650 tokens/s of Llama-3.1-8B with checkpointing) is 62% counted the same way. Volta/Turing and
+Ampere workstation cards: priors."""
 
-QLORA_SLOWDOWN = 0.80
-"""bitsandbytes dequantizes each 4-bit weight per matmul: fms-acceleration 2904 vs 3324 tok/s (0.87),
-torchtune 2413 vs 3083 tok/s (0.78)."""
+UTILISATION_DEFAULT = 0.40
+"""A device of unknown generation (Ascend, a detected card without a profile): prior."""
 
-ZERO3_COMM_EFFICIENCY = 0.7
-"""Achieved fraction of the interconnect bandwidth for ZeRO-3 all-gathers (prior)."""
+DEQUANT_BYTES_PER_WEIGHT = 12.0
+"""Effective HBM traffic per 4-bit weight per pass (forward, backward, recompute): bitsandbytes dequantizes every
+NF4 weight to 16 bit before each matmul (bitsandbytes functional.py dequantize_4bit, autograd/_functions.py
+MatMul4Bit.backward dequantizes again). The kernel reads 0.5 B and writes 2 B but reaches about a third of the
+bandwidth: LitGPT's resource table (tutorials/resource-tables.md, A100-40GB, Llama-2-13B QLoRA vs LoRA, 6.38 vs
+3.19 min per 1k micro-batches) gives 7.5 ms per 10^9 weights per pass = 12 B at 1,555 GB/s; QLoRA (Dettmers et al.
+2023, arXiv:2305.14314) Table 13 reports the same order of slowdown."""
 
-CPU_ADAM_PARAMS_PER_S = 1.0e9
-"""DeepSpeedCPUAdam throughput per node (prior; depends on cores and AVX width)."""
+HOST_OP_S = 10e-6
+"""Host time of one eager PyTorch op (Python, the dispatcher, autograd bookkeeping, cudaLaunchKernel): 5-25 us per
+op; PyTorch's own operator micro-benchmarks (benchmarks/operator_benchmark) time ~3.3 us for the C++ dispatch of a
+tiny op, and nn.Module calls add Python. Small kernels wait on it, so it adds to the GPU time."""
+
+LAYER_FORWARD_OPS = 55
+"""Eager ops of one decoder layer forward, counted in transformers models/llama/modeling_llama.py
+(LlamaDecoderLayer.forward): 2 RMSNorms x 8, q/k/v/o and rotary (16), attention and its reshapes (~10),
+gate/up/act/mul/down (5), 2 residual adds. Backward launches about 2 per forward op (autograd)."""
+
+LORA_FORWARD_OPS = 6
+"""Eager ops per LoRA-adapted Linear forward: dropout, A, B, scaling, add, the dtype cast (PEFT tuners/lora/layer.py
+Linear.forward)."""
+
+KBIT_FORWARD_OPS = 8
+"""Extra eager ops per bitsandbytes 4-bit Linear forward: the input and bias casts, absmax dequantization (double
+quant), NF4 dequantization or the 4-bit GEMV, the output cast, and the Python quant-state handling that costs as
+much as a few ops (bitsandbytes nn/modules.py Linear4bit.forward, autograd/_functions.py matmul_4bit)."""
+
+DECODE_HBM_EFFICIENCY = 0.85
+"""Achieved fraction of the HBM bandwidth when streaming weights (large contiguous reads): STREAM-style copy
+kernels reach 85-92% of the datasheet figure on A100/H100 (NVIDIA nvbandwidth; BabelStream results)."""
+
+OPTIMIZER_BYTES_PER_PARAM = 16
+"""GPU AdamW step, bytes read and written per trainable parameter (16-bit weight and grad, fp32 states;
+torch/optim/adamw.py foreach path): bound by HBM bandwidth."""
+
+CPU_ADAM_PARAMS_PER_S_PER_CORE = 1.0e8
+"""DeepSpeedCPUAdam (csrc/adam/cpu_adam.cpp, AVX512): ZeRO-Offload (Ren et al. 2021, arXiv:2101.06840, Table 2)
+steps 1e9 parameters in about 0.2 s on its 2-socket host, 1e8 parameters/s per core; torch's fused CPU AdamW is of
+the same order."""
+
+CPU_CORES_PER_GPU = 16
+"""Host cores per GPU when the host is not this machine: DGX A100 has 2 x 64-core EPYC 7742 for 8 GPUs (NVIDIA DGX
+A100 datasheet)."""
+
+COLLECTIVE_EFFICIENCY = 0.77
+"""Achieved NCCL bus bandwidth / link bandwidth for large all-gathers and reduce-scatters: nccl-tests
+(doc/PERFORMANCE.md) on 8x A100 NVLink report about 230 of 300 GB/s."""
+
+PCIE_NO_P2P_FACTOR = 0.33
+"""Without peer-to-peer (GeForce cards, Ada/Ampere consumer boards), NCCL stages every transfer through host memory
+(NCCL_P2P_DISABLE path, SHM transport): about a third of the PCIe bandwidth (Answer.AI FSDP-QLoRA notes on 2x 3090;
+NCCL docs "SHM transport")."""
+
+INTERNODE_GBPS = 25.0
+"""Inter-node bandwidth per GPU when the profile gives none, GB/s one direction: one 200 Gb/s HDR InfiniBand NIC per
+GPU (NVIDIA DGX A100 datasheet)."""
 
 CPU_TFLOPS = 0.2
 """A CPU as the training device (tests, the demo): effective fp32 training TFLOPS of a few cores (prior)."""
 
 STEP_OVERHEAD_S = {"cuda": 0.02, "npu": 0.03, "cpu": 0.06}
-"""Fixed cost per micro-step: Python, the HF Trainer loop, kernel launches, data loading. The CPU figure is
+"""Fixed cost per micro-step beyond the layers: the trainer loop, data loading, the loss. The CPU figure is
 measured: `vramplan run --demo` takes about 63 ms per step on 2 idle cores."""
 
-HBM_EFFICIENCY = 0.6
-"""Achieved fraction of HBM bandwidth in HF `generate()` decoding (prior)."""
+HBM_EFFICIENCY = DECODE_HBM_EFFICIENCY  # the name inference.py used before; same figure
 
 # --- DeepSpeed config (docs/estimate.md#deepspeed-config) ---------------------------------------------------
 DEFAULT_BUCKET_ELEMS = 200_000_000

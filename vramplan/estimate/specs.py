@@ -69,6 +69,10 @@ class HardwareSpec:
     interconnect_gbps: float  # GB/s one direction, GPU-to-GPU
     compute_capability: str = ""  # "8.0"; "" for non-NVIDIA
     bnb_4bit_supported: bool = True  # bitsandbytes NF4 kernels exist for this device
+    pcie_generation: int = 0  # of the host link (3, 4, 5); 0 = unknown
+    gpu_p2p: bool = True  # GPUs exchange data directly (NVLink, HCCS, PCIe P2P); False: NCCL stages through host RAM
+    internode_gbps: float = 0.0  # GB/s one direction per GPU between nodes (NIC); 0 = the prior (priors.py)
+    sm_count: int = 0  # streaming multiprocessors (attention decode parallelism); 0 = unknown
 
     @property
     def memory_bytes(self) -> int:

@@ -1,30 +1,57 @@
-"""Training time (docs/estimate.md#time).
+"""Training time, built from named mechanisms (docs/estimate.md#time).
 
-FLOPs per LLM token: a frozen weight costs 2 FLOPs/param forward + 2 backward (the input gradient; its
-weight-gradient GEMM is skipped), a trainable one 2 + 4 (Kaplan et al. 2020, arXiv:2001.08361; EleutherAI
-Transformer Math 101). Gradient checkpointing recomputes the forward (+2 per param; llm-analysis).
-Attention score/value GEMMs come from the text family (forward; x3 for forward + backward, +1 recompute).
-The vision tower runs forward only unless it carries LoRA.
-time = FLOPs / (GPUs x dense peak x utilisation) + ZeRO-3 all-gathers + offload transfer and CPU-Adam time
-       + a fixed per-micro-step overhead (priors.py).
+Per GPU and micro-step (n = micro-batch x tokens per sample):
+  GPU time = sum over passes (forward, backward, recompute) of max(FLOPs / (peak x utilisation),
+             weight bytes / HBM bandwidth)                 compute, or the weight-bandwidth bound
+           + 4-bit dequantization per pass                 (bitsandbytes dequantizes every weight each pass)
+  overlapped with the collectives of the micro-step          (ZeRO-3/FSDP all-gathers, gradient reduce-scatter)
+  + host time of the eager ops, per layer per pass           (small kernels wait on their launch)
+  + offload traffic per micro-step + a fixed trainer-loop cost.
+Per optimizer step: the optimizer (GPU AdamW bound by HBM, or CPU Adam from the host's cores), the step-end
+collectives and offload uploads. Total = steps x step time. FLOPs: timing_flops.py; data movement: timing_comm.py;
+the band around the figure: timing_band.py. Constants: priors.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from vramplan.estimate.families import module_for
+from vramplan.estimate import timing_band
+from vramplan.estimate.families import module_for, targeted
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.priors import (
-    CPU_ADAM_PARAMS_PER_S,
     CPU_TFLOPS,
-    MFU_PRIOR,
-    QLORA_SLOWDOWN,
+    DEQUANT_BYTES_PER_WEIGHT,
+    HOST_OP_S,
+    KBIT_FORWARD_OPS,
+    LAYER_FORWARD_OPS,
+    LORA_FORWARD_OPS,
+    OPTIMIZER_BYTES_PER_PARAM,
     STEP_OVERHEAD_S,
-    ZERO3_COMM_EFFICIENCY,
+    UTILISATION_BY_GENERATION,
+    UTILISATION_DEFAULT,
 )
-from vramplan.estimate.specs import HardwareSpec, ModelSpec
-from vramplan.estimate.types import Quant, Strategy, offloads_optimizer, offloads_params
+from vramplan.estimate.specs import HardwareSpec, LoraSpec, ModelSpec
+from vramplan.estimate.timing_comm import bus_bytes_per_s, collective_s_per_micro_step, offload_s
+from vramplan.estimate.timing_flops import sample_work
+from vramplan.estimate.types import COMPUTE_BYTES, Quant, Strategy, offloads_optimizer
+
+SOURCES = {
+    "compute": "model FLOPs (6 per trainable, 4 per frozen matmul weight; Kaplan et al. 2020, Narayanan et al. "
+               "2021) / (peak x utilisation by GPU generation, priors.py)",
+    "recompute": "gradient checkpointing: one more forward, at the same utilisation",
+    "weight_bandwidth": "passes where reading the weights (bytes / HBM bandwidth) takes longer than the FLOPs",
+    "dequant_4bit": "bitsandbytes dequantizes every 4-bit weight per pass: 12 B of HBM traffic per weight "
+                    "(priors.py DEQUANT_BYTES_PER_WEIGHT)",
+    "collectives": "ZeRO-3/FSDP all-gathers and gradient reduce-scatter over the real link, overlapped with "
+                   "compute (nccl-tests ring formula)",
+    "host_ops": "eager ops per layer per pass x 10 us of host time (priors.py HOST_OP_S)",
+    "offload": "gradients to CPU every micro-step, weights back per step, over the host link (ZeRO-Offload)",
+    "cpu_adam": "CPU Adam: trainable share / (host cores x 1e8 params/s per core; ZeRO-Offload Table 2)",
+    "optimizer": "GPU AdamW: 16 B per trainable parameter at HBM bandwidth",
+    "step_end_collectives": "DDP all-reduce / ZeRO-1,2 weight all-gather at the optimizer step",
+    "loop_overhead": "trainer loop, data loading, loss per micro-step (priors.py STEP_OVERHEAD_S)",
+}
 
 
 @dataclass(frozen=True)
@@ -37,67 +64,98 @@ class TimeEstimate:
     offload_s_per_step: float
     overhead_s_per_step: float
     tokens_per_s: float
-    mfu: float
+    mfu: float  # the utilisation prior used
     peak_tflops: float
+    terms: dict = field(default_factory=dict)  # mechanism -> seconds per optimizer step
+    regime: str = ""  # the band's regime (timing_band.py)
+    link: str = ""  # the link the collectives run over
 
 
-def flops_per_sample(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_ckpt: bool,
-                     vision_trainable: bool) -> float:
-    from vramplan.estimate.params import count_params
+def utilisation(hw: HardwareSpec) -> float:
+    """Achieved fraction of the dense peak by the training GEMMs, by GPU generation (priors.py)."""
+    return UTILISATION_BY_GENERATION.get(hw.compute_capability, UTILISATION_DEFAULT)
 
-    t = model.text
-    c = count_params(model)
-    llm_params = c.llm_total
-    llm_trainable = g.trainable_llm_lora + g.trainable_llm_full
-    fwd = 2 * (llm_params + g.trainable_llm_lora)
-    bwd = 2 * llm_params + 4 * llm_trainable + 2 * g.trainable_llm_lora  # input grads + weight grads
-    per_token = fwd + bwd + (fwd if grad_ckpt else 0)
-    attn = module_for(t).attention_flops_per_token(t, seq) * (3 + (1 if grad_ckpt else 0))
-    total = seq * (per_token + attn)
+
+def forward_ops_per_layer(model: ModelSpec, lora: LoraSpec | None, quant: str) -> int:
+    """Eager ops of one decoder layer's forward: the layer, its LoRA adapters, its 4-bit Linears."""
+    groups = module_for(model.text).linear_groups(model.text)
+    adapted = sum(1 for g in groups if lora is not None and targeted(g, lora.targets))
+    kbit = len(groups) if quant in Quant.KBIT else 0
+    return LAYER_FORWARD_OPS + LORA_FORWARD_OPS * adapted + KBIT_FORWARD_OPS * kbit
+
+
+def _micro_step(model, hw, g, s, *, seq, images, quant, compute_dtype, vision_trainable, lora, device) -> dict:
+    """Seconds of each mechanism in one micro-step on one GPU (collectives excluded)."""
+    w = sample_work(model, g, seq, images, s.grad_ckpt, vision_trainable)
+    cb = COMPUTE_BYTES.get(compute_dtype, 2)
+    peak = (CPU_TFLOPS if device == "cpu" else (hw.bf16_tflops if compute_dtype == "bf16" else hw.fp16_tflops))
+    rate = peak * 1e12 * utilisation(hw)
+    hbm = hw.hbm_bandwidth_gbps * 1e9
+    if rate <= 0:
+        return {"compute": float("inf")}
+    mb = s.micro_batch
+    dense = max(0, w.matmul_params - g.quantized_params) * cb  # 16-bit weights every pass reads
+    passes = {"forward": (w.forward_flops, dense), "backward": (w.backward_flops, dense),
+              "recompute": (w.recompute_flops, dense if s.grad_ckpt else 0)}
+    out = {"compute": 0.0, "recompute": 0.0, "weight_bandwidth": 0.0}
+    for name, (flops, nbytes) in passes.items():
+        t_flops = flops * mb / rate
+        t_bytes = nbytes / hbm if (hbm and device != "cpu") else 0.0
+        out["recompute" if name == "recompute" else "compute"] += t_flops
+        out["weight_bandwidth"] += max(0.0, t_bytes - t_flops)
+    n_pass = 3 if s.grad_ckpt else 2
+    if device == "cpu":
+        return out
+    if quant == Quant.NF4 and g.quantized_params and hbm:
+        out["dequant_4bit"] = n_pass * g.quantized_params * DEQUANT_BYTES_PER_WEIGHT / hbm
+    fwd_ops = forward_ops_per_layer(model, lora, quant)
+    # forward + backward (about 2 launches per forward op) + the recompute's forward
+    out["host_ops"] = model.text.num_layers * fwd_ops * (1 + 2 + (1 if s.grad_ckpt else 0)) * HOST_OP_S
     if model.vision is not None and images:
-        v_tok = module_for(model.vision).tokens_per_image(model.vision)
-        v_fwd = 2 * c.vision_total * v_tok
-        v = v_fwd * (3 + (1 if grad_ckpt else 0)) if vision_trainable else v_fwd
-        total += images * v
-    return float(total)
+        out["host_ops"] += model.vision.num_layers * LAYER_FORWARD_OPS * HOST_OP_S
+    return out
 
 
 def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strategy, *, seq: int, images: float,
                   samples: int, epochs: int, quant: str, compute_dtype: str, vision_trainable: bool,
-                  device: str = "cuda") -> TimeEstimate:
+                  device: str = "cuda", lora: LoraSpec | None = None, host_cores: int = 0) -> TimeEstimate:
+    """The time of the whole run: steps x (accumulated micro-steps + the optimizer step), per mechanism."""
     global_batch = s.micro_batch * s.grad_accum * s.gpus
     steps = max(1, -(-samples * epochs // global_batch))
-    flops_step = flops_per_sample(model, g, seq, images, s.grad_ckpt, vision_trainable) * global_batch
-    peak = (hw.bf16_tflops if compute_dtype == "bf16" else hw.fp16_tflops) * 1e12
-    if device == "cpu":
-        peak = CPU_TFLOPS * 1e12
-    mfu = MFU_PRIOR * (QLORA_SLOWDOWN if quant == Quant.NF4 else 1.0)
-    compute = flops_step / (s.gpus * peak * mfu) if peak > 0 else float("inf")
-
-    comm = 0.0
-    bw_inter = hw.interconnect_gbps * 1e9 * ZERO3_COMM_EFFICIENCY
-    if s.zero_stage == 3 and s.gpus > 1 and bw_inter > 0:
-        # all-gather every layer's weights in forward, backward (and recompute): S*(n-1)/n / bandwidth per pass
-        wbytes = g.quantized_bytes + (g.frozen_params + g.trainable) * 2
-        passes = (3 if s.grad_ckpt else 2) * s.grad_accum  # forward, backward (+ recompute) per micro-step
-        comm = passes * wbytes * (s.gpus - 1) / s.gpus / bw_inter
-    offload = 0.0
-    if offloads_optimizer(s.offload):
-        host = hw.host_link_gbps * 1e9
-        per_node = max(1, s.gpus // max(1, s.nodes))
-        # grads down (fp32 after conversion, 4 B) + updated 16-bit params up (2 B), per rank share, over the host link
-        xfer = g.trainable * (4 + 2) / s.gpus
-        offload += xfer / host if host else 0.0
-        # CPU Adam: the node's cores step the partitions of all its ranks
-        offload += g.trainable * per_node / s.gpus / CPU_ADAM_PARAMS_PER_S
-    if offloads_params(s.offload):
-        host = hw.host_link_gbps * 1e9
-        wbytes = g.quantized_bytes + (g.frozen_params + g.trainable) * 2
-        # each rank uploads its partition of every layer per pass before the all-gather
-        passes = (3 if s.grad_ckpt else 2) * s.grad_accum
-        offload += passes * wbytes / s.gpus / host if host else 0.0
-    overhead = STEP_OVERHEAD_S.get(device, 0.02) * s.grad_accum
-    per_step = compute + comm + offload + overhead
-    total = per_step * steps
+    cb = COMPUTE_BYTES.get(compute_dtype, 2)
+    micro = _micro_step(model, hw, g, s, seq=seq, images=images, quant=quant, compute_dtype=compute_dtype,
+                        vision_trainable=vision_trainable, lora=lora, device=device)
+    gpu = sum(v for k, v in micro.items() if k != "host_ops")
+    off = offload_s(hw, g, s, cb, host_cores) if device != "cpu" else {"micro": 0.0, "step": 0.0, "cpu_adam": 0.0}
+    loop = STEP_OVERHEAD_S.get(device, 0.02)
+    terms = {k: v * s.grad_accum for k, v in micro.items()}
+    coll_total = 0.0
+    step_end = 0.0
+    for last in ([False] * (s.grad_accum - 1) + [True]):
+        coll = collective_s_per_micro_step(hw, g, s, cb, last) if device != "cpu" else {}
+        during = sum(v for k, v in coll.items() if k not in ("param_allgather", "grad_allreduce"))
+        # with peer-to-peer the copy engines move the data while the GPU computes (FSDP/DeepSpeed prefetch);
+        # staged through host RAM (no P2P) the transfer is not hidden
+        coll_total += max(0.0, during - gpu) if hw.gpu_p2p else during
+        step_end += coll.get("param_allgather", 0.0) + coll.get("grad_allreduce", 0.0)
+    terms["collectives"] = coll_total
+    terms["step_end_collectives"] = step_end
+    terms["offload"] = off["micro"] * s.grad_accum + off["step"]
+    terms["cpu_adam"] = off["cpu_adam"]
+    if not offloads_optimizer(s.offload) and device != "cpu" and hw.hbm_bandwidth_gbps:
+        shard = s.gpus if s.zero_stage >= 1 else 1
+        terms["optimizer"] = g.trainable / shard * OPTIMIZER_BYTES_PER_PARAM / (hw.hbm_bandwidth_gbps * 1e9)
+    terms["loop_overhead"] = loop * s.grad_accum
+    per_step = sum(terms.values())
+    w = sample_work(model, g, seq, images, s.grad_ckpt, vision_trainable)
+    flops_step = (w.model_flops + w.recompute_flops) * global_batch
+    peak = CPU_TFLOPS if device == "cpu" else (hw.bf16_tflops if compute_dtype == "bf16" else hw.fp16_tflops)
+    compute = terms.get("compute", 0.0) + terms.get("recompute", 0.0) + terms.get("weight_bandwidth", 0.0) \
+        + terms.get("dequant_4bit", 0.0)
+    comm = terms["collectives"] + terms["step_end_collectives"]
+    offload = terms["offload"] + terms["cpu_adam"]
     tokens_per_s = (global_batch * seq) / per_step if per_step else 0.0
-    return TimeEstimate(total, steps, flops_step, compute, comm, offload, overhead, tokens_per_s, mfu, peak / 1e12)
+    link = bus_bytes_per_s(hw, s)[1] if s.gpus > 1 else ""
+    return TimeEstimate(per_step * steps, steps, flops_step, compute, comm, offload, per_step - compute - comm - offload,
+                        tokens_per_s, utilisation(hw), peak, {k: v for k, v in terms.items() if v},
+                        timing_band.training_regime(s.micro_batch * seq), link)

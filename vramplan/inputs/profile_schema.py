@@ -52,7 +52,9 @@ HARDWARE = {**COMMON, "vendor": _f(str, choices=("nvidia", "ascend")), "display_
             "bf16_supported": _f(bool), "hbm_bandwidth_gbps": _f(NUM, lo=1, hi=1e6),
             "host_link_gbps": _f(NUM, lo=0.1, hi=1e5), "interconnect": _f(str),
             "interconnect_gbps": _f(NUM, lo=0, hi=1e5), "compute_capability": _f(str, False),
-            "bnb_4bit_supported": _f(bool, False)}
+            "bnb_4bit_supported": _f(bool, False), "pcie_generation": _f(int, False, lo=1, hi=8),
+            "gpu_p2p": _f(bool, False), "internode_gbps": _f(NUM, False, lo=0.01, hi=1e5),
+            "sm_count": _f(int, False, lo=1, hi=100000)}
 LORA = {"r": _f(int, lo=1, hi=65536), "alpha": _f(int, lo=1), "dropout": _f(NUM, lo=0, hi=0.999),
         "targets": _f(list)}
 RECIPE = {**COMMON, "quant": _f(str, choices=("nf4", "int8", "none")), "double_quant": _f(bool),

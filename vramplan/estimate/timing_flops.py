@@ -1,0 +1,73 @@
+"""FLOPs and bytes of one training sample, per pass (docs/estimate.md#time).
+
+Model FLOPs per LLM token (Kaplan et al. 2020, arXiv:2001.08361 §2.1: 6N; Narayanan et al. 2021,
+arXiv:2104.04473 §5.1), counted over the matmul weights only (the embedding lookup is a gather, not a matmul):
+- a trainable weight: 2 forward + 4 backward (2 for the input gradient, 2 for its weight gradient) = 6;
+- a frozen weight: 2 forward + 2 backward (the input gradient only; its weight-gradient GEMM is skipped) = 4;
+- a LoRA adapter is a trainable weight: 6.
+Attention score/value GEMMs come from the text family (forward); backward is twice the forward.
+Gradient checkpointing recomputes the forward once more: recompute FLOPs, charged on top of the model FLOPs.
+The vision tower runs forward only (frozen, no gradient through it) unless it carries LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.estimate.families import module_for
+from vramplan.estimate.param_groups import ParamGroups
+from vramplan.estimate.specs import ModelSpec
+
+
+@dataclass(frozen=True)
+class SampleWork:
+    """One sample's work: FLOPs per pass and the matmul weights each pass reads."""
+
+    forward_flops: float
+    backward_flops: float
+    recompute_flops: float  # 0 without gradient checkpointing
+    matmul_params: int  # weights the GEMMs read each pass (LLM + vision tower + projector)
+    layers: int  # decoder layers (+ vision layers), for the per-layer host cost
+
+    @property
+    def model_flops(self) -> float:
+        return self.forward_flops + self.backward_flops
+
+
+def llm_matmul_params(model: ModelSpec) -> int:
+    """Weights the LLM multiplies by: every decoder Linear plus lm_head (the tied embedding when tied)."""
+    from vramplan.estimate.params import count_params
+
+    c = count_params(model)
+    return c.llm_linear + model.text.vocab_size * model.text.hidden_size
+
+
+def sample_work(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_ckpt: bool,
+                vision_trainable: bool) -> SampleWork:
+    from vramplan.estimate.params import count_params
+
+    c = count_params(model)
+    w = llm_matmul_params(model)
+    lora = g.trainable_llm_lora
+    full = w if g.trainable_llm_full else 0
+    attn = module_for(model.text).attention_flops_per_token(model.text, seq)
+    fwd = seq * (2 * (w + lora) + attn)
+    bwd = seq * (2 * (w + lora) + 2 * (full + lora) + 2 * attn)
+    llm_fwd = fwd
+    layers = model.text.num_layers
+    matmul = w
+    if model.vision is not None and images:
+        vis = module_for(model.vision)
+        positions = vis.tokens_per_image(model.vision)
+        v_fwd = images * 2 * (c.vision_total + g.trainable_vision_lora) * positions
+        fwd += v_fwd
+        if vision_trainable:
+            bwd += 2 * v_fwd
+        layers += model.vision.num_layers
+        matmul += c.vision_total
+    if c.projector and images:
+        p_fwd = images * 2 * c.projector * model.image_tokens
+        fwd += p_fwd
+        bwd += 2 * p_fwd if g.trainable_projector else 0
+        matmul += c.projector
+    return SampleWork(float(fwd), float(bwd), float(llm_fwd) if grad_ckpt else 0.0, matmul, layers)
