@@ -22,18 +22,18 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_cases import ARCH, DECODE, QWEN_VL_VISION, TRAIN  # noqa: E402
+from time_cases import ARCH, DECODE, QWEN_VL_VISION, TRAIN
 
-from vramplan.contract import LoraSpec  # noqa: E402
-from vramplan.estimate.families.clip import VisionSpec  # noqa: E402
-from vramplan.estimate.families.llama import TextSpec  # noqa: E402
-from vramplan.estimate.families.llava import ProjectorSpec  # noqa: E402
-from vramplan.estimate.param_groups import param_groups  # noqa: E402
-from vramplan.estimate.params import count_params  # noqa: E402
-from vramplan.estimate.specs import ModelSpec, RecipeSpec  # noqa: E402
-from vramplan.estimate.timing import estimate_time  # noqa: E402
-from vramplan.estimate.types import Strategy  # noqa: E402
-from vramplan.inputs.profiles import load_hardware, load_model  # noqa: E402
+from vramplan.contract import LoraSpec
+from vramplan.estimate.families.clip import VisionSpec
+from vramplan.estimate.families.llama import TextSpec
+from vramplan.estimate.families.llava import ProjectorSpec
+from vramplan.estimate.param_groups import param_groups
+from vramplan.estimate.params import count_params
+from vramplan.estimate.specs import ModelSpec, RecipeSpec
+from vramplan.estimate.timing import estimate_time
+from vramplan.estimate.types import Strategy
+from vramplan.inputs.profiles import load_hardware, load_model
 
 # AWS's A10G has no NVIDIA datasheet and no shipped profile: the A10 profile (same GA102, 24 GB, 600 GB/s) with the
 # A10G's tensor rate and SMs as tabulated by Baseten ("NVIDIA A10 vs A10G for ML model inference": 70 TFLOPS FP16
@@ -104,7 +104,7 @@ def train_row(case: dict) -> dict:
 
 
 def decode_row(d: tuple) -> dict:
-    cid, arch, hwid, dtype, kernel, gpus, context, measured, conversion, stack = d
+    cid, arch, hwid, dtype, kernel, _gpus, context, measured, conversion, stack = d
     row = {"id": cid, "kind": "decode", "measured": measured, "conversion": conversion, "dtype": dtype}
     model = model_spec(arch)
     hw = hardware(hwid)
@@ -153,7 +153,7 @@ def summary(rows: list[dict]) -> dict:
 
 
 def bands(rows: list[dict]) -> dict:
-    """Regime -> (p10, p50, p90, cases) of measured time / estimated time, the data of vramplan/estimate/timing_band.py."""
+    """Regime -> (p10, p50, p90, cases) of measured / estimated time: vramplan/estimate/timing_band.py BANDS."""
     try:
         from vramplan.estimate.timing_band import SHORT_TOKENS
     except ImportError:  # an older vramplan (--before)

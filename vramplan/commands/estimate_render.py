@@ -91,7 +91,7 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
         t.add_row(f"*{i}" if i == pick else str(i), str(c["gpus"]), str(c["zero_stage"]), OFF_SHORT[c["offload"]],
                   f"{c['micro_batch']} x {c['grad_accum']}", "on" if c["grad_checkpointing"] else "off",
                   _g(c["vram_per_gpu_bytes"]), _margin(c), _g(c["cpu_ram_bytes"]), _g(c["disk_bytes"]),
-                  _g(c["checkpoint_bytes"]), fmt_seconds(c["time_seconds"]), Text(verdict), style=style)
+                  _g(c["checkpoint_bytes"]), time_cell(c), Text(verdict), style=style)
     con.print(t)
     if pick is None:
         con.print(Text("Nothing fits. The closest candidates above say why; try more GPUs, --quant nf4, "
@@ -114,8 +114,26 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
         for w in data["why_not_faster"]:
             con.print(Text(f"  - {w}"))
     con.print(Text(disk_line(c)))
+    con.print(Text(time_line(c)))
     if explain:
         _explain(con, c, data)
+
+
+def time_cell(c: dict) -> str:
+    """'27 min (20 min-36 min)': the figure and the band it likely falls in (docs/estimate.md#time)."""
+    b = (c.get("time_detail") or {}).get("band")
+    if not b:
+        return fmt_seconds(c["time_seconds"])
+    return f"{fmt_seconds(c['time_seconds'])} ({fmt_seconds(b['low_s'])}-{fmt_seconds(b['high_s'])})"
+
+
+def time_line(c: dict) -> str:
+    """'Time: 27 min, likely 20 min-36 min (band: ...).'"""
+    b = (c.get("time_detail") or {}).get("band")
+    line = f"Time: {fmt_seconds(c['time_seconds'])}"
+    if b:
+        line += f", likely {fmt_seconds(b['low_s'])}-{fmt_seconds(b['high_s'])} (band from {b['source']})"
+    return line + "."
 
 
 def _disk_source(c: dict, part: str) -> str:
@@ -173,10 +191,12 @@ def _explain(con, c: dict, data: dict) -> None:
         here = f"; {fmt_bytes(present[name])} already on this machine, not counted" if name in present else ""
         con.print(Text(f"  disk {name}: {fmt_bytes(b)}{_disk_source(c, name)}{here}"))
     td = c["time_detail"]
-    con.print(Text(f"  time {td['steps']} steps x ({td['compute_s_per_step']:.2f} s compute + "
-                   f"{td['zero3_comm_s_per_step']:.2f} s ZeRO-3 all-gather + {td['offload_s_per_step']:.2f} s offload)"
-                   f"; {td['flops_per_step'] / 1e12:.1f} TFLOP per step at {td['utilisation_prior']:.0%} of "
-                   f"{td['peak_tflops']:.0f} TFLOPS (prior; see docs/estimate.md#time)"))
+    con.print(Text(f"  time {td['steps']} steps x {c['time_seconds'] / max(1, td['steps']):.2f} s per step; "
+                   f"{td['flops_per_step'] / 1e12:.1f} TFLOP per step at {td['utilisation_prior']:.0%} of "
+                   f"{td['peak_tflops']:.0f} TFLOPS" + (f"; collectives over {td['link']}" if td.get("link") else "")))
+    sources = td.get("term_sources") or {}
+    for name, sec in (td.get("terms_s_per_step") or {}).items():
+        con.print(Text(f"  time {name}: {sec:.3f} s per step = {sources.get(name, '')}"))
     pg = data["param_groups"]
     con.print(Text("  params " + ", ".join(f"{k} {v:,}" for k, v in pg.items())))
 
@@ -217,8 +237,13 @@ def render_infer(con, data: dict) -> None:
                   f"{c['time_detail']['decode_tokens_per_s']:.0f}", Text(verdict),
                   style="bold green" if i == pick else ("" if c["fits"] else "dim"))
     con.print(t)
-    con.print(Text("decode tok/s: memory-bound (every weight and the KV cache read once per token); "
-                   "bitsandbytes int8/nf4 kernels dequantize on the fly and can be slower."))
+    con.print(Text("decode tok/s: weights / HBM bandwidth + attention over the context + per-layer host ops "
+                   "(bitsandbytes int8/nf4 add ops per Linear, so they decode slower than 16-bit); "
+                   "docs/estimate.md#inference."))
+    if pick is not None and cands[pick]["time_detail"].get("band"):
+        b = cands[pick]["time_detail"]["band"]
+        con.print(Text(f"Time (prefill + {256} tokens): {fmt_seconds(cands[pick]['time_seconds'])}, likely "
+                       f"{fmt_seconds(b['low_s'])}-{fmt_seconds(b['high_s'])} ({b['source']})."))
     if pick is None:
         con.print(Text(f"N{data['pick_reason'][1:]}. Try more GPUs, a smaller --context or --batch.",
                        style="bold red"))

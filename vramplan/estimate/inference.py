@@ -4,8 +4,8 @@ for each weight dtype: the stored one, LLM.int8 and NF4 (docs/estimate.md#infere
 accelerate's infer_auto_device_map (accelerate/utils/modeling.py) fills GPUs in module order (embeddings,
 vision tower and projector first, then decoder layers, lm_head last), keeping whole decoder layers on one
 device. KV cache (EleutherAI, Transformer Math 101): 2 (K and V) x layers x kv_heads x d_head x bytes x
-tokens x batch. Decoding is memory-bound: one token per sequence reads every weight once, so
-tokens/s ~ batch x HBM bandwidth x efficiency / bytes read per step.
+tokens x batch. Time: prefill + decode steps, each from inference_time.py (weights / bandwidth, attention
+over the context, per-layer host ops).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from vramplan.estimate.families import module_for
+from vramplan.estimate.inference_time import decode_terms, prefill_seconds
 from vramplan.estimate.param_groups import param_groups
 from vramplan.estimate.params import count_params, decoder_layer_params
-from vramplan.estimate.priors import ALLOCATOR_RESERVE_FACTOR, CUDA_CONTEXT_BYTES, HBM_EFFICIENCY
+from vramplan.estimate.priors import ALLOCATOR_RESERVE_FACTOR, CUDA_CONTEXT_BYTES
+from vramplan.estimate.timing_band import band
 from vramplan.estimate.types import COMPUTE_BYTES, Candidate, Job, Offload, Quant, Strategy
 from vramplan.units import gib
 
@@ -101,7 +103,7 @@ def _layout(job: Job, dtype: str, context: int, batch: int) -> _Layout:
     )
 
 
-def _candidate(job: Job, dtype: str, lay: _Layout, n: int, batch: int) -> Candidate:
+def _candidate(job: Job, dtype: str, lay: _Layout, n: int, batch: int, context: int) -> Candidate:
     layers_total = job.model.text.num_layers
     layers = [layers_total // n + (1 if i < layers_total % n else 0) for i in range(n)]
     per_gpu = []
@@ -113,8 +115,12 @@ def _candidate(job: Job, dtype: str, lay: _Layout, n: int, batch: int) -> Candid
     smi = int(alloc * ALLOCATOR_RESERVE_FACTOR) + CUDA_CONTEXT_BYTES
     usable = job.hardware.memory_bytes * (1 - job.headroom)
     reasons = [] if smi <= usable else [f"needs {gib(smi)} on the fullest GPU > {gib(usable)} usable"]
-    bw = job.hardware.hbm_bandwidth_gbps * 1e9 * HBM_EFFICIENCY
-    step_s = sum(x[0] + x[1] for x in per_gpu) / bw if bw else float("inf")  # layers run one GPU at a time
+    terms = decode_terms(job.model, job.hardware, weight_bytes=sum(x[0] for x in per_gpu), context=context,
+                         batch=batch, act_bytes=lay.act_bytes, kernel="bnb" if dtype in Quant.KBIT else "")
+    step_s = sum(terms.values())  # layers run one GPU at a time
+    prefill_s = prefill_seconds(job.model, job.hardware, context=context, batch=batch,
+                                compute_dtype=act_dtype(job, dtype))
+    seconds = prefill_s + step_s * DECODE_TOKENS
     m = job.model
     weights_on_disk = 0 if job.base_weights_on_disk else (m.stored_total_bytes or count_params(m).total * 2)
     wb = {Quant.NF4: "NF4 Linear weights + quant state", Quant.INT8: "int8 Linear weights + fp32 row scales"}
@@ -130,9 +136,10 @@ def _candidate(job: Job, dtype: str, lay: _Layout, n: int, batch: int) -> Candid
                        "prefill_transient": "one layer's prefill temporaries", "cuda_context": "constant"},
         peak_phase="prefill", cpu_ram_bytes=0, cpu_breakdown={}, pinned_bytes=0,
         disk_bytes=weights_on_disk, disk_breakdown={"base_weights": weights_on_disk},
-        checkpoint_bytes=0, checkpoint_breakdown={}, time_seconds=step_s * DECODE_TOKENS,
-        time_detail={"decode_tokens_per_s": batch / step_s if step_s else 0.0,
-                     "what": f"seconds to decode {DECODE_TOKENS} tokens (memory-bound)"},
+        checkpoint_bytes=0, checkpoint_breakdown={}, time_seconds=seconds,
+        time_detail={"decode_tokens_per_s": batch / step_s if step_s else 0.0, "prefill_s": prefill_s,
+                     "decode_terms_s_per_token": terms, "band": band(seconds, "decode"),
+                     "what": f"seconds to prefill the context and decode {DECODE_TOKENS} tokens"},
         ds_config=None, dtype=dtype,
         vram_total_bytes=sum(int(a * ALLOCATOR_RESERVE_FACTOR) + CUDA_CONTEXT_BYTES for _, _, a in per_gpu))
 
@@ -172,6 +179,6 @@ def infer_candidates(job: Job, context: int, batch: int, dtypes: list[str]) -> t
     cands = []
     for d in dtypes:
         lay = _layout(job, d, context, batch)
-        cands += [_candidate(job, d, lay, n, batch) for n in counts]
+        cands += [_candidate(job, d, lay, n, batch, context) for n in counts]
     best, reason = pick_dtype(job, cands, dtypes)
     return cands, best, reason

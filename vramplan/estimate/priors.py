@@ -56,8 +56,8 @@ by NVIDIA compute capability. A100 (8.0): Narayanan et al. 2021 (arXiv:2104.0447
 counting the recompute, and fms-acceleration's Mistral-7B LoRA on one A100 (scripts/benchmarks/refs/a100_80gb.csv,
 3324 tokens/s) is 51% counted the same way. H100 (9.0): Llama 3 (Dubey et al. 2024, arXiv:2407.21783, Table 4)
 38-43% BF16 MFU. Ada (8.9): its listed peak is the FP32-accumulate rate, which cuBLAS nearly reaches; torchtune's
-README full fine-tune on an RTX 4090 (1650 tokens/s of Llama-3.1-8B with checkpointing) is 62% counted the same way. Volta/Turing and
-Ampere workstation cards: priors."""
+README full fine-tune on an RTX 4090 (1650 tokens/s of Llama-3.1-8B with checkpointing) is 62% counted the same way.
+Volta/Turing and Ampere workstation cards: priors."""
 
 UTILISATION_DEFAULT = 0.40
 """A device of unknown generation (Ascend, a detected card without a profile): prior."""
@@ -126,7 +126,7 @@ STEP_OVERHEAD_S = {"cuda": 0.02, "npu": 0.03, "cpu": 0.06}
 """Fixed cost per micro-step beyond the layers: the trainer loop, data loading, the loss. The CPU figure is
 measured: `vramplan run --demo` takes about 63 ms per step on 2 idle cores."""
 
-HBM_EFFICIENCY = DECODE_HBM_EFFICIENCY  # the name inference.py used before; same figure
+
 
 # --- DeepSpeed config (docs/estimate.md#deepspeed-config) ---------------------------------------------------
 DEFAULT_BUCKET_ELEMS = 200_000_000

@@ -8,7 +8,7 @@ from vramplan.estimate.ds_config import buckets_for, make_ds_config
 from vramplan.estimate.gpu_memory import GpuMemory, gpu_memory
 from vramplan.estimate.host import HostNeeds, host_needs, trainer_steps
 from vramplan.estimate.param_groups import ParamGroups, param_groups
-from vramplan.estimate.timing import TimeEstimate, estimate_time
+from vramplan.estimate.timing import TimeEstimate, estimate_time, time_detail
 from vramplan.estimate.types import Candidate, Job, Offload, Quant, Strategy
 from vramplan.units import gib
 
@@ -94,7 +94,7 @@ def _time(job: Job, groups: ParamGroups, s: Strategy) -> TimeEstimate:
     return estimate_time(job.model, job.hardware, groups, s, seq=job.mean_seq_len or job.seq_len,
                          images=job.images_per_sample, samples=job.samples, epochs=job.epochs, quant=job.quant,
                          compute_dtype=job.compute_dtype, vision_trainable=bool(job.recipe.vision_lora),
-                         device=job.device)
+                         device=job.device, lora=job.recipe.llm_lora)
 
 
 def _reasons(job: Job, s: Strategy, vram_smi: int, cpu_ram: int, disk: int) -> list[str]:
@@ -153,10 +153,7 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
         pinned_bytes=host.pinned_bytes, disk_bytes=disk, disk_breakdown=host.disk_breakdown,
         checkpoint_bytes=ckpt, checkpoint_breakdown=host.checkpoint_breakdown,
         time_seconds=t.seconds * cal.get("time_per_step", 1.0),
-        time_detail={"steps": t.steps, "flops_per_step": t.flops_per_step, "compute_s_per_step": t.compute_s_per_step,
-                     "zero3_comm_s_per_step": t.comm_s_per_step, "offload_s_per_step": t.offload_s_per_step,
-                     "overhead_s_per_step": t.overhead_s_per_step,
-                     "tokens_per_s": t.tokens_per_s, "utilisation_prior": t.mfu, "peak_tflops": t.peak_tflops},
+        time_detail=time_detail(t, t.seconds * cal.get("time_per_step", 1.0), cal),
         ds_config=ds, compatible=incompatibility(job, s) is None, disk_sources=host.disk_sources,
         disk_present=host.disk_present, checkpoint_saves=host.checkpoint_saves,
         checkpoints_on_disk=host.checkpoints_on_disk,

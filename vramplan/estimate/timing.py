@@ -156,6 +156,20 @@ def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strateg
     offload = terms["offload"] + terms["cpu_adam"]
     tokens_per_s = (global_batch * seq) / per_step if per_step else 0.0
     link = bus_bytes_per_s(hw, s)[1] if s.gpus > 1 else ""
-    return TimeEstimate(per_step * steps, steps, flops_step, compute, comm, offload, per_step - compute - comm - offload,
+    rest = per_step - compute - comm - offload
+    return TimeEstimate(per_step * steps, steps, flops_step, compute, comm, offload, rest,
                         tokens_per_s, utilisation(hw), peak, {k: v for k, v in terms.items() if v},
                         timing_band.training_regime(s.micro_batch * seq), link)
+
+
+def time_detail(t: TimeEstimate, seconds: float, calibration: dict | None = None) -> dict:
+    """The candidate's `time_detail` (--json): per-step figures, each mechanism with its source, the band."""
+    scale = seconds / t.seconds if t.seconds else 1.0
+    return {"steps": t.steps, "flops_per_step": t.flops_per_step, "compute_s_per_step": t.compute_s_per_step,
+            "comm_s_per_step": t.comm_s_per_step, "zero3_comm_s_per_step": t.comm_s_per_step,
+            "offload_s_per_step": t.offload_s_per_step, "overhead_s_per_step": t.overhead_s_per_step,
+            "tokens_per_s": t.tokens_per_s / scale if scale else t.tokens_per_s, "utilisation_prior": t.mfu,
+            "peak_tflops": t.peak_tflops, "link": t.link,
+            "terms_s_per_step": {k: v * scale for k, v in t.terms.items()},
+            "term_sources": {k: SOURCES[k] for k in t.terms if k in SOURCES},
+            "band": timing_band.band(seconds, t.regime, calibration)}

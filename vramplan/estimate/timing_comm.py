@@ -45,7 +45,8 @@ def collective_s_per_micro_step(hw: HardwareSpec, g: ParamGroups, s: Strategy, c
     ZeRO-3 / FSDP full shard: all-gather every weight before forward and again before backward (the recompute runs
     inside backward with the gathered layer); gradients reduce-scattered every micro-step (DeepSpeed
     runtime/zero/stage3.py reduces in each backward; FSDP likewise). ZeRO-2: gradients reduce-scattered every
-    micro-step (stage_1_and_2.py `reduce_ipg_grads` in each backward; ZeRO-1 at the last one) and the updated 16-bit weights all-gathered
+    micro-step (stage_1_and_2.py `reduce_ipg_grads` in each backward; ZeRO-1 at the last one)
+    and the updated 16-bit weights all-gathered
     after the step. Stage 0 (DDP): one all-reduce of the gradients at the last micro-step (DDP no_sync before)."""
     if s.gpus <= 1:
         return {}

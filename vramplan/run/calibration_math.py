@@ -26,7 +26,10 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "checkpoint": ("one checkpoint on disk", "bytes"),
     "disk": ("run outputs on disk (checkpoints + final)", "bytes"),
     "time_per_step": ("time per optimizer step", "seconds"),
+    "time_band_low": ("time band, low end (x the calibrated time)", "ratio"),
+    "time_band_high": ("time band, high end (x the calibrated time)", "ratio"),
 }
+BAND_COMPONENTS = ("time_band_low", "time_band_high")
 MAX_AGGREGATED = {"vram_allocated", "vram_reserved", "cpu_ram", "cpu_process_memory", "checkpoint", "disk"}
 FACTOR_RANGE = (0.05, 20.0)  # outside it the two numbers measure different things; never a correction
 
@@ -117,4 +120,19 @@ def factors(runs: list[dict]) -> dict[str, float]:
         for row in run["rows"]:
             if row["ratio"] is not None and lo <= row["ratio"] <= hi:
                 ratios.setdefault(row["component"], []).append(row["ratio"])
-    return {k: float(f"{(max(v) if k in MAX_AGGREGATED else statistics.median(v)):.4g}") for k, v in ratios.items()}
+    out = {k: float(f"{(max(v) if k in MAX_AGGREGATED else statistics.median(v)):.4g}") for k, v in ratios.items()}
+    out.update(time_band(ratios.get("time_per_step", [])))
+    return out
+
+
+def time_band(ratios: list[float]) -> dict[str, float]:
+    """The machine's own band (docs/estimate.md#time): the spread of its runs' measured/estimated time around
+    their median, at least +-SELF_SPREAD; it replaces the benchmark's band once the time is calibrated."""
+    from vramplan.estimate.timing_band import SELF_SPREAD
+
+    if not ratios:
+        return {}
+    med = statistics.median(ratios)
+    lo, hi = min(ratios) / med, max(ratios) / med
+    return {"time_band_low": float(f"{min(lo, 1 - SELF_SPREAD):.4g}"),
+            "time_band_high": float(f"{max(hi, 1 + SELF_SPREAD):.4g}")}
