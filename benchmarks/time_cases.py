@@ -48,11 +48,13 @@ QW = "Qwen README: s/it of an optimizer step = 8 micro-batches of 1 x seq per GP
 
 
 def c(cid, arch, hw, method, per_gpu, conversion, *, gpus=1, mb=1, seq=2048, gc=True, zero=0, offload="none",
-      lora=None, r=8, quant=None, stack="hf", images=0, vision=None, epochs=1, samples=0, skip=None, accum=1):
+      lora=None, r=8, quant=None, stack="hf", images=0, vision=None, epochs=1, samples=0, skip=None, accum=1,
+      compiled=None):
     return dict(id=cid, arch=arch, hw=hw, method=method, per_gpu=per_gpu, conversion=conversion, gpus=gpus, mb=mb,
                 seq=seq, gc=gc, zero=zero, offload=offload, lora=lora, r=r,
                 quant=quant or ("nf4" if method == "qlora" else "none"), stack=stack, images=images, vision=vision,
-                epochs=epochs, samples=samples, skip=skip, accum=accum)
+                epochs=epochs, samples=samples, skip=skip, accum=accum,
+                compiled=stack == "torchtune" if compiled is None else compiled)
 
 
 TRAIN = [
@@ -71,8 +73,10 @@ TRAIN = [
     c("C008", "llama-3.1-405b", "a100-80gb", "qlora", 653 / 8, TT + " / 8 GPUs", gpus=8, mb=2, zero=3, lora=ALL,
       r=16, stack="torchtune"),
     c("C011", "llama-2-7b", "rtx-4090", "lora", 2768 / 2, "torchtune README (PR #955): tokens/sec of the job / 2 "
-      "GPUs; FSDP", gpus=2, mb=4, zero=3, lora=QV, gc=False, stack="torchtune"),
-    c("C021", "llama-3.2-3b", "a100-80gb", "full", 7075, TT3, mb=2, seq=4096, gc=False, stack="torchtune"),
+      "GPUs; FSDP (no compile in that recipe then)", gpus=2, mb=4, zero=3, lora=QV, gc=False, stack="torchtune",
+      compiled=False),
+    c("C021", "llama-3.2-3b", "a100-80gb", "full", 7075, TT3 + "; packing only (no compile)", mb=2, seq=4096,
+      gc=False, stack="torchtune", compiled=False),
     c("C022", "llama-3.2-3b", "a100-80gb", "full", 7210, TT3, mb=2, seq=4096, stack="torchtune"),
     c("C023", "llama-3.2-3b", "a100-80gb", "lora", 8210, TT3, mb=2, seq=4096,
       lora=["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=64, stack="torchtune"),

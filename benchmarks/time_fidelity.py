@@ -96,7 +96,7 @@ def train_row(case: dict) -> dict:
     s = Strategy(case["zero"], case["offload"], n, max(1, -(-n // 8)), case["mb"], case["accum"], case["gc"])
     t = _call(estimate_time, model=model, hw=hw, g=g, s=s, seq=case["seq"], images=case["images"],
               samples=s.global_batch, epochs=1, quant=quant, compute_dtype="bf16", vision_trainable=False,
-              device="cuda", lora=rec.llm_lora)
+              device="cuda", lora=rec.llm_lora, compiled=case["compiled"])
     est = t.tokens_per_s / n
     terms = getattr(t, "terms", {}) or {}
     top = max(terms, key=terms.get) if terms else ""

@@ -50,14 +50,15 @@ LOG_BYTES = 50 * 10**6
 """metrics.jsonl, summary.json, launch.sh, plan.json, trainer.log."""
 
 # --- time (docs/estimate.md#time) ----------------------------------------------------------------------------
-UTILISATION_BY_GENERATION = {"7.0": 0.40, "7.5": 0.35, "8.0": 0.50, "8.6": 0.50, "8.9": 0.60, "9.0": 0.40}
-"""Achieved fraction of the dense tensor-core peak by the training GEMMs (model FLOPs, recompute charged on top),
-by NVIDIA compute capability. A100 (8.0): Narayanan et al. 2021 (arXiv:2104.04473, Table 1) reach 52% of peak
-counting the recompute, and fms-acceleration's Mistral-7B LoRA on one A100 (scripts/benchmarks/refs/a100_80gb.csv,
-3324 tokens/s) is 51% counted the same way. H100 (9.0): Llama 3 (Dubey et al. 2024, arXiv:2407.21783, Table 4)
-38-43% BF16 MFU. Ada (8.9): its listed peak is the FP32-accumulate rate, which cuBLAS nearly reaches; torchtune's
-README full fine-tune on an RTX 4090 (1650 tokens/s of Llama-3.1-8B with checkpointing) is 62% counted the same way.
-Volta/Turing and Ampere workstation cards: priors."""
+UTILISATION_BY_GENERATION = {"7.0": 0.50, "7.5": 0.45, "8.0": 0.60, "8.6": 0.60, "8.9": 0.70, "9.0": 0.50}
+"""Achieved fraction of the dense tensor-core peak by the training GEMMs (model FLOPs; the recompute charged on
+top, the non-GEMM ops in their own bandwidth term), by NVIDIA compute capability. A100 (8.0): fms-acceleration's
+Mistral-7B LoRA on one A100 (scripts/benchmarks/refs/a100_80gb.csv, 3324 tokens/s) is 51% of peak counting every
+FLOP incl. the recompute, Narayanan et al. 2021 (arXiv:2104.04473, Table 1) 52%; with the elementwise traffic of
+that step (~15%) taken out, the GEMMs run at ~60%. Ada (8.9): its listed peak is the FP32-accumulate rate, which
+cuBLAS nearly reaches; torchtune's README full fine-tune on an RTX 4090 (1650 tokens/s of Llama-3.1-8B, compiled,
+with checkpointing) is 62% overall, ~70% for the GEMMs. H100 (9.0): Llama 3 (Dubey et al. 2024, arXiv:2407.21783,
+Table 4) 38-43% BF16 MFU at scale, ~50% for the GEMMs. Ampere workstation/GeForce (8.6), Volta, Turing: priors."""
 
 UTILISATION_DEFAULT = 0.40
 """A device of unknown generation (Ascend, a detected card without a profile): prior."""

@@ -3,6 +3,7 @@
 Per GPU and micro-step (n = micro-batch x tokens per sample):
   GPU time = sum over passes (forward, backward, recompute) of max(FLOPs / (peak x utilisation),
              weight bytes / HBM bandwidth)                 compute, or the weight-bandwidth bound
+           + non-GEMM (elementwise) bytes / HBM bandwidth   norms, rotary, activations (fused when compiled)
            + 4-bit dequantization per pass                 (bitsandbytes dequantizes every weight each pass)
   overlapped with the collectives of the micro-step          (ZeRO-3/FSDP all-gathers, gradient reduce-scatter)
   + host time of the eager ops, per layer per pass           (small kernels wait on their launch)
@@ -33,13 +34,15 @@ from vramplan.estimate.priors import (
 )
 from vramplan.estimate.specs import HardwareSpec, LoraSpec, ModelSpec
 from vramplan.estimate.timing_comm import bus_bytes_per_s, collective_s_per_micro_step, offload_s
-from vramplan.estimate.timing_flops import sample_work
+from vramplan.estimate.timing_flops import elementwise_bytes_per_token, sample_work
 from vramplan.estimate.types import COMPUTE_BYTES, Quant, Strategy, offloads_optimizer
 
 SOURCES = {
     "compute": "model FLOPs (6 per trainable, 4 per frozen matmul weight; Kaplan et al. 2020, Narayanan et al. "
                "2021) / (peak x utilisation by GPU generation, priors.py)",
     "recompute": "gradient checkpointing: one more forward, at the same utilisation",
+    "elementwise": "norms, rotary, activations and residuals move their tensors through HBM: bytes per token "
+                   "(counted from transformers modeling_llama.py; fused by torch.compile) / HBM bandwidth",
     "weight_bandwidth": "passes where reading the weights (bytes / HBM bandwidth) takes longer than the FLOPs",
     "dequant_4bit": "bitsandbytes dequantizes every 4-bit weight per pass: 12 B of HBM traffic per weight "
                     "(priors.py DEQUANT_BYTES_PER_WEIGHT)",
@@ -84,7 +87,8 @@ def forward_ops_per_layer(model: ModelSpec, lora: LoraSpec | None, quant: str) -
     return LAYER_FORWARD_OPS + LORA_FORWARD_OPS * adapted + KBIT_FORWARD_OPS * kbit
 
 
-def _micro_step(model, hw, g, s, *, seq, images, quant, compute_dtype, vision_trainable, lora, device) -> dict:
+def _micro_step(model, hw, g, s, *, seq, images, quant, compute_dtype, vision_trainable, lora, device,
+                compiled=False) -> dict:
     """Seconds of each mechanism in one micro-step on one GPU (collectives excluded)."""
     w = sample_work(model, g, seq, images, s.grad_ckpt, vision_trainable)
     cb = COMPUTE_BYTES.get(compute_dtype, 2)
@@ -106,6 +110,9 @@ def _micro_step(model, hw, g, s, *, seq, images, quant, compute_dtype, vision_tr
     n_pass = 3 if s.grad_ckpt else 2
     if device == "cpu":
         return out
+    # non-GEMM ops (norms, rotary, activations, residuals) are bandwidth-bound: forward, 2x in backward, recompute
+    ew = elementwise_bytes_per_token(model, compiled) * mb * seq * (1 + 2 + (1 if s.grad_ckpt else 0))
+    out["elementwise"] = ew / hbm
     if quant == Quant.NF4 and g.quantized_params and hbm:
         out["dequant_4bit"] = n_pass * g.quantized_params * DEQUANT_BYTES_PER_WEIGHT / hbm
     fwd_ops = forward_ops_per_layer(model, lora, quant)
@@ -118,13 +125,14 @@ def _micro_step(model, hw, g, s, *, seq, images, quant, compute_dtype, vision_tr
 
 def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strategy, *, seq: int, images: float,
                   samples: int, epochs: int, quant: str, compute_dtype: str, vision_trainable: bool,
-                  device: str = "cuda", lora: LoraSpec | None = None, host_cores: int = 0) -> TimeEstimate:
+                  device: str = "cuda", lora: LoraSpec | None = None, host_cores: int = 0,
+                  compiled: bool = False) -> TimeEstimate:
     """The time of the whole run: steps x (accumulated micro-steps + the optimizer step), per mechanism."""
     global_batch = s.micro_batch * s.grad_accum * s.gpus
     steps = max(1, -(-samples * epochs // global_batch))
     cb = COMPUTE_BYTES.get(compute_dtype, 2)
     micro = _micro_step(model, hw, g, s, seq=seq, images=images, quant=quant, compute_dtype=compute_dtype,
-                        vision_trainable=vision_trainable, lora=lora, device=device)
+                        vision_trainable=vision_trainable, lora=lora, device=device, compiled=compiled)
     gpu = sum(v for k, v in micro.items() if k != "host_ops")
     off = offload_s(hw, g, s, cb, host_cores) if device != "cpu" else {"micro": 0.0, "step": 0.0, "cpu_adam": 0.0}
     loop = STEP_OVERHEAD_S.get(device, 0.02)
@@ -150,8 +158,8 @@ def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strateg
     w = sample_work(model, g, seq, images, s.grad_ckpt, vision_trainable)
     flops_step = (w.model_flops + w.recompute_flops) * global_batch
     peak = CPU_TFLOPS if device == "cpu" else (hw.bf16_tflops if compute_dtype == "bf16" else hw.fp16_tflops)
-    compute = terms.get("compute", 0.0) + terms.get("recompute", 0.0) + terms.get("weight_bandwidth", 0.0) \
-        + terms.get("dequant_4bit", 0.0)
+    compute = sum(terms.get(k, 0.0) for k in ("compute", "recompute", "weight_bandwidth", "dequant_4bit",
+                                               "elementwise"))
     comm = terms["collectives"] + terms["step_end_collectives"]
     offload = terms["offload"] + terms["cpu_adam"]
     tokens_per_s = (global_batch * seq) / per_step if per_step else 0.0

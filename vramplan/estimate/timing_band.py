@@ -15,9 +15,9 @@ SHORT_TOKENS = 1000  # tokens per micro-batch below which a step is launch/bandw
 # regime -> (p10, p50, p90 of measured/estimated time, cases); the numbers are the output of
 # `python benchmarks/time_fidelity.py` recorded in benchmarks/results/time_fidelity.txt (tests pin them)
 BANDS = {
-    "train_short": (0.88, 0.96, 1.43, 12),
-    "train_long": (0.68, 0.89, 1.39, 34),
-    "decode": (0.86, 0.96, 1.25, 12),
+    "train_short": (0.87, 0.97, 1.45, 12),
+    "train_long": (0.74, 0.94, 1.36, 34),
+    "decode": (0.86, 0.96, 1.26, 12),
 }
 BAND_SOURCE = "benchmarks/results/time_fidelity.txt (published throughputs, docs/estimate.md#time)"
 SELF_SPREAD = 0.10  # a machine's own runs: at least +-10% (run-to-run variation: data order, clocks, other jobs)

@@ -42,6 +42,21 @@ def llm_matmul_params(model: ModelSpec) -> int:
     return c.llm_linear + model.text.vocab_size * model.text.hidden_size
 
 
+def elementwise_bytes_per_token(model: ModelSpec, compiled: bool) -> float:
+    """HBM bytes the non-GEMM ops of one forward move per token, all decoder layers (16-bit activations).
+
+    Eager transformers Llama layer (models/llama/modeling_llama.py), bytes read + written per token: two RMSNorms
+    with their fp32 upcast (~40h each), rotary on q and k (~28 (q + kv)), SiLU and the gate product (~10i),
+    residual adds and reshapes (~20h); torch.compile (Inductor) fuses each chain into one kernel that reads its
+    inputs and writes its output once (~8h per norm, 4 (q + kv) rotary, 6i, 4h)."""
+    t = model.text
+    if compiled:
+        per = 20 * t.hidden_size + 4 * (t.q_dim + t.kv_dim) + 6 * t.intermediate_size
+    else:
+        per = 100 * t.hidden_size + 28 * (t.q_dim + t.kv_dim) + 10 * t.intermediate_size
+    return float(per * t.num_layers)
+
+
 def sample_work(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_ckpt: bool,
                 vision_trainable: bool) -> SampleWork:
     from vramplan.estimate.params import count_params
