@@ -94,7 +94,7 @@ def _time(job: Job, groups: ParamGroups, s: Strategy) -> TimeEstimate:
     return estimate_time(job.model, job.hardware, groups, s, seq=job.mean_seq_len or job.seq_len,
                          images=job.images_per_sample, samples=job.samples, epochs=job.epochs, quant=job.quant,
                          compute_dtype=job.compute_dtype, vision_trainable=bool(job.recipe.vision_lora),
-                         device=job.device, lora=job.recipe.llm_lora)
+                         device=job.device, lora=job.recipe.llm_lora, host_cores=job.cpu_cores)
 
 
 def _reasons(job: Job, s: Strategy, vram_smi: int, cpu_ram: int, disk: int) -> list[str]:

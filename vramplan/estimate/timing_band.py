@@ -19,7 +19,7 @@ BANDS = {
     "train_long": (0.74, 0.94, 1.36, 34),
     "decode": (0.86, 0.96, 1.26, 12),
 }
-BAND_SOURCE = "benchmarks/results/time_fidelity.txt (published throughputs, docs/estimate.md#time)"
+BAND_SOURCE = "benchmarks/results/time_fidelity.txt; docs/estimate.md#time"
 SELF_SPREAD = 0.10  # a machine's own runs: at least +-10% (run-to-run variation: data order, clocks, other jobs)
 
 
@@ -38,5 +38,5 @@ def band(seconds: float, regime: str, calibration: dict | None = None) -> dict:
         src = "this machine's runs (vramplan calibrate)"
     else:
         lo, _, hi, _ = BANDS.get(regime, BANDS["train_long"])
-        src = f"{regime}: 10th-90th percentile of measured/estimated over the published cases ({BAND_SOURCE})"
+        src = f"{regime}: 10th-90th percentile of measured/estimated time over the published cases, {BAND_SOURCE}"
     return {"low_s": seconds * lo, "high_s": seconds * hi, "regime": regime, "source": src}

@@ -90,6 +90,7 @@ class Job:
     device: str = "cuda"
     attn: str = "sdpa"  # attention implementation (--attn): eager saves the attention probabilities
     cpu_ram_bytes: int | None = None  # per node, when known
+    cpu_cores: int = 0  # physical cores per node, when the plan is for this host (CPU Adam); 0 = the prior
     disk_free_bytes: int | None = None
     dataset_bytes: int = 0
     base_weights_on_disk: bool = False

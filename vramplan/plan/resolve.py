@@ -200,6 +200,7 @@ def build_job(o: EstimateOptions):
     data = resolve_data(o, model, recipe, ctx)
     cpu_ram, disk = resolve_host(o, ctx)
     calibration = resolve_calibration(o, ctx)
+    cores = 0 if ctx.gpus_source == "--gpus" else (__import__("psutil").cpu_count(logical=False) or 0)
     if device == "cpu":
         grad_ckpt = (recipe.gradient_checkpointing,)
     else:
@@ -207,7 +208,7 @@ def build_job(o: EstimateOptions):
     job = Job(model=model, recipe=recipe, hardware=sel.hardware, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
               seq_len=data.seq_len, images_per_sample=data.images_per_sample, samples=data.samples,
               epochs=recipe.epochs, compute_dtype=compute, quant=quant, headroom=o.headroom, device=device,
-              attn=o.attn, workers=o.workers, cpu_ram_bytes=cpu_ram, disk_free_bytes=disk,
+              attn=o.attn, workers=o.workers, cpu_ram_bytes=cpu_ram, cpu_cores=cores, disk_free_bytes=disk,
               dataset_bytes=data.dataset_bytes, base_weights_on_disk=model.path is not None,
               dataset_on_disk=data.dataset_on_disk, dataset_source=data.dataset_source,
               micro_batches=(o.micro_batch,) if o.micro_batch else (), grad_accum=o.grad_accum,
