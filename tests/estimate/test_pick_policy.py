@@ -162,7 +162,9 @@ def test_eight_910b_bf16_lora_uses_all_npus():
     res, c = _pick("8x910B")
     s = c.strategy
     assert res.job.quant == Quant.NONE and res.job.device == "npu"
-    assert s.gpus == 8 and s.zero_stage in (1, 2) and s.offload == Offload.NONE and c.margin_bytes > 0
+    # ZeRO-1/2 or ZeRO-3: with the collectives over HCCS hidden behind compute (issue #13's time model) ZeRO-3 is
+    # as fast and roomier, and ZeRO-2 without offload is 9% of the card short of the roomiest margin
+    assert s.gpus == 8 and s.offload == Offload.NONE and c.margin_bytes > 0
     # of the plans as fast, the roomiest
     fast = [x for x in res.candidates if x.fits and x.time_seconds <= c.time_seconds * 1.0001]
     assert c.margin_bytes == max(x.margin_bytes for x in fast)

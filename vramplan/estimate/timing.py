@@ -52,7 +52,7 @@ SOURCES = {
     "offload": "gradients to CPU every micro-step, weights back per step, over the host link (ZeRO-Offload)",
     "cpu_adam": "CPU Adam: trainable share / (host cores x 1e8 params/s per core; ZeRO-Offload Table 2)",
     "optimizer": "GPU AdamW: 16 B per trainable parameter at HBM bandwidth",
-    "step_end_collectives": "DDP all-reduce / ZeRO-1,2 weight all-gather at the optimizer step",
+    "step_end_collectives": "ZeRO-1/2 all-gather of the updated 16-bit weights after the optimizer step",
     "loop_overhead": "trainer loop, data loading, loss per micro-step (priors.py STEP_OVERHEAD_S)",
 }
 
@@ -141,11 +141,11 @@ def estimate_time(model: ModelSpec, hw: HardwareSpec, g: ParamGroups, s: Strateg
     step_end = 0.0
     for last in ([False] * (s.grad_accum - 1) + [True]):
         coll = collective_s_per_micro_step(hw, g, s, cb, last) if device != "cpu" else {}
-        during = sum(v for k, v in coll.items() if k not in ("param_allgather", "grad_allreduce"))
+        during = sum(v for k, v in coll.items() if k != "param_allgather")  # DDP all-reduces during backward
         # with peer-to-peer the copy engines move the data while the GPU computes (FSDP/DeepSpeed prefetch);
         # staged through host RAM (no P2P) the transfer is not hidden
         coll_total += max(0.0, during - gpu) if hw.gpu_p2p else during
-        step_end += coll.get("param_allgather", 0.0) + coll.get("grad_allreduce", 0.0)
+        step_end += coll.get("param_allgather", 0.0)
     terms["collectives"] = coll_total
     terms["step_end_collectives"] = step_end
     terms["offload"] = off["micro"] * s.grad_accum + off["step"]

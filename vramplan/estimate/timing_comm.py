@@ -47,7 +47,8 @@ def collective_s_per_micro_step(hw: HardwareSpec, g: ParamGroups, s: Strategy, c
     runtime/zero/stage3.py reduces in each backward; FSDP likewise). ZeRO-2: gradients reduce-scattered every
     micro-step (stage_1_and_2.py `reduce_ipg_grads` in each backward; ZeRO-1 at the last one)
     and the updated 16-bit weights all-gathered
-    after the step. Stage 0 (DDP): one all-reduce of the gradients at the last micro-step (DDP no_sync before)."""
+    after the step. Stage 0 (DDP): one all-reduce of the gradients at the last micro-step (DDP no_sync before), bucketed during
+    backward (torch DistributedDataParallel overlaps it with the backward computation)."""
     if s.gpus <= 1:
         return {}
     bw, _ = bus_bytes_per_s(hw, s)
