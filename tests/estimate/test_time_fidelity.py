@@ -77,3 +77,20 @@ def test_flops_six_per_trainable_four_per_frozen_no_embedding_matmul():
     lora = frozen.trainable_llm_lora
     assert wl.model_flops == pytest.approx(4 * w + 6 * lora + 3 * attn)
     assert sample_work(model, full, 1, 0, True, False).recompute_flops == pytest.approx(2 * w + attn)
+
+
+def test_calibrate_narrows_the_band_from_the_machines_runs():
+    from vramplan.estimate.timing_band import BANDS
+    from vramplan.run.calibration_math import factors
+
+    def run(ratio):
+        return {"dir": "r", "rows": [{"component": "time_per_step", "ratio": ratio}]}
+
+    fac = factors([run(1.30), run(1.25), run(1.35)])
+    assert fac["time_per_step"] == 1.3
+    lo, hi = fac["time_band_low"], fac["time_band_high"]
+    assert lo == 0.9 and hi == 1.1  # the runs agree within +-4%: the +-10% floor
+    p10, _, p90, _ = BANDS["train_long"]
+    assert hi - lo < p90 - p10  # narrower than the published-cases band
+    wide = factors([run(1.0), run(1.5), run(1.2)])
+    assert wide["time_band_low"] == round(1.0 / 1.2, 4) and wide["time_band_high"] == 1.25

@@ -42,13 +42,12 @@ def collective_s_per_micro_step(hw: HardwareSpec, g: ParamGroups, s: Strategy, c
                                 last_micro_step: bool) -> dict[str, float]:
     """Seconds of each collective in one micro-step (0 on one GPU).
 
-    ZeRO-3 / FSDP full shard: all-gather every weight before forward and again before backward (the recompute runs
-    inside backward with the gathered layer); gradients reduce-scattered every micro-step (DeepSpeed
+    ZeRO-3 / FSDP full shard: all-gather every weight before forward and again before backward (the recompute
+    runs inside backward with the gathered layer); gradients reduce-scattered every micro-step (DeepSpeed
     runtime/zero/stage3.py reduces in each backward; FSDP likewise). ZeRO-2: gradients reduce-scattered every
-    micro-step (stage_1_and_2.py `reduce_ipg_grads` in each backward; ZeRO-1 at the last one)
-    and the updated 16-bit weights all-gathered
-    after the step. Stage 0 (DDP): one all-reduce of the gradients at the last micro-step (DDP no_sync before), bucketed during
-    backward (torch DistributedDataParallel overlaps it with the backward computation)."""
+    micro-step (stage_1_and_2.py `reduce_ipg_grads` in each backward; ZeRO-1 at the last one) and the updated
+    16-bit weights all-gathered after the step. Stage 0 (DDP): one all-reduce of the gradients at the last
+    micro-step (no_sync before), bucketed during backward (torch DistributedDataParallel overlaps it)."""
     if s.gpus <= 1:
         return {}
     bw, _ = bus_bytes_per_s(hw, s)
