@@ -41,7 +41,7 @@ TT3 = "torchtune README optimisation table: packed 4096-token rows, batch 2; tok
 LG = ("LitGPT resource table: min per 1,000 micro-batches of Alpaca (mean about 140 tokens, the longest of a "
       "micro-batch sets its padded length: assumed 140 for 1 sample, 250 for 4)")
 LGH = ("LitGPT config_hub: runtime of N epochs over Alpaca2k (1,900 training samples, 2 per micro-batch, padded "
-       "to the longer: assumed 180 tokens), validation excluded")
+       "to the longer: assumed 180 tokens); the runtime includes validation, the estimate covers training only")
 FMS = "fms-acceleration a100_80gb.csv train_tokens_per_second: HF Trainer's per-device figure"
 AAI = "Answer.AI FSDP-QLoRA benchmark: 1,024 dummy samples filling the context, split over 2 GPUs; run time"
 QW = "Qwen README: s/it of an optimizer step = 8 micro-batches of 1 x seq per GPU"
