@@ -17,6 +17,8 @@ from __future__ import annotations
 M = "benchmarks/cases/models/"
 FSDP = "FSDP (torch FullyShardedDataParallel): no such strategy in vramplan (ZeRO 0-3 and plain PyTorch only)"
 GPTQ = "GPTQ int4 weights: vramplan quantizes with bitsandbytes only (nf4, int8)"
+TTLOSS = ("torchtune's chunked cross-entropy (CEWithChunkedOutputLoss, 8 chunks) and torch.compile: "
+          "vramplan has no chunked-loss option (its loss peak is the whole fp32 logits)")
 QWENVL = "Qwen-VL (ViT + resampler): no such vision family in vramplan (CLIP-LLaVA only)"
 
 # torchtune single-device recipes: plain PyTorch, the whole model in bf16 (LoRA and optimizer states too),
@@ -38,24 +40,15 @@ INFER = dict(task="infer", batch=1)
 CASES: dict[str, dict] = {
     "C001": dict(missing="torchtune optimizer_in_bwd + bnb paged states (outside torch's allocator statistics)"),
     "C002": dict(missing="optimizer not stated (torchtune fuses it into backward)"),
-    "C003": dict(TT, model=M + "llama-3.1-8b", recipe="lora", lora_r=8, lora_targets="q_proj,v_proj", micro_batch=2,
-                 seq_len=2048, grad_ckpt=True, gpus="1xRTX4090"),
+    "C003": dict(missing=TTLOSS),
     "C004": dict(missing="gradient checkpointing not stated"),
-    "C005": dict(TT, model=M + "llama-3.1-8b", recipe="qlora", lora_r=8,
-                 lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", micro_batch=2, seq_len=2048,
-                 grad_ckpt=True, gpus="1xRTX4090", double_quant=True, note="torchao NF4 counted as bnb NF4"),
+    "C005": dict(missing=TTLOSS),
     "C006": dict(missing=FSDP), "C007": dict(missing=FSDP), "C008": dict(missing=FSDP), "C011": dict(missing=FSDP),
     "C019": dict(missing="sequence length not stated (unpacked alpaca, variable)"),
-    "C021": dict(TT, model=M + "llama-3.2-3b", recipe="full", micro_batch=2, seq_len=4096, grad_ckpt=False,
-                 gpus="1xA100-80G"),
-    "C022": dict(TT, model=M + "llama-3.2-3b", recipe="full", micro_batch=2, seq_len=4096, grad_ckpt=True,
-                 gpus="1xA100-80G"),
-    "C023": dict(TT, model=M + "llama-3.2-3b", recipe="lora", lora_r=64,
-                 lora_targets="q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", micro_batch=2, seq_len=4096,
-                 grad_ckpt=True, gpus="1xA100-80G"),
-    "C024": dict(TT, model=M + "llama-3.2-3b", recipe="qlora", lora_r=64,
-                 lora_targets="q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", micro_batch=2, seq_len=4096,
-                 grad_ckpt=True, gpus="1xA100-80G", double_quant=True, note="torchao NF4 counted as bnb NF4"),
+    "C021": dict(missing=TTLOSS),
+    "C022": dict(missing=TTLOSS),
+    "C023": dict(missing=TTLOSS),
+    "C024": dict(missing=TTLOSS),
     "C026": dict(LIT, model=M + "llama-2-7b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
                  gpus="1xA100-40G", double_quant=False, optimizer="paged_adamw_32bit"),
     "C027": dict(LIT, model=M + "llama-2-7b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
@@ -109,7 +102,8 @@ CASES: dict[str, dict] = {
     "C082": dict(missing="BLOOM (ALiBi, fused qkv, GELU MLP): no such text family"),
     "C083": dict(HF, model=M + "llama-65b", recipe="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all-linear",
                  micro_batch=1, seq_len=528, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=True,
-                 optimizer="paged_adamw_32bit", attn="eager", verdict_only=True),
+                 optimizer="paged_adamw_32bit", attn="eager", verdict_only=True, trainable_dtype="bf16",
+                 note="qlora.py casts the LoRA layers to bf16 under --bf16"),
     "C087": dict(QWEN, model=M + "qwen-7b", recipe="lora", seq_len=2048, gpus="1xA100-80G",
                  modules_to_save="embed_tokens,lm_head"),
     "C088": dict(missing=GPTQ),

@@ -24,7 +24,10 @@ def buckets_for(hidden_size: int, trainable: int) -> DsBuckets:
 
 
 def make_ds_config(s: Strategy, b: DsBuckets, *, compute_dtype: str, hidden_size: int,
-                   gradient_clipping: float = 1.0) -> dict:
+                   gradient_clipping: float = 1.0, optimizer: str = "adamw_torch") -> dict:
+    """The config; with an optimizer other than adamw_torch there is no "optimizer" section, so the HF Trainer
+    builds the recipe's `optim` (e.g. bitsandbytes AdamW8bit) and DeepSpeed wraps it as a client optimizer
+    (runtime/engine.py `_configure_optimizer`; zero_allow_untested_optimizer lets ZeRO take it)."""
     zero: dict = {"stage": s.zero_stage}
     if s.zero_stage in (1, 2):
         zero.update({
@@ -63,6 +66,8 @@ def make_ds_config(s: Strategy, b: DsBuckets, *, compute_dtype: str, hidden_size
         "steps_per_print": 1_000_000,
         "wall_clock_breakdown": False,
     }
+    if optimizer != "adamw_torch":
+        del cfg["optimizer"]
     if compute_dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif compute_dtype == "fp16":

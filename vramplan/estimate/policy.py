@@ -63,6 +63,7 @@ def preference(c: Candidate) -> tuple:
     """Criteria 2-4 and the tie-breaks, best first."""
     s = c.strategy
     return (STAGE_STEP[s.zero_stage], Offload.ALL.index(s.offload), -s.gpus, STAGE_PREFERENCE[s.zero_stage],
+            s.engine == "torch",  # at an equal margin class, DeepSpeed (the path the trainer's plans were checked on)
             round(c.time_seconds, 3), -c.margin_bytes, -s.micro_batch, s.grad_ckpt)
 
 
