@@ -67,6 +67,8 @@ class TrainConfig:
     warmup_ratio: float = RECIPE_DEFAULT
     lr_scheduler: str = "cosine"
     optimizer: str = RECIPE_DEFAULT
+    trainable_dtype: str = "fp32"  # without DeepSpeed: the trained weights' dtype (bf16 = pure bf16)
+    modules_to_save: tuple = ()  # peft modules_to_save trained in full: embed_tokens, lm_head
     epochs: float = RECIPE_DEFAULT
     max_steps: int | None = None
     max_length: int = RECIPE_DEFAULT
@@ -206,9 +208,11 @@ def from_plan(path: str, overrides: dict) -> TrainConfig:
     for key in ("quant", "double_quant", "compute_dtype", "train_projector", "train_llm_full",
                 "learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler", "optimizer", "epochs",
                 "max_steps", "max_length", "gradient_checkpointing", "attn_implementation", "save_steps",
-                "keep_checkpoints", "dataloader_workers", "seed"):
+                "keep_checkpoints", "dataloader_workers", "seed", "trainable_dtype"):
         if r.get(key) is not None:
             kw[key] = r[key]
+    if r.get("modules_to_save"):
+        kw["modules_to_save"] = tuple(r["modules_to_save"])
     if not kw["dataset"]:
         raise UsageError(f"--plan {path}: data.dataset is missing", "pass --dataset FILE")
     kw.update({k: v for k, v in overrides.items() if v is not None})
