@@ -8,7 +8,9 @@ DeepSpeed's estimators (runtime/zero/stage_1_and_2.py estimate_zero2_model_state
 estimate_zero3_model_states_mem_needs), per parameter group: frozen weights are replicated under stages
 0-2 and partitioned under 3 (docs/estimate.md#model-states). Under DeepSpeed with bf16/fp16 the engine casts
 the whole module to the 16-bit dtype (runtime/engine.py `_configure_distributed_model`: module.bfloat16()),
-so every non-quantized weight is 16-bit on the GPU and trainable ones get an fp32 master copy.
+so every non-quantized weight is 16-bit on the GPU and trainable ones get an fp32 master copy. The fp32
+gradients DeepSpeed's optimizer wrappers step on exist only inside step() (the optimizer-step phase), and a
+plain-PyTorch candidate (Strategy.engine "torch") has no master copy at all (vramplan/estimate/optimizers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramplan.estimate.activations import ActivationBreakdown
+from vramplan.estimate.optimizers import EIGHT_BIT, TORCH, describe, paged, state_bytes
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.priors import (
     ALLOCATOR_RESERVE_FACTOR,
@@ -23,7 +26,6 @@ from vramplan.estimate.priors import (
     CUDA_CONTEXT_BYTES,
     NCCL_BYTES_PER_RANK,
 )
-from vramplan.estimate.optimizers import EIGHT_BIT, TORCH, describe, paged, state_bytes
 from vramplan.estimate.types import DsBuckets, Quant, Strategy, offloads_optimizer, offloads_params
 
 ADAM_STATE_BYTES = 8  # fp32 exp_avg + exp_avg_sq (adamw_torch on fp32 weights; optimizers.py for the others)
@@ -273,7 +275,8 @@ def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: D
     dtype under plain PyTorch (DeepSpeed casts them to the compute dtype and keeps an fp32 master)."""
     comps = (_weights(g, s, compute_bytes, quant, trainable_bytes)
              + _optimizer_states(g, s, compute_bytes, optimizer, trainable_bytes)
-             + [_deepspeed_buffers(g, s, buckets, compute_bytes, trainable_bytes), _save_gather(s, compute_bytes, largest_trainable)]
+             + [_deepspeed_buffers(g, s, buckets, compute_bytes, trainable_bytes),
+                _save_gather(s, compute_bytes, largest_trainable)]
              + _activation_transients(g, act, s, compute_bytes, quant))
     phases = _phases(g, s, {c.name: c.bytes for c in comps}, load_bytes_per_param)
     peak_phase = max(phases, key=phases.get)
