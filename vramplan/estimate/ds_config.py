@@ -15,6 +15,9 @@ from vramplan.estimate.priors import DEFAULT_BUCKET_ELEMS
 from vramplan.estimate.types import DsBuckets, Offload, Strategy, offloads_optimizer
 
 
+SUB_GROUP_SIZE = 1_000_000_000  # ZeRO-3 elements stepped at once (the fp32 grads made per sub-group: gpu_memory.py)
+
+
 def buckets_for(hidden_size: int, trainable: int) -> DsBuckets:
     """Bucket sizes: HF's ZeRO-3 "auto" rules (reduce = h^2, prefetch = 0.9 h^2; transformers
     integration/deepspeed.py fill_match) and a 2e8 cap for ZeRO-1/2 buckets."""
@@ -46,7 +49,7 @@ def make_ds_config(s: Strategy, b: DsBuckets, *, compute_dtype: str, hidden_size
             "stage3_param_persistence_threshold": 10 * hidden_size,  # params smaller than this stay unpartitioned
             "stage3_max_live_parameters": b.stage3_max_live_parameters,  # cap on gathered params alive at once
             "stage3_max_reuse_distance": 1_000_000_000,
-            "sub_group_size": 1_000_000_000,  # params per optimizer sub-step; lower it if OOM hits in the step
+            "sub_group_size": SUB_GROUP_SIZE,  # params per optimizer sub-step; lower it if OOM hits in the step
             "stage3_gather_16bit_weights_on_model_save": False,  # adapters are saved by peft, no full gather
         })
     if offloads_optimizer(s.offload) and s.zero_stage >= 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramplan.estimate.activations import ActivationBreakdown
+from vramplan.estimate.ds_config import SUB_GROUP_SIZE
 from vramplan.estimate.optimizers import EIGHT_BIT, TORCH, describe, paged, state_bytes
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.priors import (
@@ -141,6 +142,10 @@ def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "ad
     elif z == 0:
         step = T * 2 * FP32_GRAD_BYTES
         sform = "fp32 copy of every grad + their flattened copy, inside FP16_Optimizer.step()"
+    elif z == 3:
+        step = min(_div(T, n), SUB_GROUP_SIZE) * (bc + FP32_GRAD_BYTES)
+        sform = (f"flattened {bc} B grads + their fp32 cast of one sub-group (sub_group_size "
+                 f"{SUB_GROUP_SIZE:.0e} elements) of this GPU's partition, inside step()")
     else:
         step = _div(T * (bc + FP32_GRAD_BYTES), n)
         sform = f"flattened {bc} B grad partition + its fp32 cast, inside step() / GPUs"
