@@ -14,7 +14,6 @@ from __future__ import annotations
 from vramplan.estimate.priors import DEFAULT_BUCKET_ELEMS
 from vramplan.estimate.types import DsBuckets, Offload, Strategy, offloads_optimizer
 
-
 SUB_GROUP_SIZE = 1_000_000_000  # ZeRO-3 elements stepped at once (the fp32 grads made per sub-group: gpu_memory.py)
 
 
