@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from vramplan.estimate.activations import ActivationBreakdown
 from vramplan.estimate.ds_config import SUB_GROUP_SIZE
-from vramplan.estimate.optimizers import EIGHT_BIT, TORCH, describe, paged, state_bytes
+from vramplan.estimate.optimizers import DS_ALLREDUCE_BUCKET, EIGHT_BIT, TORCH, describe, paged, state_bytes
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.priors import (
     ALLOCATOR_RESERVE_FACTOR,
@@ -140,8 +140,11 @@ def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "ad
     if off_opt:
         step, sform = 0, "the step runs on the CPU (offload_optimizer)"
     elif z == 0:
-        step = T * 2 * FP32_GRAD_BYTES
-        sform = "fp32 copy of every grad + their flattened copy, inside FP16_Optimizer.step()"
+        # before step() the engine all-reduces the grads through flat buckets of up to 5e8 elements, even on
+        # one GPU (runtime/engine.py allreduce_gradients -> buffered_allreduce_fallback); freed before step()
+        step = max(T * 2 * FP32_GRAD_BYTES, min(T, DS_ALLREDUCE_BUCKET) * bc)
+        sform = ("fp32 copy of every grad + their flattened copy, inside FP16_Optimizer.step() (larger than the "
+                 "engine's 5e8-element all-reduce bucket before it)")
     elif z == 3:
         step = min(_div(T, n), SUB_GROUP_SIZE) * (bc + FP32_GRAD_BYTES)
         sform = (f"flattened {bc} B grads + their fp32 cast of one sub-group (sub_group_size "
