@@ -163,8 +163,8 @@ def render(rows: list[dict], s: dict) -> str:
     for g in ("lora/qlora+inference", "full", "all"):
         d = s[g]
         if d["n"]:
-            lines.append(f"| {g} | {d['n']} | {d['median_abs_error']:.1%} | {d['within_10']:.0%} | "
-                         f"{d['within_15']:.0%} |")
+            lines.append(f"| {g} | {d['n']} | {d['median_abs_error']:.1%} | {d['within_10']:.1%} | "
+                         f"{d['within_15']:.1%} |")
     lines += [f"| verdicts (fits/OOM) | {s['verdicts']} | agree {s['verdicts_agree']}/{s['verdicts']} "
               f"({s['verdicts_agree'] / max(1, s['verdicts']):.0%}) | OOM predicted to fit: "
               f"{', '.join(s['oom_predicted_fit']) or 'none'} | |",
