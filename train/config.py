@@ -132,6 +132,8 @@ class TrainConfig:
             bad("--quant", "recipe qlora needs a quantized LLM (nf4 or int8)", "use --recipe lora for no quantization")
         if self.ds_config is not None and not isinstance(self.ds_config, dict):
             bad("--deepspeed", "the DeepSpeed config must be a JSON object")
+        if self.trainable_dtype not in ("fp32", "bf16"):
+            bad("recipe.trainable_dtype", f"must be fp32 or bf16, not {self.trainable_dtype!r}")
 
     def _fill_recipe_defaults(self) -> None:
         unset = [k for k in RECIPE_FIELDS if getattr(self, k) is RECIPE_DEFAULT]

@@ -512,3 +512,5 @@ def test_plan_state_fields_reach_the_model(tiny, tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in trained.values())  # pure bf16 without DeepSpeed
     assert any("lm_head.lora_A" in n for n in trained) and any("embed_tokens.modules_to_save" in n for n in trained)
     assert engine.training_args(cfg, "cpu", 1).optim.value == "adamw_8bit"  # HF `optim`: bitsandbytes AdamW8bit
+    with pytest.raises(UsageError, match="trainable_dtype"):
+        _cfg(tiny, trainable_dtype="fp8")
