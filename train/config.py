@@ -67,6 +67,8 @@ class TrainConfig:
     warmup_ratio: float = RECIPE_DEFAULT
     lr_scheduler: str = "cosine"
     optimizer: str = RECIPE_DEFAULT
+    trainable_dtype: str = "fp32"  # without DeepSpeed: the trained weights' dtype (bf16 = pure bf16)
+    modules_to_save: tuple = ()  # peft modules_to_save trained in full: embed_tokens, lm_head
     epochs: float = RECIPE_DEFAULT
     max_steps: int | None = None
     max_length: int = RECIPE_DEFAULT
@@ -130,6 +132,8 @@ class TrainConfig:
             bad("--quant", "recipe qlora needs a quantized LLM (nf4 or int8)", "use --recipe lora for no quantization")
         if self.ds_config is not None and not isinstance(self.ds_config, dict):
             bad("--deepspeed", "the DeepSpeed config must be a JSON object")
+        if self.trainable_dtype not in ("fp32", "bf16"):
+            bad("recipe.trainable_dtype", f"must be fp32 or bf16, not {self.trainable_dtype!r}")
 
     def _fill_recipe_defaults(self) -> None:
         unset = [k for k in RECIPE_FIELDS if getattr(self, k) is RECIPE_DEFAULT]
@@ -206,9 +210,11 @@ def from_plan(path: str, overrides: dict) -> TrainConfig:
     for key in ("quant", "double_quant", "compute_dtype", "train_projector", "train_llm_full",
                 "learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler", "optimizer", "epochs",
                 "max_steps", "max_length", "gradient_checkpointing", "attn_implementation", "save_steps",
-                "keep_checkpoints", "dataloader_workers", "seed"):
+                "keep_checkpoints", "dataloader_workers", "seed", "trainable_dtype"):
         if r.get(key) is not None:
             kw[key] = r[key]
+    if r.get("modules_to_save"):
+        kw["modules_to_save"] = tuple(r["modules_to_save"])
     if not kw["dataset"]:
         raise UsageError(f"--plan {path}: data.dataset is missing", "pass --dataset FILE")
     kw.update({k: v for k, v in overrides.items() if v is not None})

@@ -24,8 +24,11 @@ def _trainable_state(model) -> dict:
     if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned: gather on every rank
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+        out = {}
+        for n, p in named:  # one tensor at a time: the GPU holds at most the largest one gathered
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[n] = p.detach().to("cpu", torch.float32).clone()
+        return out
     return {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
 
 

@@ -211,8 +211,10 @@ def target_regex(model, cfg: TrainConfig) -> str:
     parts = []
     if cfg.llm_lora:
         t = cfg.llm_lora.targets
-        names = _linear_names(model, "model.language_model.") if ALL_LINEAR in t else set(t)
+        names = _linear_names(model, "model.language_model.") if ALL_LINEAR in t else set(t) - {"lm_head"}
         parts.append(r"model\.language_model\..*\.(?:%s)" % "|".join(sorted(map(re.escape, names))))
+        if "lm_head" in t:  # named only: all-linear leaves lm_head out (peft's rule too)
+            parts.append(r"lm_head")
     if cfg.vision_lora:
         t = cfg.vision_lora.targets
         names = _linear_names(model, "model.vision_tower.") if ALL_LINEAR in t else set(t)
@@ -250,9 +252,13 @@ def prepare(model, cfg: TrainConfig):
     lc = LoraConfig(r=main.r, lora_alpha=main.alpha, lora_dropout=main.dropout, bias="none",
                     target_modules=target_regex(model, cfg),
                     rank_pattern={k: v.r for k, v in vis.items()}, alpha_pattern={k: v.alpha for k, v in vis.items()},
-                    modules_to_save=["multi_modal_projector"] if cfg.train_projector else None)
+                    modules_to_save=(["multi_modal_projector"] if cfg.train_projector else [])
+                    + list(cfg.modules_to_save) or None)
     model = get_peft_model(model, lc)
-    for p in model.parameters():  # trainable weights in fp32 (the optimizer's master copy)
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    # trainable weights in fp32 (the optimizer's master copy); "pure bf16" (trainable_dtype bf16, plain
+    # PyTorch only: DeepSpeed keeps its own fp32 master) trains them in bf16 (vramplan optimizers.py)
+    want = torch.bfloat16 if cfg.trainable_dtype == "bf16" and cfg.ds_config is None else torch.float32
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != want:
+            p.data = p.data.to(want)
     return model

@@ -148,14 +148,19 @@ def test_one_a100_80g_picks_no_offload_and_no_zero3():
     assert c.margin_fraction >= max(min(x.margin_fraction, MARGIN_ENOUGH) for x in window) - MARGIN_STEP
 
 
-def test_two_a100_80g_use_both_gpus_with_zero2():
+def test_two_a100_80g_use_both_gpus_at_the_lowest_stage_with_enough_margin():
+    # DeepSpeed's ZeRO-0 (FP16_Optimizer) keeps no persistent fp32 gradient partition (its fp32 grads exist
+    # only inside step(); vramplan/estimate/gpu_memory.py), so ZeRO-0 on 2 GPUs has more than MARGIN_ENOUGH
+    # of the card free and wins over ZeRO-2 on the lower stage, as fast.
     res, c = _pick("2xA100-80G")
     s = c.strategy
-    assert (s.zero_stage, s.offload, s.gpus) == (2, Offload.NONE, 2), s
-    z0 = [x for x in res.candidates if x.fits and x.strategy.zero_stage == 0 and x.strategy.gpus == 2
-          and x.time_seconds <= c.time_seconds]
-    assert z0 and all(x.margin_bytes < c.margin_bytes for x in z0)  # ZeRO-0 as fast, but it loses on margin
-    assert any("ZeRO-0" in w and "lost on margin" in w for w in res.why_not_faster), res.why_not_faster
+    assert (s.zero_stage, s.offload, s.gpus, s.engine) == (0, Offload.NONE, 2, "deepspeed"), s
+    assert c.margin_fraction >= 0.15
+    z2 = [x for x in res.candidates if x.fits and x.strategy.zero_stage == 2 and x.strategy.gpus == 2
+          and x.strategy.offload == Offload.NONE and x.time_seconds <= c.time_seconds * (1 + res.job.speed_tolerance)]
+    assert any(x.margin_bytes > c.margin_bytes for x in z2)  # a ZeRO-2 plan as fast has more margin; both have enough
+    assert any("ZeRO-2" in w and "lost on ZeRO stage" in w for w in res.why_not_faster), res.why_not_faster
+    assert any("plain PyTorch" in w and "lost on margin" in w for w in res.why_not_faster), res.why_not_faster
 
 
 def test_eight_910b_bf16_lora_uses_all_npus():

@@ -485,3 +485,32 @@ def test_workers_and_attn_flags_reach_the_dataloader_and_the_model(tiny, tmp_pat
     assert trainer.get_train_dataloader().num_workers == 2
     with pytest.raises(UsageError, match="--workers"):
         _cfg(tiny, dataloader_workers=-1)
+
+
+def test_plan_state_fields_reach_the_model(tiny, tmp_path):
+    """The plan's trainable_dtype, modules_to_save, lm_head LoRA and optimizer are what the trainer builds
+    (vramplan estimates exactly these: vramplan/estimate/optimizers.py, param_groups.py)."""
+    import torch
+
+    from train import engine
+    from train.config import from_plan
+    from train.model import load_base, prepare
+
+    plan = {"schema": "vramplan-plan/1", "model": {"path": str(tiny / "model")},
+            "recipe": {"name": "lora", "quant": "none", "compute_dtype": "bf16", "train_projector": True,
+                       "llm_lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "lm_head"]},
+                       "vision_lora": None, "optimizer": "adamw_8bit", "trainable_dtype": "bf16",
+                       "modules_to_save": ["embed_tokens"]},
+            "data": {"dataset": str(tiny / "data.json"), "images": str(tiny / "images")}, "output_dir": str(tmp_path),
+            "ds_config": None}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cfg = from_plan(str(tmp_path / "plan.json"), {})
+    assert (cfg.trainable_dtype, cfg.modules_to_save, cfg.optimizer) == ("bf16", ("embed_tokens",), "adamw_8bit")
+    model, _tok, _ip = load_base(cfg.model_path, cfg, "cpu")
+    model = prepare(model, cfg)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.bfloat16 for p in trained.values())  # pure bf16 without DeepSpeed
+    assert any("lm_head.lora_A" in n for n in trained) and any("embed_tokens.modules_to_save" in n for n in trained)
+    assert engine.training_args(cfg, "cpu", 1).optim.value == "adamw_8bit"  # HF `optim`: bitsandbytes AdamW8bit
+    with pytest.raises(UsageError, match="trainable_dtype"):
+        _cfg(tiny, trainable_dtype="fp8")

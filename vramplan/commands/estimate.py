@@ -9,6 +9,7 @@ import click
 
 from vramplan.commands.output import CommandResult, run_command
 from vramplan.errors import ExitCode, UsageError
+from vramplan.estimate.optimizers import OPTIMIZERS
 from vramplan.estimate.types import SPEED_TOLERANCE, Offload
 
 
@@ -52,7 +53,19 @@ def estimate_options(f):
             help="Pick: plans within this fraction of the fastest count as equally fast; of those, the larger "
             "memory margin, lower ZeRO stage, less offload win (docs/estimate.md#the-pick).",
         ),
-        click.option("--zero", type=click.IntRange(0, 3), help="Only this ZeRO stage."),
+        click.option("--zero", type=click.Choice(["0", "1", "2", "3", "none"]),
+                     help="Only this ZeRO stage; none = plain PyTorch (HF Trainer without DeepSpeed)."),
+        click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)),
+                     help="Optimizer (HF `optim`; default: the recipe's). 8-bit: bitsandbytes blockwise states."),
+        click.option("--trainable-dtype", "trainable_dtype", type=click.Choice(["fp32", "bf16"]),
+                     help="Plain PyTorch: dtype of the trained weights and their states (bf16 = pure bf16)."),
+        click.option("--lora-targets", "lora_targets",
+                     help="LLM LoRA target modules, comma-separated (e.g. q_proj,v_proj; all-linear; lm_head)."),
+        click.option("--lora-dropout", "lora_dropout", type=float, help="LLM LoRA dropout (0 saves no dropped copy)."),
+        click.option("--double-quant/--no-double-quant", "double_quant", default=None,
+                     help="NF4 double quantization of the absmax values."),
+        click.option("--modules-to-save", "modules_to_save",
+                     help="Modules trained in full beside LoRA (peft modules_to_save): embed_tokens,lm_head."),
         click.option("--offload", type=click.Choice(list(Offload.ALL)), help="Only this offload."),
         click.option("--grad-ckpt/--no-grad-ckpt", "grad_ckpt", default=None, help="Only with/without checkpointing."),
         click.option("--dataset", type=click.Path(), help="LLaVA-format JSON: samples and text lengths come from it."),

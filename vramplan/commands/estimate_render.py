@@ -36,7 +36,7 @@ def _best_rows(cands: list[dict], pick: int | None) -> list[int]:
     """One row per (GPUs, ZeRO, offload): the pick, else its fastest fitting candidate, else its smallest."""
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(cands):
-        groups.setdefault((c["gpus"], c["zero_stage"], c["offload"]), []).append(i)
+        groups.setdefault((c["gpus"], _zero(c), c["offload"]), []).append(i)
     rows = []
     for idx in groups.values():
         if pick in idx:
@@ -47,8 +47,13 @@ def _best_rows(cands: list[dict], pick: int | None) -> list[int]:
             rows.append(min(fit, key=lambda i: (cands[i]["time_seconds"], -cands[i]["micro_batch"])))
         else:
             rows.append(min(idx, key=lambda i: cands[i]["vram_per_gpu_bytes"]))
-    return sorted(rows, key=lambda i: (cands[i]["gpus"], cands[i]["zero_stage"],
+    return sorted(rows, key=lambda i: (cands[i]["gpus"], cands[i].get("engine") != "torch", cands[i]["zero_stage"],
                                         Offload.ALL.index(cands[i]["offload"])))
+
+
+def _zero(c: dict) -> str:
+    """The ZeRO column: the stage, or "none" for plain PyTorch (no DeepSpeed)."""
+    return "none" if c.get("engine") == "torch" else str(c["zero_stage"])
 
 
 def _header(con, data: dict) -> None:
@@ -88,7 +93,7 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
         c = cands[i]
         verdict = "PICK" if i == pick else ("fits" if c["fits"] else "no: " + _short(c, data))
         style = "bold green" if i == pick else ("" if c["fits"] else "dim")
-        t.add_row(f"*{i}" if i == pick else str(i), str(c["gpus"]), str(c["zero_stage"]), OFF_SHORT[c["offload"]],
+        t.add_row(f"*{i}" if i == pick else str(i), str(c["gpus"]), _zero(c), OFF_SHORT[c["offload"]],
                   f"{c['micro_batch']} x {c['grad_accum']}", "on" if c["grad_checkpointing"] else "off",
                   _g(c["vram_per_gpu_bytes"]), _margin(c), _g(c["cpu_ram_bytes"]), _g(c["disk_bytes"]),
                   _g(c["checkpoint_bytes"]), time_cell(c), Text(verdict), style=style)
@@ -99,7 +104,8 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
         return
     c = cands[pick]
     cap = data["hardware"]["memory_bytes"]
-    con.print(Text(f"Pick #{pick}: ZeRO-{c['zero_stage']}, offload {c['offload']}, {c['gpus']} GPU(s), micro-batch "
+    layout = "plain PyTorch (no DeepSpeed)" if c.get("engine") == "torch" else f"ZeRO-{c['zero_stage']}"
+    con.print(Text(f"Pick #{pick}: {layout}, offload {c['offload']}, {c['gpus']} GPU(s), micro-batch "
                    f"{c['micro_batch']} x accumulation {c['grad_accum']}, checkpointing "
                    f"{'on' if c['grad_checkpointing'] else 'off'}; peak in {c['peak_phase']}.", style="bold"))
     policy = data.get("pick_policy") or {}

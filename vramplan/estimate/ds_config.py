@@ -14,6 +14,8 @@ from __future__ import annotations
 from vramplan.estimate.priors import DEFAULT_BUCKET_ELEMS
 from vramplan.estimate.types import DsBuckets, Offload, Strategy, offloads_optimizer
 
+SUB_GROUP_SIZE = 1_000_000_000  # ZeRO-3 elements stepped at once (the fp32 grads made per sub-group: gpu_memory.py)
+
 
 def buckets_for(hidden_size: int, trainable: int) -> DsBuckets:
     """Bucket sizes: HF's ZeRO-3 "auto" rules (reduce = h^2, prefetch = 0.9 h^2; transformers
@@ -24,7 +26,10 @@ def buckets_for(hidden_size: int, trainable: int) -> DsBuckets:
 
 
 def make_ds_config(s: Strategy, b: DsBuckets, *, compute_dtype: str, hidden_size: int,
-                   gradient_clipping: float = 1.0) -> dict:
+                   gradient_clipping: float = 1.0, optimizer: str = "adamw_torch") -> dict:
+    """The config; with an optimizer other than adamw_torch there is no "optimizer" section, so the HF Trainer
+    builds the recipe's `optim` (e.g. bitsandbytes AdamW8bit) and DeepSpeed wraps it as a client optimizer
+    (runtime/engine.py `_configure_optimizer`; zero_allow_untested_optimizer lets ZeRO take it)."""
     zero: dict = {"stage": s.zero_stage}
     if s.zero_stage in (1, 2):
         zero.update({
@@ -43,7 +48,7 @@ def make_ds_config(s: Strategy, b: DsBuckets, *, compute_dtype: str, hidden_size
             "stage3_param_persistence_threshold": 10 * hidden_size,  # params smaller than this stay unpartitioned
             "stage3_max_live_parameters": b.stage3_max_live_parameters,  # cap on gathered params alive at once
             "stage3_max_reuse_distance": 1_000_000_000,
-            "sub_group_size": 1_000_000_000,  # params per optimizer sub-step; lower it if OOM hits in the step
+            "sub_group_size": SUB_GROUP_SIZE,  # params per optimizer sub-step; lower it if OOM hits in the step
             "stage3_gather_16bit_weights_on_model_save": False,  # adapters are saved by peft, no full gather
         })
     if offloads_optimizer(s.offload) and s.zero_stage >= 1:
@@ -63,6 +68,8 @@ def make_ds_config(s: Strategy, b: DsBuckets, *, compute_dtype: str, hidden_size
         "steps_per_print": 1_000_000,
         "wall_clock_breakdown": False,
     }
+    if optimizer != "adamw_torch":
+        del cfg["optimizer"]
     if compute_dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif compute_dtype == "fp16":

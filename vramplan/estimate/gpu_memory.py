@@ -8,7 +8,9 @@ DeepSpeed's estimators (runtime/zero/stage_1_and_2.py estimate_zero2_model_state
 estimate_zero3_model_states_mem_needs), per parameter group: frozen weights are replicated under stages
 0-2 and partitioned under 3 (docs/estimate.md#model-states). Under DeepSpeed with bf16/fp16 the engine casts
 the whole module to the 16-bit dtype (runtime/engine.py `_configure_distributed_model`: module.bfloat16()),
-so every non-quantized weight is 16-bit on the GPU and trainable ones get an fp32 master copy.
+so every non-quantized weight is 16-bit on the GPU and trainable ones get an fp32 master copy. The fp32
+gradients DeepSpeed's optimizer wrappers step on exist only inside step() (the optimizer-step phase), and a
+plain-PyTorch candidate (Strategy.engine "torch") has no master copy at all (vramplan/estimate/optimizers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramplan.estimate.activations import ActivationBreakdown
+from vramplan.estimate.ds_config import SUB_GROUP_SIZE
+from vramplan.estimate.optimizers import DS_ALLREDUCE_BUCKET, EIGHT_BIT, TORCH, describe, paged, state_bytes
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.priors import (
     ALLOCATOR_RESERVE_FACTOR,
@@ -25,10 +29,10 @@ from vramplan.estimate.priors import (
 )
 from vramplan.estimate.types import DsBuckets, Quant, Strategy, offloads_optimizer, offloads_params
 
-ADAM_STATE_BYTES = 8  # fp32 exp_avg + exp_avg_sq
-MASTER_BYTES = 4  # fp32 master weights
-FP32_GRAD_BYTES = 4  # DeepSpeed's fp32 gradient partition: estimate_zero2 charges 2 B replicated + 18 B / GPUs
-#   per parameter = 2 (16-bit grad) + 4 (master) + 8 (Adam) + 4 (this) (runtime/zero/stage_1_and_2.py)
+ADAM_STATE_BYTES = 8  # fp32 exp_avg + exp_avg_sq (adamw_torch on fp32 weights; optimizers.py for the others)
+MASTER_BYTES = 4  # fp32 master weights (DeepSpeed's optimizer wrappers)
+FP32_GRAD_BYTES = 4  # fp32 gradients the DeepSpeed optimizer steps on: made inside step(), not kept (see
+#   _optimizer_states); DeepSpeed's estimate_zero2 charges them as 4 of its 18 B/param (runtime/zero/stage_1_and_2.py)
 
 ZERO_SOURCE = "ZeRO paper §5 (arXiv:1910.02054); DeepSpeed estimate_zero2/3_model_states_mem_needs"
 
@@ -37,7 +41,7 @@ ZERO_SOURCE = "ZeRO paper §5 (arXiv:1910.02054); DeepSpeed estimate_zero2/3_mod
 class Component:
     name: str
     bytes: int
-    kind: str  # "persistent" | "transient" | "overhead"
+    kind: str  # "persistent" | "transient" | "overhead" | "paged" (CUDA managed memory, not in the peak)
     formula: str
     source: str
 
@@ -57,8 +61,9 @@ def _div(x: float, n: int) -> int:
     return int(-(-x // n)) if n > 1 else int(x)
 
 
-def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str) -> list[Component]:
+def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: int = 4) -> list[Component]:
     n, part_w, off_par = s.gpus, s.zero_stage == 3, offloads_params(s.offload)
+    plain = s.engine == TORCH
     out = []
     if g.quantized_bytes:
         qb = 0 if off_par else (_div(g.quantized_bytes, n) if part_w else g.quantized_bytes)
@@ -67,47 +72,104 @@ def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str) -> list[Component
             f"{quant} storage incl. quant state" + (" / GPUs (ZeRO-3 partitions it)" if part_w else "")
             + (" -> CPU (offload params)" if off_par else ""),
             "QLoRA arXiv:2305.14314 §3; bitsandbytes quantize_4bit (blocksize 64, nested 256)"))
-    fb = g.frozen_params * bc
+    # Without DeepSpeed nothing casts the module back to 16 bit after peft's prepare_model_for_kbit_training
+    # upcast every non-quantized weight to fp32 (peft utils/other.py), so with k-bit weights they stay fp32.
+    fbytes = 4 if plain and g.quantized_bytes else bc
+    fb = g.frozen_params * fbytes
     out.append(Component("weights_frozen", 0 if off_par else (_div(fb, n) if part_w else fb), "persistent",
-                         f"frozen params x {bc} B (module cast to the compute dtype)"
-                         + (" / GPUs" if part_w else " (replicated under ZeRO 0-2)"), ZERO_SOURCE))
-    T = g.trainable
-    out.append(Component("weights_trainable", 0 if off_par else (_div(T * bc, n) if part_w else T * bc), "persistent",
-                         f"trainable params x {bc} B" + (" / GPUs" if part_w else ""), ZERO_SOURCE))
+                         f"frozen params x {fbytes} B"
+                         + (" (fp32: prepare_model_for_kbit_training, no engine cast)" if fbytes != bc
+                            else " (module cast to the compute dtype)")
+                         + (" / GPUs" if part_w else " (replicated)"), ZERO_SOURCE))
+    T, tb = g.trainable, (trainable_bytes if plain else bc)
+    out.append(Component("weights_trainable", 0 if off_par else (_div(T * tb, n) if part_w else T * tb), "persistent",
+                         f"trainable params x {tb} B" + (" / GPUs" if part_w else "")
+                         + (" (plain PyTorch: the weights the optimizer steps)" if plain else ""), ZERO_SOURCE))
     return out
 
 
-def _optimizer_states(g: ParamGroups, s: Strategy, bc: int) -> list[Component]:
-    """Gradients, fp32 master + Adam states, and DeepSpeed's fp32 gradient partition."""
+def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "adamw_torch",
+                      trainable_bytes: int = 4) -> list[Component]:
+    """Gradients, optimizer states (+ DeepSpeed's fp32 master) and the step's transient fp32 gradients.
+
+    plain PyTorch: grads and states in the trainable dtype, nothing else (torch/optim/adam.py); the foreach
+    AdamW makes one state-sized temporary (`torch._foreach_sqrt(exp_avg_sqs)` in `_multi_tensor_adam`).
+    DeepSpeed 0.19 (the pinned version), read from its code:
+      ZeRO-0  FP16_Optimizer (runtime/fp16/fused_optimizer.py): flat fp32 master + states; 16-bit grads live
+              on the params; `step()` makes an fp32 copy of every grad and flattens them
+              (`_flatten_dense_tensors([p.grad.to(fp32)])`): 8 B/param at once while the 16-bit grads live.
+      ZeRO-1/2 DeepSpeedZeroOptimizer (runtime/zero/stage_1_and_2.py): fp32 partition + states / GPUs; the
+              averaged 16-bit grads (ZeRO-1 all, ZeRO-2 its partition); `step()` flattens the partition
+              (2 B) and casts it to fp32 (`single_grad_partition`, 4 B): 6 B/param / GPUs, freed after.
+      ZeRO-3  DeepSpeedZeroOptimizer_Stage3 (runtime/zero/stage3.py): `grad_partitions_flat_buffer` 16-bit /
+              GPUs, persistent; `_prepare_fp32_grad_for_sub_group` flattens + casts per sub-group (6 B / GPUs).
+      offload_optimizer: master, states and fp32 grads live in CPU RAM; nothing of the step on the GPU.
+    """
     n, z, T, off_opt = s.gpus, s.zero_stage, g.trainable, offloads_optimizer(s.offload)
+    if s.engine == TORCH:
+        tb = trainable_bytes
+        st = state_bytes(optimizer, tb)
+        tmp = T * tb if optimizer not in EIGHT_BIT else 0
+        pg = paged(optimizer)
+        return [
+            Component("gradients", T * tb, "persistent", f"trainable x {tb} B (grads in the weights' dtype)",
+                      "torch autograd; transformers Trainer without DeepSpeed"),
+            Component("optimizer_states_paged" if pg else "optimizer_states", int(T * st), "paged" if pg else
+                      "persistent", describe(optimizer, tb) + " on the trainable weights (no master copy)"
+                      + ("; paged: CUDA managed memory, outside torch's allocator, evicted to CPU RAM under "
+                         "pressure, so not in the peak" if pg else ""),
+                      "torch/optim/adam.py; bitsandbytes optim/optimizer.py; docs/estimate.md#model-states"),
+            Component("optimizer_step_transient", int(tmp), "transient",
+                      "foreach AdamW: one state-sized temporary (sqrt of exp_avg_sq)" if tmp else
+                      "bitsandbytes 8-bit step: a fused kernel, no temporary",
+                      "torch/optim/adam.py _multi_tensor_adam"),
+        ]
+    st = state_bytes(optimizer, MASTER_BYTES)
     if off_opt:
         grads, gform = 0, "reduced into pinned CPU buffers (offload_optimizer)"
-    elif z == 3:
-        grads = 0
-        gform = "reduced straight into the fp32 gradient partition (counted there), as DeepSpeed's stage-3 estimator"
-    elif z == 2:
-        grads, gform = _div(T * bc, n), f"trainable x {bc} B / GPUs (ZeRO-2 partitions gradients)"
+    elif z >= 2:
+        grads, gform = _div(T * bc, n), f"trainable x {bc} B / GPUs (averaged gradient partition)"
     else:
-        grads, gform = T * bc, f"trainable x {bc} B (full gradients under ZeRO 0-1)"
+        grads, gform = T * bc, f"trainable x {bc} B (full 16-bit gradients under ZeRO 0-1)"
     if off_opt:
         opt, oform = 0, "fp32 master + Adam m, v live in CPU RAM (offload_optimizer)"
-    elif z >= 1:
-        opt, oform = _div(T * (MASTER_BYTES + ADAM_STATE_BYTES), n), "trainable x (4 master + 8 Adam) B / GPUs"
     else:
-        opt = T * (MASTER_BYTES + ADAM_STATE_BYTES)
-        oform = "trainable x (4 master + 8 Adam) B (ZeRO-0: DeepSpeed bf16 optimizer, not partitioned)"
-    fp32g = 0 if off_opt else (T * FP32_GRAD_BYTES if z == 0 else _div(T * FP32_GRAD_BYTES, n))
+        opt = _div(T * (MASTER_BYTES + st), n) if z >= 1 else int(T * (MASTER_BYTES + st))
+        oform = (f"trainable x (4 fp32 master + {describe(optimizer, MASTER_BYTES)})"
+                 + (" / GPUs" if z >= 1 else " (ZeRO-0: FP16_Optimizer, not partitioned)"))
+    if off_opt:
+        step, sform = 0, "the step runs on the CPU (offload_optimizer)"
+    elif z == 0:
+        # before step() the engine all-reduces the grads through flat buckets of up to 5e8 elements, even on
+        # one GPU (runtime/engine.py allreduce_gradients -> buffered_allreduce_fallback); freed before step()
+        step = max(T * 2 * FP32_GRAD_BYTES, min(T, DS_ALLREDUCE_BUCKET) * bc)
+        sform = ("fp32 copy of every grad + their flattened copy, inside FP16_Optimizer.step() (larger than the "
+                 "engine's 5e8-element all-reduce bucket before it)")
+    elif z == 3:
+        step = min(_div(T, n), SUB_GROUP_SIZE) * (bc + FP32_GRAD_BYTES)
+        sform = (f"flattened {bc} B grads + their fp32 cast of one sub-group (sub_group_size "
+                 f"{SUB_GROUP_SIZE:.0e} elements) of this GPU's partition, inside step()")
+    else:
+        step = _div(T * (bc + FP32_GRAD_BYTES), n)
+        sform = f"flattened {bc} B grad partition + its fp32 cast, inside step() / GPUs"
     return [
         Component("gradients", int(grads), "persistent", gform, ZERO_SOURCE),
         Component("optimizer_states", int(opt), "persistent", oform, ZERO_SOURCE + "; docs/estimate.md#model-states"),
-        Component("fp32_grad_partition", int(fp32g), "persistent",
-                  "trainable x 4 B fp32 gradients the optimizer steps on" + ("" if z == 0 else " / GPUs"),
-                  "DeepSpeed stage_1_and_2 single_partition_of_fp32_groups grads; the 18 B/param of estimate_zero2"),
+        Component("optimizer_step_transient", int(step), "transient", sform,
+                  "DeepSpeed runtime/fp16/fused_optimizer.py step; runtime/zero/stage_1_and_2.py step; "
+                  "runtime/zero/stage3.py _prepare_fp32_grad_for_sub_group"),
     ]
 
 
-def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int) -> Component:
+def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int, trainable_bytes: int = 4) -> Component:
     z, T = s.zero_stage, g.trainable
+    if s.engine == TORCH:
+        # DDP's Reducer copies every grad into its flat buckets (torch/nn/parallel/distributed.py,
+        # gradient_as_bucket_view=False, the HF Trainer's default); one process alone has no DDP
+        size = T * trainable_bytes if s.gpus > 1 else 0
+        return Component("deepspeed_buffers", int(size), "transient",
+                         "DDP gradient buckets: a copy of every grad" if size else "no DeepSpeed, no DDP (1 GPU)",
+                         "torch DistributedDataParallel Reducer; docs/estimate.md#peak-and-overheads")
     if z in (1, 2):
         rb = min(b.reduce_bucket, max(T, 1)) * bc * (2 if b.overlap_comm else 1)
         ab = min(b.allgather_bucket, max(T, 1)) * bc
@@ -163,10 +225,24 @@ def _activation_transients(
     return out
 
 
+def _save_gather(s: Strategy, bc: int, largest_trainable: int) -> Component:
+    """The checkpoint save under ZeRO-3: the export gathers the trainable params one tensor at a time
+    (train/export.py: deepspeed.zero.GatheredParameters per parameter), so the GPU holds the largest one.
+    vramplan's ds_config sets stage3_gather_16bit_weights_on_model_save false; DeepSpeed's true gathers
+    module by module too and copies the whole 16-bit model to rank 0's CPU RAM (runtime/engine.py
+    `_zero3_consolidated_16bit_state_dict`), so either way the GPU side is one gathered tensor."""
+    size = largest_trainable * bc - _div(largest_trainable * bc, s.gpus) if s.zero_stage == 3 and s.engine != TORCH \
+        else 0
+    return Component("save_gather", int(size), "transient",
+                     "ZeRO-3: the largest trainable tensor gathered in full for the export, minus this GPU's share"
+                     if size else "no gather at save (weights not partitioned)",
+                     "train/export.py; DeepSpeed runtime/zero/partition_parameters.py GatheredParameters")
+
+
 def _phases(g: ParamGroups, s: Strategy, d: dict[str, int], load_bytes_per_param: int) -> dict[str, int]:
     """Allocated bytes at each phase of a step; the peak is the largest."""
     persistent = sum(d[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients",
-                                    "optimizer_states", "fp32_grad_partition") if k in d)
+                                    "optimizer_states") if k in d)
     backward_peak = max(d["logits_loss_peak"], d.get("recompute_layer", 0) + d.get("dequant_transient", 0))
     # Before the engine exists the trainer holds the model as built: with k-bit training, peft's
     # prepare_model_for_kbit_training has upcast every non-quantized weight to fp32 (peft utils/other.py).
@@ -174,9 +250,11 @@ def _phases(g: ParamGroups, s: Strategy, d: dict[str, int], load_bytes_per_param
     if not offloads_params(s.offload):
         unpartitioned = (g.frozen_params + g.trainable) * load_bytes_per_param
         load = d.get("weights_quantized", 0) + (_div(unpartitioned, s.gpus) if s.zero_stage == 3 else unpartitioned)
+    # the optimizer step and the save come after backward: the activations are freed by then
     return {"forward/backward": persistent + d["activations_saved"] + backward_peak + d["deepspeed_buffers"],
             "vision forward": persistent + d["vision_forward_transient"] + d["deepspeed_buffers"],
-            "optimizer step": persistent + d["deepspeed_buffers"],
+            "optimizer step": persistent + d["deepspeed_buffers"] + d.get("optimizer_step_transient", 0),
+            "checkpoint save": persistent + d.get("save_gather", 0),
             "model load": load}
 
 
@@ -199,10 +277,14 @@ def _overheads(peak: int, gpus: int, device: str) -> list[Component]:
 
 def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: DsBuckets, *,
                compute_bytes: int = 2, quant: str = Quant.NF4, device: str = "cuda",
-               load_bytes_per_param: int = 2) -> GpuMemory:
-    """Per-GPU peak memory of one candidate, as named components."""
-    comps = (_weights(g, s, compute_bytes, quant) + _optimizer_states(g, s, compute_bytes)
-             + [_deepspeed_buffers(g, s, buckets, compute_bytes)]
+               load_bytes_per_param: int = 2, optimizer: str = "adamw_torch", trainable_bytes: int = 4,
+               largest_trainable: int = 0) -> GpuMemory:
+    """Per-GPU peak memory of one candidate, as named components. `trainable_bytes`: the trainable weights'
+    dtype under plain PyTorch (DeepSpeed casts them to the compute dtype and keeps an fp32 master)."""
+    comps = (_weights(g, s, compute_bytes, quant, trainable_bytes)
+             + _optimizer_states(g, s, compute_bytes, optimizer, trainable_bytes)
+             + [_deepspeed_buffers(g, s, buckets, compute_bytes, trainable_bytes),
+                _save_gather(s, compute_bytes, largest_trainable)]
              + _activation_transients(g, act, s, compute_bytes, quant))
     phases = _phases(g, s, {c.name: c.bytes for c in comps}, load_bytes_per_param)
     peak_phase = max(phases, key=phases.get)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramplan.estimate.gpu_memory import ADAM_STATE_BYTES, FP32_GRAD_BYTES, MASTER_BYTES
+from vramplan.estimate.optimizers import state_bytes
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.priors import (
     CHECKPOINT_EXTRA_BYTES,
@@ -65,10 +66,12 @@ def host_needs(g: ParamGroups, s: Strategy, *, compute_bytes: int, deepspeed: bo
                largest_shard_bytes: int = HF_SHARD_BYTES,
                device: str = "cuda", dataset_on_disk: bool = False, dataset_source: str = "assumed",
                weights_source: str = "assumed", steps: int | None = None,
-               save_steps: int | None = None) -> HostNeeds:
+               save_steps: int | None = None, optimizer: str = "adamw_torch",
+               trainable_bytes: int = 4) -> HostNeeds:
     """`steps` and `save_steps` (both given) bound the checkpoints by the saves the run makes; without
     them keep-N + 1 are counted. `*_source` name where the dataset / base-weight sizes came from."""
     T = g.trainable
+    ds_states = state_bytes(optimizer, MASTER_BYTES)  # on DeepSpeed's fp32 master (optimizers.py)
     per_node = max(1, s.gpus // max(1, s.nodes))
     off_opt = offloads_optimizer(s.offload)
     off_par = offloads_params(s.offload)
@@ -95,13 +98,13 @@ def host_needs(g: ParamGroups, s: Strategy, *, compute_bytes: int, deepspeed: bo
         ckpt = {
             "adapter_and_projector": T * compute_bytes,  # adapter_model.safetensors (+ projector) in bf16
             "deepspeed_model_states": T * compute_bytes,  # mp_rank_00_model_states.pt, frozen params excluded
-            "deepspeed_optimizer_shards": T * (MASTER_BYTES + ADAM_STATE_BYTES),  # *_optim_states.pt, all ranks
+            "deepspeed_optimizer_shards": int(T * (MASTER_BYTES + ds_states)),  # *_optim_states.pt, all ranks
             "trainer_state": CHECKPOINT_EXTRA_BYTES,
         }
     else:
         ckpt = {
-            "adapter_and_projector": T * 4,  # peft keeps adapters in fp32 without an engine cast
-            "optimizer_pt": T * ADAM_STATE_BYTES,  # torch AdamW exp_avg + exp_avg_sq (fp32)
+            "adapter_and_projector": T * trainable_bytes,  # the trainable weights as trained (no engine cast)
+            "optimizer_pt": int(T * state_bytes(optimizer, trainable_bytes)),  # optimizer.pt: m + v (optimizers.py)
             "trainer_state": CHECKPOINT_EXTRA_BYTES,
         }
     ckpt_total = sum(ckpt.values())

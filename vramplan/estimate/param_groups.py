@@ -68,9 +68,16 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
     groups = linear_groups(model)
     llm_lin = [g for g in groups if g.component == "llm"]
     llm_lora = lora_params(groups, recipe.llm_lora, "llm") if recipe.llm_lora else 0
+    t = model.text
+    if recipe.llm_lora and "lm_head" in recipe.llm_lora.targets:
+        # PEFT adapts lm_head only when named (its "all-linear" skips it): A is r x h, B is V x r
+        llm_lora += recipe.llm_lora.r * (t.hidden_size + t.vocab_size)
+    # peft modules_to_save (ModulesToSaveWrapper): a trained full copy beside the frozen original
+    saved = sum(t.vocab_size * t.hidden_size for m in recipe.modules_to_save
+                if m == "embed_tokens" or (m == "lm_head" and not t.tie_word_embeddings))
     vis_lora = lora_params(groups, recipe.vision_lora, "vision") if (recipe.vision_lora and model.vision) else 0
     projector = counts.projector if recipe.train_projector else 0
-    full = counts.llm_total if recipe.train_llm_full else 0
+    full = (counts.llm_total if recipe.train_llm_full else 0) + (0 if recipe.train_llm_full else saved)
 
     q_params = q_bytes = q_tensors = 0
     if recipe.quant in Quant.KBIT and not recipe.train_llm_full:
@@ -85,7 +92,7 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
             )
             q_bytes += int(per) * g.count
             # biases of quantized Linear layers stay in 16-bit: counted with the frozen group below
-    frozen = counts.total - q_params - projector - full
+    frozen = counts.total - q_params - projector - (counts.llm_total if recipe.train_llm_full else 0)
     if projector and (recipe.llm_lora or recipe.vision_lora):
         # peft's modules_to_save wraps the projector: the original stays (frozen) beside the trained copy
         frozen += projector

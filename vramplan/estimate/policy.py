@@ -63,6 +63,7 @@ def preference(c: Candidate) -> tuple:
     """Criteria 2-4 and the tie-breaks, best first."""
     s = c.strategy
     return (STAGE_STEP[s.zero_stage], Offload.ALL.index(s.offload), -s.gpus, STAGE_PREFERENCE[s.zero_stage],
+            s.engine == "torch",  # at an equal margin class, DeepSpeed (the path the trainer's plans were checked on)
             round(c.time_seconds, 3), -c.margin_bytes, -s.micro_batch, s.grad_ckpt)
 
 
@@ -103,6 +104,8 @@ def lost_on(i: int, best: int, cands: list[Candidate], sets: dict, job: Job) -> 
         return "GPUs", f"{cs.gpus} of {job.total_gpus} GPUs in use vs the pick's {bs.gpus}"
     if pc[3] != pb[3]:
         return "ZeRO stage", "ZeRO-1 and ZeRO-2 count as one step; ZeRO-2 first (XTuner's and LLaVA's configs)"
+    if pc[4] != pb[4]:
+        return "engine", "plain PyTorch vs the pick's DeepSpeed, both with enough margin (DeepSpeed first)"
     return "tie-break", "same stage, offload and GPUs: the faster, then the larger margin and micro-batch"
 
 
@@ -136,7 +139,8 @@ def policy_text(job: Job) -> str:
 
 def _label(c: Candidate) -> str:
     s = c.strategy
-    return f"ZeRO-{s.zero_stage} offload={s.offload} on {s.gpus} GPU(s)"
+    layout = "plain PyTorch" if s.engine == "torch" else f"ZeRO-{s.zero_stage}"
+    return f"{layout} offload={s.offload} on {s.gpus} GPU(s)"
 
 
 def _variant(c: Candidate) -> str:
@@ -152,7 +156,7 @@ def why_not_faster(best: int, cands: list[Candidate], sets: dict, job: Job, limi
     combos: dict[tuple, list[int]] = {}
     for i, c in enumerate(cands):
         s = c.strategy
-        combos.setdefault((s.zero_stage, s.offload, s.gpus), []).append(i)
+        combos.setdefault((s.zero_stage, s.engine, s.offload, s.gpus), []).append(i)
     lost, unfit_lines = [], []
     for group in sorted(combos.values(), key=lambda g: min(cands[i].time_seconds for i in g)):
         fit = [i for i in group if cands[i].fits and i != best and cands[i].time_seconds <= t_best + 1e-9]

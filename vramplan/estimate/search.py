@@ -7,9 +7,10 @@ from vramplan.estimate.activations import activation_bytes
 from vramplan.estimate.ds_config import buckets_for, make_ds_config
 from vramplan.estimate.gpu_memory import GpuMemory, gpu_memory
 from vramplan.estimate.host import HostNeeds, host_needs, trainer_steps
+from vramplan.estimate.optimizers import DEEPSPEED, TORCH, TRAINABLE_DTYPES
 from vramplan.estimate.param_groups import ParamGroups, param_groups
 from vramplan.estimate.timing import TimeEstimate, estimate_time, time_detail
-from vramplan.estimate.types import Candidate, Job, Offload, Quant, Strategy
+from vramplan.estimate.types import Candidate, Job, Offload, Quant, Strategy, offloads_optimizer
 from vramplan.units import gib
 
 # the known failure: bitsandbytes-foundation/bitsandbytes#1179, huggingface/peft#2014; the fix: PEFT
@@ -54,8 +55,13 @@ def _grad_accum(job: Job, micro: int, gpus: int) -> int:
 
 
 def incompatibility(job: Job, s: Strategy) -> str | None:
-    if job.device == "cpu" and (s.zero_stage or s.offload != Offload.NONE):
+    if job.device == "cpu" and (s.zero_stage or s.offload != Offload.NONE or s.engine != TORCH):
         return "CPU runs use plain PyTorch (no DeepSpeed ZeRO)"
+    if s.engine == TORCH and (s.zero_stage or s.offload != Offload.NONE):
+        return "plain PyTorch has no ZeRO partitioning or offload"
+    if offloads_optimizer(s.offload) and job.recipe.optimizer != "adamw_torch":
+        return (f"offload_optimizer steps with DeepSpeedCPUAdam (fp32 states); {job.recipe.optimizer} "
+                "cannot be offloaded: use --offload none or --optimizer adamw_torch")
     if s.offload != Offload.NONE and s.zero_stage == 0:
         return "optimizer offload needs ZeRO stage >= 1"
     if s.offload == Offload.PARAMS and s.zero_stage != 3:
@@ -75,13 +81,25 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
     buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
     return gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
-                      load_bytes_per_param=load_b)
+                      load_bytes_per_param=load_b, optimizer=r.optimizer,
+                      trainable_bytes=TRAINABLE_DTYPES[r.trainable_dtype],
+                      largest_trainable=_largest_trainable(job, groups))
+
+
+def _largest_trainable(job: Job, g: ParamGroups) -> int:
+    """Elements of the largest trainable tensor (what the ZeRO-3 export gathers at once): the embedding or
+    lm_head when trained in full, else at most the largest Linear (a LoRA factor or projector is smaller)."""
+    t = job.model.text
+    if job.recipe.train_llm_full or job.recipe.modules_to_save:
+        return max(t.vocab_size * t.hidden_size, g.largest_linear_elems)
+    return g.largest_linear_elems if g.trainable else 0
 
 
 def _host(job: Job, groups: ParamGroups, s: Strategy) -> HostNeeds:
     weights_source = "measured" if job.base_weights_on_disk else (
         "assumed" if job.model.stored_total_bytes else "computed")
-    return host_needs(groups, s, compute_bytes=job.compute_bytes, deepspeed=job.device != "cpu",
+    return host_needs(groups, s, compute_bytes=job.compute_bytes, deepspeed=s.engine != TORCH,
+                      optimizer=job.recipe.optimizer, trainable_bytes=TRAINABLE_DTYPES[job.recipe.trainable_dtype],
                       base_weights_bytes=job.model.stored_total_bytes or groups.total_params * 2,
                       base_weights_on_disk=job.base_weights_on_disk, dataset_bytes=job.dataset_bytes,
                       keep_checkpoints=job.recipe.keep_checkpoints, workers=job.workers, device=job.device,
@@ -142,9 +160,10 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
     reasons = _reasons(job, s, vram_smi, cpu_ram, disk)
     margin = int(job.hardware.memory_bytes * (1 - job.headroom)) - vram_smi
     ds = None
-    if job.device != "cpu":
+    if s.engine != TORCH:
         buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
-        ds = make_ds_config(s, buckets, compute_dtype=job.compute_dtype, hidden_size=job.model.text.hidden_size)
+        ds = make_ds_config(s, buckets, compute_dtype=job.compute_dtype, hidden_size=job.model.text.hidden_size,
+                            optimizer=job.recipe.optimizer)
     return Candidate(
         strategy=s, fits=not reasons, reasons=reasons, notes=_notes(job, s, cal),
         vram_per_gpu_bytes=vram_smi, vram_allocated_per_gpu_bytes=vram_alloc,
@@ -160,20 +179,29 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
         margin_bytes=margin, margin_fraction=margin / job.hardware.memory_bytes)
 
 
+def _layouts(job: Job) -> list[tuple[str, int]]:
+    """(engine, ZeRO stage) pairs to sweep: DeepSpeed ZeRO 0-3, and plain PyTorch (shown as stage 0).
+    A CPU device runs plain PyTorch only."""
+    out = []
+    if TORCH in job.engines and 0 in job.zero_stages:
+        out.append((TORCH, 0))
+    if job.device != "cpu" and DEEPSPEED in job.engines:
+        out += [(DEEPSPEED, z) for z in job.zero_stages]
+    return out
+
+
 def sweep(job: Job) -> list[Candidate]:
     groups = param_groups(job.model, job.recipe)
     out = []
     for gpus in gpu_counts_for(job):
         nodes = max(1, -(-gpus // job.gpus_per_node))
-        for z in job.zero_stages:
-            if job.device == "cpu" and z:
-                continue
-            for off in Offload.BY_STAGE[z]:
+        for engine, z in _layouts(job):
+            for off in Offload.BY_STAGE[z] if engine == DEEPSPEED else (Offload.NONE,):
                 if off not in job.offloads:
                     continue
                 for gc in job.grad_ckpt:
                     for mb in _micro_batches(job, gpus):
-                        s = Strategy(z, off, gpus, nodes, mb, _grad_accum(job, mb, gpus), gc)
+                        s = Strategy(z, off, gpus, nodes, mb, _grad_accum(job, mb, gpus), gc, engine)
                         out.append(evaluate(job, groups, s))
     return out
 
@@ -186,4 +214,4 @@ def rank_key(c: Candidate):
     """Time order, fastest first; ties: fewer GPUs, less offload, preferred stage, larger micro-batch, no ckpt."""
     s = c.strategy
     return (round(c.time_seconds, 3), s.gpus, Offload.ALL.index(s.offload),
-            STAGE_PREFERENCE[s.zero_stage], -s.micro_batch, s.grad_ckpt)
+            STAGE_PREFERENCE[s.zero_stage], s.engine == TORCH, -s.micro_batch, s.grad_ckpt)

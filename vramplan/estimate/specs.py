@@ -102,7 +102,9 @@ class RecipeSpec:
     gradient_checkpointing: bool
     save_steps: int
     keep_checkpoints: int
-    optimizer: str = "adamw_torch"
+    optimizer: str = "adamw_torch"  # HF `optim`: adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit
+    trainable_dtype: str = "fp32"  # plain PyTorch: the trainable weights' dtype (bf16 = "pure bf16" training)
+    modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: "embed_tokens", "lm_head" trained in full
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     samples: int = 0  # default dataset size when no --dataset/--samples

@@ -54,6 +54,7 @@ class Strategy:
     micro_batch: int
     grad_accum: int
     grad_ckpt: bool
+    engine: str = "deepspeed"  # optimizers.DEEPSPEED | optimizers.TORCH (plain PyTorch, no ds_config)
 
     @property
     def global_batch(self) -> int:
@@ -101,6 +102,7 @@ class Job:
     grad_accum: int | None = None  # fixed by --grad-accum
     grad_ckpt: tuple[bool, ...] = (True, False)
     zero_stages: tuple[int, ...] = ZERO_STAGES
+    engines: tuple[str, ...] = ("deepspeed", "torch")  # --zero none: plain PyTorch only; --zero N: DeepSpeed only
     offloads: tuple[str, ...] = Offload.ALL
     mean_seq_len: int = 0  # mean tokens per sample for the time estimate; 0 = seq_len
     calibration: tuple = ()  # ((component, factor), ...) from `vramplan calibrate --write`
@@ -153,6 +155,7 @@ class Candidate:
         infer = {} if self.dtype is None else {"dtype": self.dtype, "vram_total_bytes": self.vram_total_bytes}
         return {
             "zero_stage": s.zero_stage,
+            "engine": s.engine,
             "offload": s.offload,
             "gpus": s.gpus,
             "nodes": s.nodes,

@@ -88,7 +88,8 @@ def _to_spec(data: dict, name: str, kind: str):
             return LoraSpec(t["r"], t["alpha"], float(t["dropout"]), tuple(t["targets"])) if t else None
         fields = {k: v for k, v in data.items() if k in RecipeSpec.__dataclass_fields__}
         fields.update(llm_lora=lora(data.get("llm_lora")), vision_lora=lora(data.get("vision_lora")),
-                      learning_rate=float(data["learning_rate"]))
+                      learning_rate=float(data["learning_rate"]),
+                      modules_to_save=tuple(data.get("modules_to_save", ())))
         return RecipeSpec(name=name, **fields)
     vision = _family_spec(data["vision"], "clip") if "vision" in data and kind != "llm" else None
     if kind == "vision":

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from vramplan.errors import UsageError
+from vramplan.estimate.optimizers import OPTIMIZERS, TRAINABLE_DTYPES
 from vramplan.estimate.types import ATTN_IMPLEMENTATIONS, DEVICES, SPEED_TOLERANCE, ZERO_STAGES, Offload, Quant
 
 DEFAULT_MODEL = "llava-llama3-8b-instruct"
@@ -31,7 +32,7 @@ class EstimateOptions:
     save_steps: int | None = None  # --save-steps
     keep_checkpoints: int | None = None  # --keep-checkpoints
     headroom: float = 0.10  # --headroom
-    zero: int | None = None  # --zero: restrict to one stage
+    zero: int | str | None = None  # --zero: restrict to one stage; "none" = plain PyTorch (no DeepSpeed)
     offload: str | None = None  # --offload: restrict
     grad_ckpt: bool | None = None  # --grad-ckpt/--no-grad-ckpt: restrict
     dataset: str | None = None  # --dataset JSON
@@ -46,6 +47,12 @@ class EstimateOptions:
     workers: int = 0  # --workers: DataLoader worker processes per rank (each costs CPU RAM, speeds up image decoding)
     attn: str = "sdpa"  # --attn sdpa|eager: eager saves the attention probabilities (much more memory)
     speed_tolerance: float = SPEED_TOLERANCE  # --speed-tolerance: the pick's time window, a fraction
+    optimizer: str | None = None  # --optimizer (default: the recipe's)
+    trainable_dtype: str | None = None  # --trainable-dtype fp32|bf16 (plain PyTorch)
+    lora_targets: str | None = None  # --lora-targets q_proj,v_proj
+    lora_dropout: float | None = None  # --lora-dropout
+    double_quant: bool | None = None  # --double-quant/--no-double-quant
+    modules_to_save: str | None = None  # --modules-to-save embed_tokens,lm_head
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
@@ -69,8 +76,21 @@ class EstimateOptions:
                 "e.g. --speed-tolerance 0.1 for 10%")
         if self.quant is not None and self.quant not in Quant.ALL:
             bad("--quant", f"must be nf4, int8 or none, not {self.quant!r}")
-        if self.zero is not None and self.zero not in ZERO_STAGES:
-            bad("--zero", f"must be 0, 1, 2 or 3, not {self.zero}")
+        if isinstance(self.zero, str) and self.zero.isdigit():
+            object.__setattr__(self, "zero", int(self.zero))
+        if self.zero is not None and self.zero not in (*ZERO_STAGES, "none"):
+            bad("--zero", f"must be 0, 1, 2, 3 or none, not {self.zero}")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            bad("--optimizer", f"must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.trainable_dtype is not None and self.trainable_dtype not in TRAINABLE_DTYPES:
+            bad("--trainable-dtype", f"must be fp32 or bf16, not {self.trainable_dtype!r}")
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
+            bad("--lora-dropout", f"must be a fraction in [0, 1), got {self.lora_dropout}")
+        if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
+            bad("--lora-targets", "names no module", "e.g. --lora-targets q_proj,v_proj")
+        if self.modules_to_save is not None and \
+                not set(self.modules_to_save.split(",")) <= {"embed_tokens", "lm_head"}:
+            bad("--modules-to-save", f"must be embed_tokens and/or lm_head, not {self.modules_to_save!r}")
         if self.offload is not None and self.offload not in Offload.ALL:
             bad("--offload", f"must be none, optimizer or optimizer+params, not {self.offload!r}")
         if self.device is not None and self.device not in DEVICES:

@@ -41,7 +41,18 @@ def _apply_overrides(recipe, o: EstimateOptions, model):
         if recipe.llm_lora is None:
             raise UsageError(f"--lora-r: recipe {recipe.name!r} trains no LLM LoRA", "use --recipe qlora or lora")
         changes["llm_lora"] = replace(recipe.llm_lora, r=o.lora_r)
-    for key in ("epochs", "save_steps", "keep_checkpoints", "global_batch"):
+    lora_changes = {k: v for k, v in (("targets", tuple(t.strip() for t in (o.lora_targets or "").split(",")
+                                                            if t.strip()) or None), ("dropout", o.lora_dropout))
+                    if v is not None}
+    if lora_changes:
+        if recipe.llm_lora is None:
+            raise UsageError(f"--lora-targets/--lora-dropout: recipe {recipe.name!r} trains no LLM LoRA",
+                             "use --recipe qlora or lora")
+        changes["llm_lora"] = replace(changes.get("llm_lora", recipe.llm_lora), **lora_changes)
+    if o.modules_to_save is not None:
+        changes["modules_to_save"] = tuple(m.strip() for m in o.modules_to_save.split(",") if m.strip())
+    for key in ("epochs", "save_steps", "keep_checkpoints", "global_batch", "optimizer", "trainable_dtype",
+                "double_quant"):
         if getattr(o, key) is not None:
             changes[key] = getattr(o, key)
     if o.seq_len is not None:
@@ -213,7 +224,9 @@ def build_job(o: EstimateOptions):
               dataset_on_disk=data.dataset_on_disk, dataset_source=data.dataset_source,
               micro_batches=(o.micro_batch,) if o.micro_batch else (), grad_accum=o.grad_accum,
               grad_ckpt=(o.grad_ckpt,) if o.grad_ckpt is not None else grad_ckpt,
-              zero_stages=(o.zero,) if o.zero is not None else (0, 1, 2, 3),
+              zero_stages=(0,) if o.zero == "none" else ((o.zero,) if o.zero is not None else (0, 1, 2, 3)),
+              engines=(("torch",) if o.zero == "none" else ("deepspeed",)) if o.zero is not None
+              else ("deepspeed", "torch"),
               offloads=(o.offload,) if o.offload else Offload.ALL,
               mean_seq_len=data.mean_seq_len, calibration=calibration, speed_tolerance=o.speed_tolerance)
     return job, ctx

@@ -1,0 +1,168 @@
+"""How each published case of benchmarks/cases/measured_cases.json is expressed with vramplan's flags.
+
+One entry per case id: either `missing` (the capability vramplan lacks to express it) or the flags
+(EstimateOptions fields, i.e. `vramplan estimate` flags) plus how the figure compares:
+  stat   allocated (torch.cuda.max_memory_allocated / torchtune "active" or "peak memory"),
+         reserved (torch.cuda.max_memory_reserved), smi (nvidia-smi used, or an unstated "GPU memory"
+         figure, which we read as what a user sees in nvidia-smi)
+  unit   GiB | GB: the unit the source used (read from the case's memory field)
+  per    gpu | total (a total over all GPUs, divided by the GPU count)
+  verdict_only  the case has no comparable figure: only its fits/OOM outcome is scored
+Models outside vramplan's built-in profiles are given as a config.json (benchmarks/cases/models/): every
+one is a Llama-layout decoder (RMSNorm, SwiGLU, RoPE, GQA) whose sizes are its published config.json's.
+"""
+
+from __future__ import annotations
+
+M = "benchmarks/cases/models/"
+FSDP = "FSDP (torch FullyShardedDataParallel): no such strategy in vramplan (ZeRO 0-3 and plain PyTorch only)"
+GPTQ = "GPTQ int4 weights: vramplan quantizes with bitsandbytes only (nf4, int8)"
+TTLOSS = ("torchtune's chunked cross-entropy (CEWithChunkedOutputLoss, 8 chunks) and torch.compile: "
+          "vramplan has no chunked-loss option (its loss peak is the whole fp32 logits)")
+QWENVL = "Qwen-VL (ViT + resampler): no such vision family in vramplan (CLIP-LLaVA only)"
+
+# torchtune single-device recipes: plain PyTorch, the whole model in bf16 (LoRA and optimizer states too),
+# lora_dropout 0.0 (torchtune recipes' default)
+TT = dict(zero="none", trainable_dtype="bf16", lora_dropout=0.0, stat="allocated", unit="GiB")
+# LitGPT finetune/lora.py at 8641822 and its 2024 tables: plain PyTorch, --precision bf16-true, LoRA on q,v
+# with dropout 0.05, no activation checkpointing on one device; the longest sample sets the peak
+LIT = dict(zero="none", trainable_dtype="bf16", lora_dropout=0.05, lora_targets="q_proj,v_proj",
+           grad_ckpt=False, stat="allocated", unit="GB")
+# HF Trainer + PEFT without DeepSpeed (fms-acceleration 'none'/'baseline-peft-bnb', Qwen finetune.py
+# single GPU, LLaMA-Factory, unsloth's HF baseline): LoRA weights fp32 (peft autocast_adapter_dtype)
+HF = dict(zero="none", trainable_dtype="fp32")
+FMS = dict(HF, lora_r=16, lora_dropout=0.1, lora_targets="q_proj,k_proj,v_proj,o_proj", seq_len=4096,
+           grad_ckpt=True, stat="allocated", unit="bytes")
+QWEN = dict(HF, lora_r=64, lora_dropout=0.05, lora_targets="all-linear", grad_ckpt=True, micro_batch=1,
+            stat="smi", unit="GB")
+INFER = dict(task="infer", batch=1)
+# Qwen2.5's speed benchmark (docs/source/benchmark/speed_benchmark.rst) says "GB", but the 7B bf16 figure
+# (14.38) is below its weights in GB: GiB of torch's peak allocated (the case's notes)
+
+CASES: dict[str, dict] = {
+    "C001": dict(missing="torchtune optimizer_in_bwd + bnb paged states (outside torch's allocator statistics)"),
+    "C002": dict(missing="optimizer not stated (torchtune fuses it into backward)"),
+    "C003": dict(missing=TTLOSS),
+    "C004": dict(missing="gradient checkpointing not stated"),
+    "C005": dict(missing=TTLOSS),
+    "C006": dict(missing=FSDP), "C007": dict(missing=FSDP), "C008": dict(missing=FSDP), "C011": dict(missing=FSDP),
+    "C019": dict(missing="sequence length not stated (unpacked alpaca, variable)"),
+    "C021": dict(missing=TTLOSS),
+    "C022": dict(missing=TTLOSS),
+    "C023": dict(missing=TTLOSS),
+    "C024": dict(missing=TTLOSS),
+    "C026": dict(LIT, model=M + "llama-2-7b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
+                 gpus="1xA100-40G", double_quant=False, optimizer="paged_adamw_32bit"),
+    "C027": dict(LIT, model=M + "llama-2-7b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
+                 gpus="1xA100-40G", double_quant=True, optimizer="paged_adamw_32bit"),
+    "C029": dict(LIT, model=M + "llama-2-7b", recipe="lora", lora_r=8, micro_batch=4, seq_len=1304,
+                 gpus="1xA100-40G", verdict_only=True),
+    "C030": dict(LIT, model=M + "llama-2-13b", recipe="lora", lora_r=8, micro_batch=1, seq_len=1304,
+                 gpus="1xA100-40G"),
+    "C031": dict(LIT, model=M + "llama-2-13b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
+                 gpus="1xA100-40G", double_quant=False, optimizer="paged_adamw_32bit"),
+    "C032": dict(LIT, model=M + "llama-2-13b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
+                 gpus="1xA100-40G", double_quant=True, optimizer="paged_adamw_32bit"),
+    "C034": dict(missing="Falcon (parallel attention, multi-query): no such text family"),
+    "C035": dict(missing=FSDP), "C036": dict(missing=FSDP),
+    "C039": dict(INFER, model=M + "llama-2-7b", quant="none", context=64, gpus="1xA100-40G", stat="allocated",
+                 unit="GB"),
+    "C040": dict(INFER, model=M + "llama-2-7b", quant="nf4", context=64, gpus="1xA100-40G", stat="allocated",
+                 unit="GB"),
+    "C043": dict(INFER, model=M + "codellama-34b", quant="none", context=64, gpus="1xA100-40G", verdict_only=True),
+    "C046": dict(INFER, model=M + "llama-2-70b", quant="nf4", context=64, gpus="1xA100-40G", stat="allocated",
+                 unit="GB"),
+    "C047": dict(LIT, model=M + "llama-2-7b", recipe="lora", lora_r=32, micro_batch=2, seq_len=512, gpus="1xA10"),
+    "C050": dict(LIT, model=M + "llama-3.1-8b", recipe="qlora", lora_r=32, micro_batch=2, seq_len=512, gpus="1xA10",
+                 double_quant=False, optimizer="paged_adamw_32bit"),
+    "C051": dict(LIT, model=M + "mistral-7b", recipe="qlora", lora_r=32, micro_batch=2, seq_len=512, gpus="1xA10",
+                 double_quant=False, optimizer="paged_adamw_32bit"),
+    "C052": dict(missing=FSDP),
+    "C053": dict(missing="Gemma (GeGLU, head_dim 256, 256K vocab tied): no such text family"),
+    "C054": dict(FMS, model=M + "mistral-7b", recipe="full", micro_batch=4, gpus="1xA100-80G", trainable_dtype="bf16",
+                 lora_r=None, lora_dropout=None, lora_targets=None,
+                 value_key="torch_peak_alloc_bytes"),
+    "C055": dict(missing=FSDP),
+    "C056": dict(FMS, model=M + "mistral-7b", recipe="lora", micro_batch=4, gpus="1xA100-80G",
+                 value_key="torch_peak_alloc_bytes"),
+    "C057": dict(FMS, model=M + "mistral-7b", recipe="lora", micro_batch=8, gpus="1xA100-80G",
+                 value_key="torch_peak_alloc_bytes"),
+    "C059": dict(missing=FSDP), "C060": dict(missing=FSDP),
+    "C063": dict(FMS, model=M + "llama-2-70b", recipe="qlora", micro_batch=4, gpus="1xA100-80G", double_quant=True,
+                 verdict_only=True),
+    "C065": dict(missing="Mixtral (mixture of experts): no such text family"),
+    "C066": dict(missing=FSDP), "C068": dict(missing=FSDP),
+    "C071": dict(zero="none", trainable_dtype="bf16", model=M + "llama-2-7b", recipe="qlora", lora_r=64,
+                 lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj", micro_batch=8,
+                 seq_len=2048, grad_ckpt=True, gpus="2xRTX3090", double_quant=True, stat="reserved", unit="GiB",
+                 note="FSDP NO_SHARD = plain data parallel: every GPU holds the whole model"),
+    "C073": dict(missing=FSDP), "C075": dict(missing=FSDP), "C076": dict(missing=FSDP), "C078": dict(missing=FSDP),
+    "C079": dict(model=M + "llama-2-70b", recipe="qlora", zero=3, offload="none", lora_r=8, lora_dropout=0.1,
+                 lora_targets="all-linear", micro_batch=2, seq_len=2048, grad_ckpt=True, gpus="2xA100-40G",
+                 double_quant=True, stat="smi", unit="GB"),
+    "C080": dict(missing=FSDP),
+    "C082": dict(missing="BLOOM (ALiBi, fused qkv, GELU MLP): no such text family"),
+    "C083": dict(HF, model=M + "llama-65b", recipe="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all-linear",
+                 micro_batch=1, seq_len=528, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=True,
+                 optimizer="paged_adamw_32bit", attn="eager", verdict_only=True, trainable_dtype="bf16",
+                 note="qlora.py casts the LoRA layers to bf16 under --bf16"),
+    "C087": dict(QWEN, model=M + "qwen-7b", recipe="lora", seq_len=2048, gpus="1xA100-80G",
+                 modules_to_save="embed_tokens,lm_head"),
+    "C088": dict(missing=GPTQ),
+    "C091": dict(model=M + "qwen-7b", recipe="full", zero=3, offload="none", micro_batch=1, seq_len=1024,
+                 grad_ckpt=True, gpus="2xA100-80G", stat="smi", unit="GB", per="total"),
+    "C092": dict(model=M + "qwen-7b", recipe="full", zero=3, offload="none", micro_batch=1, seq_len=2048,
+                 grad_ckpt=True, gpus="2xA100-80G", verdict_only=True),
+    "C093": dict(QWEN, model=M + "qwen-14b", recipe="lora", seq_len=2048, gpus="1xA100-80G"),
+    "C095": dict(QWEN, model=M + "qwen-72b", recipe="lora", zero=3, offload="none", trainable_dtype=None,
+                 seq_len=2048, gpus="4xA100-80G", per="total"),
+    "C096": dict(missing=GPTQ),
+    "C098": dict(missing="naive model parallelism (device_map over 4 GPUs) for training; seq_len not stated"),
+    "C099": dict(INFER, model=M + "qwen-7b", quant="none", context=2048, gpus="1xA100-80G", stat="smi", unit="GB"),
+    "C100": dict(missing=GPTQ),
+    "C101": dict(INFER, model=M + "qwen-14b", quant="none", context=2048, gpus="1xA100-80G", stat="smi", unit="GB"),
+    "C102": dict(INFER, model=M + "qwen-72b", quant="none", context=2048, gpus="2xA100-80G", stat="smi", unit="GB",
+                 per="total"),
+    "C103": dict(missing=GPTQ),
+    "C104": dict(INFER, model=M + "qwen2.5-7b", quant="none", context=2049, gpus="1xA100-80G", stat="allocated",
+                 unit="GiB"),
+    "C105": dict(INFER, model=M + "qwen2.5-7b", quant="none", context=32768, gpus="1xA100-80G", stat="allocated",
+                 unit="GiB"),
+    "C108": dict(INFER, model=M + "qwen2.5-14b", quant="none", context=32768, gpus="1xA100-80G", stat="allocated",
+                 unit="GiB"),
+    "C109": dict(INFER, model=M + "qwen2.5-72b", quant="none", context=2049, gpus="2xA100-80G", stat="allocated",
+                 unit="GiB", per="total"),
+    "C113": dict(missing="GPT-BigCode/StarCoder (multi-query, GELU MLP): no such text family"),
+    "C114": dict(missing="GPT-BigCode/StarCoder (multi-query, GELU MLP): no such text family"),
+    "C115": dict(missing="GPT-BigCode/StarCoder (multi-query, GELU MLP): no such text family"),
+    "C117": dict(HF, model=M + "llama-3.1-8b", recipe="qlora", lora_r=32, lora_dropout=0.0, lora_targets="all-linear",
+                 micro_batch=1, seq_len=5789, grad_ckpt=True, gpus="1xRTX4090", double_quant=False,
+                 verdict_only=True),
+    "C120": dict(HF, model=M + "llama-3.1-70b", recipe="qlora", lora_r=32, lora_dropout=0.0, lora_targets="all-linear",
+                 micro_batch=1, seq_len=6916, grad_ckpt=True, gpus="1xA100-80G", double_quant=False,
+                 verdict_only=True),
+    "C121": dict(HF, model=M + "llama-3.1-70b", recipe="qlora", lora_r=32, lora_dropout=0.0, lora_targets="all-linear",
+                 micro_batch=1, seq_len=1024, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=False,
+                 verdict_only=True),
+    "C122": dict(missing=QWENVL), "C123": dict(missing=QWENVL), "C126": dict(missing=QWENVL),
+    "C127": dict(missing=QWENVL), "C128": dict(missing=QWENVL),
+    "C132": dict(model="llava-v1.5-13b", recipe="full", zero=3, offload="none", micro_batch=16, seq_len=2048,
+                 grad_ckpt=True, gpus="8xA100-80G", verdict_only=True),
+    "C133": dict(model="llava-v1.5-7b", recipe="full", zero=3, offload="none", seq_len=2048, grad_ckpt=True,
+                 gpus="8xA100-40G", verdict_only=True, any_micro_batch=True),
+    "C135": dict(model="llava-v1.5-7b", recipe="lora", zero=3, offload="none", seq_len=2048, grad_ckpt=True,
+                 gpus="8xRTX3090", verdict_only=True, any_micro_batch=True),
+    "C136": dict(missing="no figure (an upper bound '<8 GB') and no GPU named"),
+    "C137": dict(model="llava-v1.5-7b", recipe="full", zero=2, offload="none", micro_batch=1, seq_len=2048,
+                 grad_ckpt=True, gpus="8xA100-40G", verdict_only=True),
+    "C139": dict(missing="DeepSpeed stage and micro-batch not stated"),
+    "C141": dict(model="llava-v1.5-13b", recipe="qlora", micro_batch=16, seq_len=2048, grad_ckpt=True,
+                 gpus="1xRTX3090", verdict_only=True, any_stage=True),
+    "C142": dict(missing="Idefics2 (perceiver, DPO with a reference pass): no such family/task"),
+    "C145": dict(missing="Megatron GPT-2 (LayerNorm, GELU MLP, learned positions): no such text family"),
+    "C146": dict(HF, model=M + "glm-4-9b", recipe="qlora", lora_r=8, lora_dropout=0.0, lora_targets="all-linear",
+                 micro_batch=1, seq_len=10240, grad_ckpt=True, gpus="1xA100-80G", double_quant=False, stat="smi",
+                 unit="GB", note="ChatGLM counted as a Llama-layout decoder of its sizes"),
+    "C148": dict(model=M + "llama-2-70b", recipe="full", zero=3, offload="none", micro_batch=1, seq_len=8192,
+                 grad_ckpt=True, gpus="4x8xA100-80G", verdict_only=True),
+}
