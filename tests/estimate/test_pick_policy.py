@@ -159,7 +159,7 @@ def test_two_a100_80g_use_both_gpus_at_the_lowest_stage_with_enough_margin():
     z2 = [x for x in res.candidates if x.fits and x.strategy.zero_stage == 2 and x.strategy.gpus == 2
           and x.strategy.offload == Offload.NONE and x.time_seconds <= c.time_seconds * (1 + res.job.speed_tolerance)]
     assert any(x.margin_bytes > c.margin_bytes for x in z2)  # a ZeRO-2 plan as fast has more margin; both have enough
-    assert any("ZeRO-2" in w and "lost on ZeRO stage" in w for w in res.why_not_faster), res.why_not_faster
+    assert any(w.startswith("ZeRO-2") and "lost on margin" in w for w in res.why_not_faster), res.why_not_faster
     assert any("plain PyTorch" in w and "lost on margin" in w for w in res.why_not_faster), res.why_not_faster
 
 
