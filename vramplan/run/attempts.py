@@ -48,7 +48,7 @@ class RunSettings:
 def read_json(path: Path) -> dict | None:
     try:
         obj = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return None
     return obj if isinstance(obj, dict) else None
 

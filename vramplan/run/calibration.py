@@ -25,7 +25,7 @@ def _read_json(path: Path) -> dict | None:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UsageError(f"{path}: not readable JSON ({e})", "is the run finished? the file may be truncated") from e
     return obj if isinstance(obj, dict) else None
 
@@ -73,7 +73,7 @@ def _read_checked(path: Path, check):
         obj = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UsageError(f"{path}: not readable JSON ({e})", "is the run finished? the file may be truncated") from e
     try:
         return check(path, obj)

@@ -127,7 +127,7 @@ def read_plan_file(path: Path, root: Path, old_root: Path | None) -> dict | None
     """A run dir's plan.json where the dir is now; None when missing or unreadable."""
     try:
         plan = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return None
     if not isinstance(plan, dict):
         return None
