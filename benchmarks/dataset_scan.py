@@ -5,7 +5,8 @@ What `estimate --dataset` runs on the file: `scan_dataset` (every record checked
 records whose byte bound could be the longest; mean and p95 over a 5,000-record sample). The records are
 LLaVA-style chats of 20-400 characters, with one long record (2,000 words) at a seeded random position,
 and the tokenizer is the tiny model's byte-level BPE (train/tiny.py). Each size runs in a fresh process so
-its peak RSS is its own.
+its peak RSS is its own. CPU seconds are printed next to wall seconds: on a shared machine the wall time
+says more about the neighbours.
 
     python benchmarks/dataset_scan.py            # both sizes
     python benchmarks/dataset_scan.py 10000      # one size
@@ -54,18 +55,21 @@ def one(n: int) -> str:
         build_tokenizer(True).save_pretrained(tmp / "model")
         long_at = make_dataset(tmp / "data.json", n)
         mb = (tmp / "data.json").stat().st_size / 1e6
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rep = scan_dataset(tmp / "data.json", None, open_images=False)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         exact = token_stats(tmp / "data.json", "llama3", str(tmp / "model"))
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         approx = token_stats(tmp / "data.json", "llama3", None)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     assert rep.samples == n and exact["max"] > 2000  # the long record was found
-    return (f"{n:>9,} records ({mb:.0f} MB, long record #{long_at}): scan_dataset {t1 - t0:6.2f} s | "
-            f"token_stats exact {t2 - t1:6.2f} s (longest {exact['max']} tokens, {exact['tokenized']:,} records "
-            f"tokenized) | approximate {t3 - t2:6.2f} s (longest {approx['max']}) | peak RSS {rss:.2f} GiB")
+    return (f"{n:>9,} records ({mb:.0f} MB, long record #{long_at}), wall s (CPU s):\n"
+            f"    scan_dataset       {t1 - t0:7.2f} ({c1 - c0:7.2f})\n"
+            f"    token_stats exact  {t2 - t1:7.2f} ({c2 - c1:7.2f})  longest {exact['max']} tokens; "
+            f"{exact['tokenized']:,} records tokenized of {exact['records']:,}\n"
+            f"    token_stats approx {t3 - t2:7.2f} ({c3 - c2:7.2f})  longest {approx['max']} tokens\n"
+            f"    peak RSS {rss:.2f} GiB")
 
 
 def main() -> None:

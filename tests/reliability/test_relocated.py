@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_run_e2e import tiny as _tiny  # noqa: F401 - the fixture `tiny` (the tiny model), built once
+from test_run_e2e import tiny_plan
 
 from vramplan.contract import ENV_PROGRESS_INTERVAL, ENV_TEST_INJECT_OOM_AT_STEP, read_plan
 from vramplan.run import relocate
@@ -69,6 +71,8 @@ def test_old_absolute_paths_map_to_where_the_dir_is_now(tmp_path):
     ("attempts.json", {"attempts": "one"}, "attempts"),
     ("attempts.json", {"attempts": [{"attempt": 1, "dir": 5}]}, "attempts[0].dir"),
     ("attempts.json", {"attempts": [7]}, "attempts[0]"),
+    ("attempts.json", {"attempts": [{"attempt": 1, "kind": "ok"}]}, "attempts[0].dir"),
+    ("attempts.json", {"attempts": [{"attempt": 1.5, "dir": "."}]}, "attempts[0].attempt"),
 ])
 def test_calibrate_wrong_types_exit_2_naming_file_and_field(tmp_path, name, text, field):
     run = tmp_path / "run"
@@ -82,6 +86,16 @@ def test_calibrate_wrong_types_exit_2_naming_file_and_field(tmp_path, name, text
     assert name in p.stderr and field in p.stderr and "Traceback" not in p.stderr
 
 
+def test_calibrate_summary_nested_too_deeply_exit_2(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("[" * 200_000 + "]" * 200_000)
+    p = vramplan("calibrate", str(run))
+    figures.tally("inputs_fuzzed")
+    figures.exit_code(p.returncode)
+    assert p.returncode == 2 and "summary.json" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 def test_resume_wrong_types_in_attempts_exit_2(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -93,21 +107,6 @@ def test_resume_wrong_types_in_attempts_exit_2(tmp_path):
 
 
 # ---- slow: a real tiny run, copied and moved ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, "-m", "train.tiny", "--out", str(out)], check=True, capture_output=True,
-                   env=ENV, timeout=120)
-    return out
-
-
-def tiny_plan(tiny: Path, tmp: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from test_run_e2e import tiny_plan as make
-
-    return make(tiny, tmp)
-
 
 @pytest.mark.slow
 def test_copy_resumes_into_itself_and_a_moved_dir_calibrates(tiny, tmp_path):

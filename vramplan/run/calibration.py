@@ -21,13 +21,7 @@ SCHEMA = "vramplan-calibration/1"
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, RecursionError) as e:
-        raise UsageError(f"{path}: not readable JSON ({e})", "is the run finished? the file may be truncated") from e
-    return obj if isinstance(obj, dict) else None
+    return _read_checked(path, lambda _path, obj: obj if isinstance(obj, dict) else None)
 
 
 def dir_bytes(path: Path) -> int:

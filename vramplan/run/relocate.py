@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from vramplan.contract import PLAN_PATH_KEYS, ContractError, plan_paths_here, write_json
+from vramplan.contract import PLAN_PATH_KEYS, plan_paths_here, write_json
 
 ATTEMPTS_SCHEMA = "vramplan-attempts/1"
 
@@ -129,9 +129,4 @@ def read_plan_file(path: Path, root: Path, old_root: Path | None) -> dict | None
         plan = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return None
-    if not isinstance(plan, dict):
-        return None
-    try:
-        return plan_here(plan, path.parent, root, old_root)
-    except ContractError:
-        return None
+    return plan_here(plan, path.parent, root, old_root) if isinstance(plan, dict) else None

@@ -80,4 +80,6 @@ def check_attempts(path: Path, doc) -> list:
         if not isinstance(a, dict):
             raise _bad(path, f"attempts[{i}]", "an object", a)
         check_fields(path, a, ATTEMPT_FIELDS, f"attempts[{i}].")
+        if not isinstance(a.get("dir"), str):  # every attempt ran somewhere: resume and calibrate go there
+            raise _bad(path, f"attempts[{i}].dir", _TEXT, a.get("dir"))
     return attempts
