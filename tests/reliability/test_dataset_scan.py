@@ -97,6 +97,16 @@ def test_huge_record_is_tokenized_in_bounded_chunks(tiny, monkeypatch):
     assert token_count._count(Spy(), [text]) == 1000  # counting stops: longer than any max_length
 
 
+def test_huge_record_in_a_dataset_is_said(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(token_count, "CHUNK_CHARS", 10_000)
+    records = [short(i) for i in range(3)]
+    records[2]["conversations"][1]["value"] = "many words here " * 2000
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(records))
+    s = token_count.token_stats(p, "vicuna_v1", str(tiny / "model"))
+    assert "1 record(s) over 10,000 characters tokenized in chunks" in s["method"] and s["max"] > 4000
+
+
 def test_dataset_nested_200000_deep_is_exit_2(tmp_path):
     p = tmp_path / "deep.json"
     p.write_text("[" * 200_000 + "]" * 200_000)

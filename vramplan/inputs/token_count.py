@@ -163,6 +163,11 @@ def token_stats(json_path: Path, template: str, model_dir: str | None = None) ->
         every = [min(sum(_approx(p) for p in ps), MAX_COUNTED_TOKENS) for ps in recs]
         counts, longest, tokenized = [every[i] for i in sample], max(every), 0
         method = f"approximate ({CHARS_PER_TOKEN:g} characters per token, template tokens counted)"
+    huge = sum(1 for ps in recs if any(len(p) > CHUNK_CHARS for p in ps))
+    if huge and tok is not None:
+        method += f"; {huge} record(s) over {CHUNK_CHARS:,} characters tokenized in chunks"
+    if longest >= MAX_COUNTED_TOKENS:
+        method += f"; the longest counted only up to {MAX_COUNTED_TOKENS:,} tokens"
     counts.sort()
     return {"mean": sum(counts) / len(counts), "max": longest,
             "p95": counts[min(len(counts) - 1, int(0.95 * len(counts)))], "records": len(recs),
