@@ -19,13 +19,6 @@ pytest.importorskip("tokenizers")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from train.tiny import build
-
-    return build(tmp_path_factory.mktemp("tiny") / "t", samples=2, distinct=2)
-
-
 def short(i: int) -> dict:
     return {"id": i, "conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "ok"}]}
 

@@ -37,14 +37,6 @@ def zero2(world: int) -> dict:
                                                        "weight_decay": "auto"}}}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, "-m", "train.tiny", "--out", str(out)], check=True, capture_output=True,
-                   env=env(), timeout=120)
-    return out
-
-
 def two_node_plan(tiny: Path, tmp: Path) -> Path:
     plan = {
         "schema": "vramplan-plan/1",

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_run_e2e import tiny as _tiny  # noqa: F401 - the fixture `tiny` (the tiny model), built once
 from test_run_e2e import tiny_plan
 
 from vramplan.contract import ENV_PROGRESS_INTERVAL, ENV_TEST_INJECT_OOM_AT_STEP, read_plan
