@@ -91,7 +91,7 @@ def test_write_attempt_dir(tmp_path):
     plan = make_plan(tmp_path, device="cpu", per_node=2, launcher="torchrun", zero=2)
     la = runner.write_attempt_dir(plan, tmp_path / "run", runner.RunSettings(tmp_path / "run"), resume=False)
     saved = json.loads((tmp_path / "run" / "plan.json").read_text())
-    assert saved["output_dir"] == str((tmp_path / "run").resolve())
+    assert saved["output_dir"] == "."  # relative to the plan's dir (docs/run.md "Copying or moving a run dir")
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
     sh = (tmp_path / "run" / "launch.sh").read_text()
     assert "--nproc_per_node=2" in sh and "export DS_ACCELERATOR=cpu" in sh and la.world_size == 2

@@ -159,7 +159,8 @@ class SafeCheckpointTrainer(Trainer):
         run.last_checkpoint, run.checkpoint_bytes = path, nbytes
         run.save_seconds += time.time() - t0
         if run.metrics:
-            run.metrics.write("checkpoint", step=step, path=path, bytes=nbytes, verified=True, removed=removed)
+            run.metrics.write("checkpoint", step=step, path=f"checkpoints/{Path(path).name}", bytes=nbytes,
+                              verified=True, removed=removed)  # relative to the run dir: it may be moved
         if run.is_main:
             log.info("saved checkpoint-%d (%d bytes, verified)", step, nbytes)
         run.phase = "train"

@@ -46,7 +46,17 @@ def _model_dir(cfg: TrainConfig, local_rank: int) -> str:
     return str(dest)
 
 
+def in_run_dir(run_dir, path) -> str | None:
+    """`path` relative to the run dir when inside it (summary.json and metrics.jsonl store it so, and a
+    copied or moved run dir stays whole: docs/contracts.md "Run directory"), else as it is."""
+    if path is None:
+        return None
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir))
+    return str(path) if rel.startswith("..") else rel
+
+
 def _summary(run, status: str, t0: float, final_dir: str | None) -> dict:
+    rel = run.cfg.run_dir
     peaks = run.peaks or [local_memory(run.device)]
     return {"status": status, "steps": run.step, "tokens": run.tokens, "train_seconds": round(run.train_seconds, 3),
             "save_seconds": round(run.save_seconds, 3),
@@ -54,8 +64,9 @@ def _summary(run, status: str, t0: float, final_dir: str | None) -> dict:
             "peak_allocated_bytes": [m["peak_allocated"] for m in peaks],
             "peak_reserved_bytes": [m["peak_reserved"] for m in peaks],
             "peak_rss_bytes": [m["peak_rss"] for m in peaks],
-            "checkpoint_bytes": run.checkpoint_bytes, "last_checkpoint": run.last_checkpoint,
-            "final_dir": final_dir, "device": run.device, "world_size": run.world, "estimate": run.cfg.estimate}
+            "checkpoint_bytes": run.checkpoint_bytes, "last_checkpoint": in_run_dir(rel, run.last_checkpoint),
+            "final_dir": in_run_dir(rel, final_dir), "device": run.device, "world_size": run.world,
+            "estimate": run.cfg.estimate}
 
 
 def _failure(run, kind: str, message: str, code: ExitCode, t0: float) -> None:
@@ -126,7 +137,7 @@ def _already_finished(cfg: TrainConfig, state, step: int, t0: float) -> tuple[in
         ok = isinstance(old, dict) and old.get("status") == "ok" and old.get("steps") == step
         state.step = step
         write_json(cfg.run_dir / "summary.json", old if ok else _summary(state, "ok", t0, str(cfg.run_dir / "final")))
-        state.metrics.write("end", status="ok", step=step, final_dir=str(cfg.run_dir / "final"), already_finished=True)
+        state.metrics.write("end", status="ok", step=step, final_dir="final", already_finished=True)
         log.info("already finished at step %d: final/ verifies, nothing to train (not rewritten)", step)
     return 0, None
 
@@ -261,7 +272,7 @@ def _train(cfg: TrainConfig, state, local_rank: int, t0: float):
     state.phase = "done"
     if state.is_main:
         write_json(cfg.run_dir / "summary.json", _summary(state, "ok", t0, str(final)))
-        state.metrics.write("end", status="ok", step=state.step, final_dir=str(final))
+        state.metrics.write("end", status="ok", step=state.step, final_dir="final")
         log.info("done: %d steps; adapter in %s", state.step, final)
     return 0, model
 

@@ -202,7 +202,30 @@ def read_plan(path: str | os.PathLike) -> dict:
         raise ContractError(f"{path}: not valid JSON ({e})", PLAN_HINT) from None
     if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
         raise ContractError(f"{path}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", PLAN_HINT)
-    return plan
+    return plan_paths_here(plan, Path(os.path.abspath(path)).parent)
+
+
+# The plan's file and dir paths ((section or None for the top level, key)). In a run dir's plan.json
+# those inside the run dir are written "./x" or "../x", relative to the plan file's dir, so a copied or
+# moved run dir trains into itself (docs/run.md "Copying or moving a run dir").
+PLAN_PATH_KEYS = ((None, "output_dir"), ("data", "dataset"), ("data", "images"), ("model", "path"),
+                  ("model", "llm_path"), ("model", "vision_path"), ("model", "projector_path"),
+                  ("options", "model"), ("options", "dataset"), ("options", "images"),
+                  ("options", "output_dir"), ("options", "calibration"))
+
+
+def plan_paths_here(plan: dict, plan_dir: str | os.PathLike) -> dict:
+    """`plan` with its "./x" and "../x" paths (and ".") made absolute against `plan_dir`; other values as
+    they are (absolute paths, hub or profile ids)."""
+    out = dict(plan)
+    for section, key in PLAN_PATH_KEYS:
+        holder = out if section is None else out.get(section)
+        value = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(value, str) and (value in (".", "..") or value.startswith(("./", "../"))):
+            if section is not None:
+                holder = out[section] = dict(holder)
+            holder[key] = os.path.normpath(os.path.join(plan_dir, value))
+    return out
 
 
 ALL_LINEAR = "all-linear"  # every nn.Linear except lm_head (XTuner xtuner/model/llava.py find_all_linear_names)

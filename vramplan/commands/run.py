@@ -98,15 +98,14 @@ def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dic
                   ) -> tuple[dict, list[dict]]:
     """The plan to run first, and the attempts already recorded in the run dir (--resume: none of its
     trainers may still be alive, unless `takeover` stops them; attempts left running are repaired)."""
-    from vramplan.run import attempts as runner
-    from vramplan.run import owner
+    from vramplan.run import owner, relocate
 
     if mode == "plan":
         return saved, []
     if mode == "resume":
-        previous = (runner.read_json(out / "attempts.json") or {}).get("attempts") or []
-        if not isinstance(previous, list):
-            raise UsageError(f"{out / 'attempts.json'}: attempts must be a list", "")
+        previous = _previous_attempts(out / "attempts.json")
+        old = relocate.old_location(out, previous)  # a run dir copied or moved since (relocate.py)
+        previous = relocate.attempts_here(out, previous)
         owner.check_trainers(out, previous, takeover)
         previous = owner.repair_attempts(out, previous)
         if previous and previous[-1].get("kind") == "ok":
@@ -114,7 +113,7 @@ def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dic
                              f"adapter in {Path(previous[-1]['dir']) / 'final'})",
                              "start a new run with another --output")
         last_dir = Path(previous[-1]["dir"]) if previous else out
-        plan = runner.read_json(last_dir / "plan.json")
+        plan = relocate.read_plan_file(last_dir / "plan.json", out, old)
         if plan is None:
             raise UsageError(f"--resume: {last_dir / 'plan.json'} is missing or unreadable",
                              "resume needs the run dir written by `vramplan run`")
@@ -127,6 +126,19 @@ def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dic
         out.mkdir(parents=True, exist_ok=True)
         kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
     return _estimate(kwargs), []
+
+
+def _previous_attempts(path: Path) -> list:
+    """attempts.json's records, type-checked (vramplan/run/run_files.py): a wrong type is exit 2."""
+    from vramplan.contract import ContractError
+    from vramplan.run import attempts as runner
+    from vramplan.run.run_files import check_attempts
+
+    doc = runner.read_json(path)
+    try:
+        return check_attempts(path, doc) if doc is not None else []
+    except ContractError as e:
+        raise UsageError(e.message, e.hint) from None
 
 
 def _outcome_result(out: Path, outcome: dict, report: dict, checks: list[dict], warnings: list[str]) -> CommandResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,10 @@ def _read_records(json_path: Path) -> list:
         if json_path.suffix == ".jsonl":
             hint += " (JSON Lines is not supported: wrap the records in [ ... ] with commas)"
         raise DatasetError(f"--dataset {json_path}: not valid JSON ({e})", hint) from None
+    except RecursionError:  # json's decoder recurses per level: a hostile or broken file, not a dataset
+        raise DatasetError(f"--dataset {json_path}: JSON nested too deeply to read (Python's recursion limit, "
+                           f"{sys.getrecursionlimit()} levels)",
+                           "a LLaVA dataset is a list of flat records, a few levels deep") from None
     if not isinstance(data, list):
         raise DatasetError(
             f"--dataset {json_path}: the top level is a JSON {type(data).__name__}, not a list of records",

@@ -129,7 +129,7 @@ def resolve_data(o: EstimateOptions, model, recipe, ctx: Context) -> DataFacts:
             mean_seq = int(model.image_tokens * images_per_sample + ts["mean"])
             ctx.assumptions.append(
                 f"--dataset: longest record {ts['max']} text tokens, mean {ts['mean']:.0f} "
-                f"({ts['method']}{', sampled' if ts['sampled'] else ''})")
+                f"({ts['method']}{'; mean over a sample' if ts['sampled'] else ''})")
     elif o.task == "train":
         ctx.assumptions.append("time assumes every sample is seq-len tokens long (an upper bound); "
                                "--dataset FILE gives the real lengths")

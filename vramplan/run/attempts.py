@@ -3,7 +3,8 @@
 Run dir layout (docs/contracts.md, docs/run.md):
     RUN_DIR/plan.json, ds_config.json, launch.sh, trainer.log   attempt 1 (and the trainer's files)
     RUN_DIR/attempt-N/...                                        fallback attempts N >= 2, same layout
-    RUN_DIR/attempts.json                                        every attempt: plan shape, exit, why
+    RUN_DIR/attempts.json                                        every attempt: plan shape, exit, why, its
+                                                                 dir relative to RUN_DIR (relocate.py)
     RUN_DIR/report.json                                          measured vs estimated of the final attempt (report.py)
 
 Starting the trainer and forwarding Ctrl-C to it is process.py. torchrun turns a worker's exit code
@@ -23,6 +24,7 @@ from vramplan.contract import ENV_TEST_INJECT_OOM_AT_STEP, ENV_TEST_INJECT_OOM_A
 from vramplan.errors import ExitCode, UsageError, VramplanError
 from vramplan.run.launch import Launch, build_launch, child_env, write_launch_files
 from vramplan.run.process import launch_and_wait
+from vramplan.run.relocate import plan_stored, write_attempts
 from vramplan.units import fmt_bytes, utc_stamp
 
 KIND_EXIT = {"ok": ExitCode.OK, "oom": ExitCode.OUT_OF_MEMORY, "disk_full": ExitCode.DISK_FULL,
@@ -46,7 +48,7 @@ class RunSettings:
 def read_json(path: Path) -> dict | None:
     try:
         obj = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -84,10 +86,11 @@ def check_output_dir(run_dir: Path, resume: bool) -> None:
 
 
 def write_attempt_dir(plan: dict, run_dir: Path, settings: RunSettings, resume: bool) -> Launch:
-    """plan.json (+ ds_config.json) and launch.sh for one attempt; returns its launch."""
+    """plan.json (+ ds_config.json) and launch.sh for one attempt; returns its launch. The plan's paths
+    inside the run dir are written relative (relocate.py): a copy of the dir trains into itself."""
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = dict(plan, output_dir=str(run_dir.resolve()))
-    write_json(run_dir / "plan.json", plan)
+    write_json(run_dir / "plan.json", plan_stored(plan, run_dir.resolve(), settings.output_dir.resolve()))
     if plan.get("ds_config"):
         write_json(run_dir / "ds_config.json", plan["ds_config"])
     launch = build_launch(plan, run_dir / "plan.json", resume=resume, master_port=settings.master_port,
@@ -208,13 +211,12 @@ def run_attempts(first_plan: dict, settings: RunSettings, fallbacks: Callable[[d
         head = {"attempt": n, "dir": str(run_dir.resolve()), "plan": plan_shape(plan), "why": why,
                 "resumed": resume, "launch": launch.to_dict()}
         # recorded before the launch too, so `--resume` after a hard kill finds this attempt
-        write_json(root / "attempts.json", {"schema": "vramplan-attempts/1",
-                                            "attempts": attempts + [dict(head, kind="running")]})
+        write_attempts(root, attempts + [dict(head, kind="running")])
         record = run_attempt(launch, run_dir, plan, settings, n)
         record.update(head)
         attempts.append(record)
         tried.add(json.dumps(plan_shape(plan), sort_keys=True))
-        write_json(root / "attempts.json", {"schema": "vramplan-attempts/1", "attempts": attempts})
+        write_attempts(root, attempts)
         if record["kind"] != "oom" or n >= settings.max_attempts:
             return _outcome(record, attempts, settings.max_attempts)
         if queue is None:

@@ -21,13 +21,7 @@ SCHEMA = "vramplan-calibration/1"
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not readable JSON ({e})", "is the run finished? the file may be truncated") from e
-    return obj if isinstance(obj, dict) else None
+    return _read_checked(path, lambda _path, obj: obj if isinstance(obj, dict) else None)
 
 
 def dir_bytes(path: Path) -> int:
@@ -65,30 +59,58 @@ def compare_run(summary: dict, plan: dict | None, run_dir: Path) -> list[dict]:
     return compare(summary, plan, outputs_bytes=outputs, resumed_at=resumed_at(run_dir))
 
 
+def _read_checked(path: Path, check):
+    """A run-dir file through its type check (run_files.py); None when missing; exit 2 naming the field."""
+    from vramplan.contract import ContractError
+
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UsageError(f"{path}: not readable JSON ({e})", "is the run finished? the file may be truncated") from e
+    try:
+        return check(path, obj)
+    except ContractError as e:
+        raise UsageError(e.message, e.hint) from None
+
+
+def _attempt_dirs(run_dir: Path) -> tuple[list[Path], Path | None]:
+    """The attempt dirs of a run dir where it is now, and where an old (absolute-path) run dir was written."""
+    from vramplan.run.owner import repair_if_orphaned  # its vramplan died: "running" -> "abandoned"
+    from vramplan.run.relocate import attempts_here, old_location
+    from vramplan.run.run_files import check_attempts
+
+    root = run_dir.resolve()
+    attempts = _read_checked(run_dir / "attempts.json", check_attempts)
+    if not attempts:
+        return [run_dir, *sorted(p for p in run_dir.glob("attempt-*") if p.is_dir())], old_location(root)
+    old = old_location(root, attempts)
+    # dirs are stored relative to the run dir; an old run dir's absolute ones are moved to where it is now
+    attempts = repair_if_orphaned(run_dir, attempts_here(root, attempts))
+    return [Path(a["dir"]) for a in attempts if a.get("dir")] or [run_dir], old
+
+
 def load_run(run_dir: str | Path) -> list[dict]:
     """Every finished attempt in a run dir: [{"dir", "status", "rows", "summary", "failure"}]."""
+    from vramplan.run.relocate import plan_here
+    from vramplan.run.run_files import check_summary
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a directory", "give the --output dir of a `vramplan run`")
-    dirs = [run_dir]
-    attempts = _read_json(run_dir / "attempts.json")
-    if attempts:
-        from vramplan.run.owner import repair_if_orphaned  # its vramplan died: "running" -> "abandoned"
-
-        attempts["attempts"] = repair_if_orphaned(run_dir, attempts.get("attempts", []))
-        dirs = [Path(a["dir"]) for a in attempts.get("attempts", []) if a.get("dir")] or dirs
-    else:
-        dirs += sorted(p for p in run_dir.glob("attempt-*") if p.is_dir())
+    dirs, old = _attempt_dirs(run_dir)
     out, seen = [], set()
     for d in dirs:
         if d.resolve() in seen:
             continue
         seen.add(d.resolve())
-        summary = _read_json(d / "summary.json")
+        summary = _read_checked(d / "summary.json", check_summary)
         failure = _read_json(d / "failure.json")
         if summary is None and failure is None:
             continue
         plan = _read_json(d / "plan.json")
+        plan = plan_here(plan, d.resolve(), run_dir.resolve(), old) if plan is not None else None
         status = (summary or {}).get("status") or (failure or {}).get("kind", "error")
         rows = compare_run(summary, plan, d) if summary and status == "ok" else []
         out.append({"dir": str(d), "status": status, "rows": rows, "summary": summary, "failure": failure,

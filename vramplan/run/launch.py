@@ -15,6 +15,9 @@ command works from any directory. Launchers (docs/contracts.md "Launch"):
 - multi-node (nodes > 1): an MPI-style hostfile (`host slots=N`) and one command per node
   (`torchrun --nnodes --node_rank --master_addr`, or `deepspeed --hostfile --no_ssh --node_rank`).
 
+Every command runs in the dir of its plan.json (the attempt's dir), so the paths it names (`--plan
+plan.json`, `--hostfile hostfile`) are relative and a copied or moved run dir launches itself.
+
 This module does not import torch: it only locates the launcher scripts next to the interpreter.
 """
 
@@ -189,7 +192,9 @@ def build_launch(plan: dict, plan_path: str | Path, *, resume: bool = False, mas
     """The launch for `plan` (stored at `plan_path`). `hosts`: node hostnames, node 0 first (multi-node)."""
     python = python or sys.executable
     device, launcher, nodes, per_node = _plan_shape(plan)
-    trainer_args = ["train", "--plan", str(Path(plan_path).resolve())] + (["--resume"] if resume else [])
+    # relative: the command runs in the plan's dir (process.py's cwd; launch.sh cds there), so a copied or
+    # moved run dir trains into itself (docs/run.md "Copying or moving a run dir")
+    trainer_args = ["train", "--plan", Path(plan_path).name] + (["--resume"] if resume else [])
     hosts = tuple(hosts or ())
     if hosts and len(hosts) != nodes:
         raise UsageError(f"--hosts names {len(hosts)} host(s) but the plan has {nodes} node(s)",
@@ -215,7 +220,7 @@ def build_launch(plan: dict, plan_path: str | Path, *, resume: bool = False, mas
                      "and replace the node-K names in the hostfile")
     hostfile = "".join(f"{h} slots={per_node}\n" for h in names)
     commands = _node_commands(launcher, python, nodes, per_node, master, port,
-                              Path(plan_path).resolve().parent / "hostfile", trainer_args)
+                              Path("hostfile"), trainer_args)
     notes.append("multi-node NCCL: if the nodes have several network interfaces, export NCCL_SOCKET_IFNAME")
     env = build_env(plan, per_node, launcher, cores=cores, environ=environ)
     return Launch(launcher if launcher != "python" else "torchrun", device, nodes, per_node, commands[0], env,

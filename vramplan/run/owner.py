@@ -115,7 +115,9 @@ def repair_attempts(root: Path, attempts: list[dict]) -> list[dict]:
         message(f"vramplan: {root / 'attempts.json'}: attempt(s) left running by a vramplan that died "
                 "marked abandoned")
         with contextlib.suppress(OSError):
-            C.write_json(root / "attempts.json", {"schema": "vramplan-attempts/1", "attempts": out})
+            from vramplan.run.relocate import write_attempts  # dirs stored relative to the run dir
+
+            write_attempts(root, out)
     return out
 
 

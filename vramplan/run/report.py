@@ -12,6 +12,7 @@ from pathlib import Path
 from vramplan.contract import write_json
 from vramplan.run.attempts import read_json
 from vramplan.run.calibration import compare_run
+from vramplan.run.relocate import here, read_plan_file, stored
 from vramplan.units import utc_stamp
 
 
@@ -20,12 +21,16 @@ def finish_report(root: Path, outcome: dict) -> dict:
     final = outcome["final"]
     run_dir = Path(final["dir"])
     summary = read_json(run_dir / "summary.json")
-    plan = read_json(run_dir / "plan.json")
+    plan = read_plan_file(run_dir / "plan.json", root.resolve(), None)
     rows = compare_run(summary, plan, run_dir) if summary and final["kind"] == "ok" else []
+    adapter = (summary or {}).get("final_dir")
+    adapter = here(adapter, run_dir, root.resolve(), None) if isinstance(adapter, str) else None
     report = {"schema": "vramplan-report/1", "status": outcome["status"], "exit_code": int(outcome["exit_code"]),
-              "final_dir": str(run_dir), "adapter_dir": (summary or {}).get("final_dir"),
+              "final_dir": str(run_dir), "adapter_dir": adapter,
               "attempts": len(outcome["attempts"]), "vs_estimate": rows, "created_utc": utc_stamp()}
-    write_json(root / "report.json", report)
+    # stored relative to the run dir (relocate.py); returned with the paths where the dir is now
+    write_json(root / "report.json", dict(report, final_dir=stored(run_dir, root),
+                                          adapter_dir=stored(adapter, root) if adapter else None))
     if summary is not None and rows:
         summary["vs_estimate"] = rows
         write_json(run_dir / "summary.json", summary)
