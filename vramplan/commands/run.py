@@ -79,6 +79,8 @@ def _demo_kwargs(kwargs: dict, assets: Path) -> dict:
     kw.update(model=str(assets / "model"), dataset=str(assets / "data.json"), images=str(assets / "images"),
               device="cpu")
     for key, value in DEMO_DEFAULTS.items():
+        if key == "global_batch" and kw.get("micro_batch") and kw.get("grad_accum"):
+            continue  # the two flags given set the global batch
         kw.setdefault(key, value)
     return kw
 
@@ -252,6 +254,9 @@ def _execute(*, mode: str, out: Path, saved: dict | None, estimate_kwargs: dict,
     plan = dict(plan, output_dir=str(out))
 
     launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
+    if node_rank is not None and node_rank >= launch.nodes:
+        raise UsageError(f"--node-rank {node_rank} on a {launch.nodes}-node plan: node ranks are 0.."
+                         f"{launch.nodes - 1}", "leave --node-rank out for a one-node plan")
     checks, refused = _preflight_gate(plan, out, launch, skip_preflight, warnings)
     if refused is not None and not dry_run:
         return refused
