@@ -136,7 +136,11 @@ def _outcome_result(out: Path, outcome: dict, report: dict, checks: list[dict], 
     errors = []
     if outcome["exit_code"] != ExitCode.OK:
         final = outcome["final"]
+        from vramplan.run.attempts import trainer_error_line
+
         msg = {"oom": f"out of memory in every attempt ({len(outcome['attempts'])})",
+               "usage": "the trainer refused its input (exit 2): "
+                        + (trainer_error_line(Path(final["dir"])) or "see trainer.log"),
                "interrupted": "interrupted; the last verified checkpoint is kept",
                "disk_full": "the disk filled up; the last verified checkpoint is kept"}.get(
             final["kind"], f"the trainer failed (exit {final['returncode']})")
