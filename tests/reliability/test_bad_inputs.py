@@ -95,6 +95,16 @@ def test_bad_config_json_is_exit_2_naming_file_and_field(tmp_path, change, needl
     assert_bad_input(invoke("estimate", "--model", str(d), "--gpus", "1x24G"), *needles)
 
 
+@pytest.mark.parametrize("path", ["text_config.model_type", "text_config.hidden_size", "vision_feature_layer",
+                                  "vision_config.num_channels", "image_token_index"])
+def test_null_in_config_json_takes_the_transformers_default(tmp_path, path):
+    """null is what transformers writes for "the default": it plans (found by the fuzz: a null text model_type
+    was exit 1)."""
+    d = model_dir(tmp_path, _set(path, None))
+    r = invoke("estimate", "--model", str(d), "--gpus", "1x24G")
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+
+
 def test_llama_dir_config_is_checked_too(tmp_path):
     d = tmp_path / "llm"
     d.mkdir()

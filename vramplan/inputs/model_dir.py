@@ -152,7 +152,7 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
     total, by_dtype = stored_sizes(d)
     common = dict(name=d.name, source=str(cfg_path), path=str(d.resolve()), stored_total_bytes=total,
                   stored_bytes_by_dtype=by_dtype, stored_dtype=_dtype(cfg, by_dtype))
-    from vramplan.estimate.families import for_model_type, known_model_types, llava
+    from vramplan.estimate.families import for_model_type, known_model_types, llava, module_for
 
     hint = ("vramplan reads LLaVA (LlavaForConditionalGeneration) dirs and decoders of type "
             + ", ".join(known_model_types("text")) + "; or use a built-in profile (`vramplan profiles`)")
@@ -163,7 +163,7 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
             raise UsageError(e.message, "fix or re-download config.json") from None
         except ValueError as e:
             raise UsageError(f"{where}: {e}", hint) from None
-        text_family = for_model_type("text", (cfg.get("text_config") or {}).get("model_type", "llama"))
+        text_family = module_for(parts.text)
         return ModelSpec(text=parts.text, vision=parts.vision, projector=parts.projector,
                          hf_ids={"llava": name},
                          chat_template=text_family.chat_template(parts.text),
