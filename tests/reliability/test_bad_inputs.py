@@ -63,6 +63,7 @@ def model_dir(tmp_path: Path, change=None, header: dict | None = None) -> Path:
 
 
 def _set(path: str, value):
+    """A change that sets the dotted `path` of a config.json or plan.json dict to `value`."""
     def change(cfg):
         *head, last = path.split(".")
         for k in head:
@@ -170,15 +171,6 @@ def good_plan(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-def _plan_set(path: str, value):
-    def change(plan):
-        *head, last = path.split(".")
-        for k in head:
-            plan = plan[k]
-        plan[last] = value
-    return change
-
-
 PLAN_CASES = [
     ("micro_batch-string", "batch.micro_batch", "2"),
     ("micro_batch-negative", "batch.micro_batch", -2),
@@ -216,7 +208,7 @@ def _field(path: str) -> str:
 @pytest.mark.parametrize("path,value", [c[1:] for c in PLAN_CASES], ids=[c[0] for c in PLAN_CASES])
 def test_bad_plan_field_is_exit_2_in_preflight_and_run(tmp_path, good_plan, path, value):
     plan = copy.deepcopy(good_plan)
-    _plan_set(path, value)(plan)
+    _set(path, value)(plan)
     f = tmp_path / "plan.json"
     f.write_text(json.dumps(plan))
     for args in (("preflight", "--plan", str(f)), ("run", "--plan", str(f), "--dry-run", "--output",
@@ -232,7 +224,7 @@ def test_trainer_refuses_the_same_plan_fields(good_plan, tmp_path):
 
     for _, path, value in PLAN_CASES:
         plan = copy.deepcopy(good_plan)
-        _plan_set(path, value)(plan)
+        _set(path, value)(plan)
         (tmp_path / "plan.json").write_text(json.dumps(plan))
         with pytest.raises(UsageError, match=_field(path).replace(".", r"\.")):
             from_plan(str(tmp_path / "plan.json"), {})

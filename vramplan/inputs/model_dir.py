@@ -157,12 +157,7 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
     hint = ("vramplan reads LLaVA (LlavaForConditionalGeneration) dirs and decoders of type "
             + ", ".join(known_model_types("text")) + "; or use a built-in profile (`vramplan profiles`)")
     if mt in llava.HF_MODEL_TYPES:
-        try:
-            parts = llava.from_hf_config(cfg, where)
-        except ContractError as e:
-            raise UsageError(e.message, "fix or re-download config.json") from None
-        except ValueError as e:
-            raise UsageError(f"{where}: {e}", hint) from None
+        parts = _parse(llava.from_hf_config, cfg, where, hint)
         text_family = module_for(parts.text)
         return ModelSpec(text=parts.text, vision=parts.vision, projector=parts.projector,
                          hf_ids={"llava": name},
@@ -170,15 +165,21 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
                          image_token_added=parts.image_token_added, **common)
     text_family = for_model_type("text", mt) if isinstance(mt, str) else None
     if text_family is not None:
-        try:
-            text = text_family.from_hf_config(cfg, where)
-        except ContractError as e:
-            raise UsageError(e.message, "fix or re-download config.json") from None
-        except ValueError as e:
-            raise UsageError(f"{where}: {e}", hint) from None
+        text = _parse(text_family.from_hf_config, cfg, where, hint)
         return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": name},
                          chat_template=text_family.chat_template(text), image_token_added=False, **common)
     raise UsageError(f"{where}: model_type {mt!r} is not supported", hint)
+
+
+def _parse(from_hf_config, cfg: dict, where: str, hint: str):
+    """A family's from_hf_config(cfg, where); a bad value (ContractError: file and field) or an unsupported
+    architecture (ValueError) as a UsageError."""
+    try:
+        return from_hf_config(cfg, where)
+    except ContractError as e:
+        raise UsageError(e.message, "fix or re-download config.json") from None
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}", hint) from None
 
 
 def looks_like_hub_id(arg: str) -> bool:
