@@ -249,6 +249,10 @@ def test_run_output_in_an_unwritable_place(tmp_path, good_plan):
     assert_bad_input(invoke("run", "--plan", str(f), "--output", str(out), "--skip-preflight"), "--output")
 
 
+def test_demo_dry_run_output_in_an_unwritable_place(tmp_path):
+    assert_bad_input(invoke("run", "--demo", "--dry-run", "--output", str(_unwritable(tmp_path))), "--output")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
 def test_run_output_read_only_dir(tmp_path, good_plan):
     f = tmp_path / "plan.json"

@@ -126,7 +126,10 @@ def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dic
                          "use `vramplan estimate --task infer` to plan inference")
     kwargs = dict(estimate_kwargs, output_dir=str(out))
     if mode == "demo":  # the estimate reads the tiny model dir, so the assets exist even for --dry-run
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            (out / "demo-assets").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--output {out}: {e.strerror or e}", "choose a writable directory") from None
         kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
     return _estimate(kwargs), []
 
