@@ -217,6 +217,14 @@ def test_bad_plan_field_is_exit_2_in_preflight_and_run(tmp_path, good_plan, path
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_checks_the_run_dirs_plan(tmp_path, good_plan):
+    plan = copy.deepcopy(good_plan)
+    plan["hardware"]["nodes"] = "two"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plan.json").write_text(json.dumps(plan))
+    assert_bad_input(invoke("run", "--resume", "--output", str(tmp_path / "run")), "plan.json", "hardware.nodes")
+
+
 def test_trainer_refuses_the_same_plan_fields(good_plan, tmp_path):
     """train.config.from_plan reads plan.json through the same contract.read_plan."""
     from train.config import from_plan

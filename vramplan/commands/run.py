@@ -12,6 +12,7 @@ import click
 from vramplan.commands.estimate import estimate_options
 from vramplan.commands.output import CommandResult, message, run_command
 from vramplan.commands.run_render import render_checks, render_dry, render_report
+from vramplan.contract import check_plan
 from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.plan.plan_json import load_plan
 from vramplan.run.run_dir import default_run_dir, run_name
@@ -120,7 +121,7 @@ def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dic
         if plan is None:
             raise UsageError(f"--resume: {last_dir / 'plan.json'} is missing or unreadable",
                              "resume needs the run dir written by `vramplan run`")
-        return plan, previous
+        return check_plan(plan, f"--resume: {last_dir / 'plan.json'}"), previous
     if estimate_kwargs.get("task", "train") != "train":
         raise UsageError("--task infer: `vramplan run` trains",
                          "use `vramplan estimate --task infer` to plan inference")
