@@ -425,7 +425,9 @@ def recipe_defaults(name: str) -> dict:
     for key in RECIPE_TRAIN_KEYS:
         if key not in data and key not in RECIPE_OPTIONAL:
             raise ContractError(f"{path}: {key}: missing required key", "see profiles/README.md for the schema")
-        out[key] = data.get(key, RECIPE_OPTIONAL.get(key))
+        checked = require(data, key, where=str(path), hint="`vramplan profiles validate` names the problem",
+                          **PLAN_FIELDS["recipe"][key])  # the same types and ranges as a plan's recipe
+        out[key] = RECIPE_OPTIONAL.get(key) if checked is None else checked
     out["learning_rate"] = float(out["learning_rate"])
     for key in ("llm_lora", "vision_lora"):
         out[key] = LoraSpec.from_dict(data.get(key), f"{path}: {key}")

@@ -330,8 +330,8 @@ def test_contradictory_or_ignored_flags_are_refused(tmp_path, args, needles):
 
 
 # the trainer: one line, no traceback, exit 2; and `vramplan run` passes its exit 2 through
-def _train(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+def _train(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", **extra_env)
     return subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, env=env,
                           timeout=120, cwd=str(REPO))
 
@@ -365,6 +365,21 @@ def test_trainer_unwritable_output_is_one_line_exit_2(tmp_path, good_plan):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     errors = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]
     assert len(errors) == 1 and "--output" in errors[0] and str(out) in errors[0], p.stderr
+
+
+def test_trainer_checks_the_recipe_profile_it_reads(tmp_path):
+    """`python -m train` without a plan reads profiles/recipes/<recipe>.toml through the same checks."""
+    (tmp_path / "recipes").mkdir()
+    text = (REPO / "profiles" / "recipes" / "lora.toml").read_text()
+    (tmp_path / "recipes" / "lora.toml").write_text(
+        "\n".join('learning_rate = "fast"' if ln.startswith("learning_rate") else ln for ln in text.splitlines()))
+    (tmp_path / "data.json").write_text("[]")
+    p = _train("--model", str(model_dir(tmp_path)), "--dataset", str(tmp_path / "data.json"), "--recipe", "lora",
+               "--output", str(tmp_path / "run"), VRAMPLAN_PROFILES=str(tmp_path))
+    figures.exit_code(p.returncode)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and "lora.toml: learning_rate" in errors[0], p.stderr
 
 
 def test_run_passes_the_trainers_exit_2_through(tmp_path, good_plan):
