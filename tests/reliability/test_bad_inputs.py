@@ -310,6 +310,8 @@ FLAG_CASES = [
                                "--grad-accum", "4"], ["--global-batch", "--micro-batch", "--grad-accum"]),
     ("infer-save-plan", ["estimate", "--gpus", "1x24G", "--task", "infer", "--save-plan", "{tmp}/x.json"],
      ["--save-plan", "--task infer"]),
+    ("infer-micro-batch", ["estimate", "--gpus", "1x24G", "--task", "infer", "--micro-batch", "4"],
+     ["--micro-batch", "--task infer"]),
     ("candidate-without-save-plan", ["estimate", "--gpus", "1x24G", "--candidate", "3"],
      ["--candidate", "--save-plan"]),
     ("gpus-empty", ["estimate", "--gpus", ""], ["--gpus", "empty"]),

@@ -68,6 +68,12 @@ class EstimateOptions:
                 f"{self.grad_accum}: the global batch is micro-batch x grad-accum x GPUs "
                 f"({self.micro_batch * self.grad_accum} x GPUs), so the three flags can contradict each other",
                 "give two of --global-batch, --micro-batch, --grad-accum")
+        if self.task == "infer":
+            train_only = [flag for flag, v in TRAIN_ONLY.items() if getattr(self, v) is not None]
+            if train_only:
+                raise UsageError(f"{train_only[0]} with --task infer: a training setting the inference estimate "
+                                 "does not use (it uses --context and --batch)",
+                                 f"leave {train_only[0]} out, or use --task train")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             bad("--keep-checkpoints", "must be at least 1 (the last good checkpoint is never deleted)")
         if not 0 <= self.headroom < 0.9:
@@ -97,6 +103,13 @@ class EstimateOptions:
 # the string flags, by field: an empty value is refused (it would silently mean "not given")
 STR_FLAGS = {"model": "--model", "recipe": "--recipe", "gpus": "--gpus", "dataset": "--dataset", "images": "--images",
              "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration"}
+
+
+# flags of training only: given with --task infer they would be silently ignored
+TRAIN_ONLY = {"--samples": "samples", "--epochs": "epochs", "--micro-batch": "micro_batch",
+              "--grad-accum": "grad_accum", "--global-batch": "global_batch", "--lora-r": "lora_r",
+              "--save-steps": "save_steps", "--keep-checkpoints": "keep_checkpoints", "--zero": "zero",
+              "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt"}
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:
