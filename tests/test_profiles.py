@@ -82,7 +82,7 @@ def test_recipe_values_from_issue():
 
 @pytest.mark.parametrize("fixture,key,needle", [
     ("unknown-key.toml", "memory_gb", "did you mean 'memory_gib'"),
-    ("wrong-type.toml", "marketed_memory_gb", "must be integer"),
+    ("wrong-type.toml", "marketed_memory_gb", "must be an integer"),
     ("out-of-range.toml", "bf16_tflops", "out of range"),
     ("missing-key.toml", "hbm_bandwidth_gbps", "missing required key"),
     ("missing-source.toml", "sources.interconnect_gbps", "every number needs a source"),

@@ -43,7 +43,7 @@ def _teardown() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from train.config import add_flags, from_args
-    from train.exit_codes import ExitCode, TrainError
+    from train.exit_codes import TrainError
 
     ap = argparse.ArgumentParser(prog="python -m train", description="QLoRA/LoRA LLaVA trainer (see train/README.md)")
     add_flags(ap)
@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // lws))
-    log = logging.getLogger("train")
     try:
         cfg = from_args(ns)
     except TrainError as e:
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         code, _model = run(cfg)
     finally:
         _teardown()
-    if code == ExitCode.USAGE:
-        log.error("bad input: see the message above")
-    return code
+    return code  # a usage error (exit 2) was said on one line (and its hint) where it was found
 
 
 if __name__ == "__main__":

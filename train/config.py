@@ -15,19 +15,21 @@ from typing import Any
 from train.exit_codes import UsageError
 from vramplan.contract import (
     ALL_LINEAR,
+    DTYPES,
+    QUANTS,
     RECIPE_TRAIN_KEYS,
+    RECIPES,
     TEMPLATES,
     ContractError,
     LoraSpec,
     read_plan,
     recipe_defaults,
+    training_refusal,
+    value_problem,
 )
 
 __all__ = ["LoraSpec", "TrainConfig", "add_flags", "from_args", "from_plan"]
 
-RECIPES = ("qlora", "lora", "pretrain", "full")
-QUANTS = ("nf4", "int8", "none")
-DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu", "npu")
 ATTNS = ("sdpa", "eager")
 VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # CLIP's linears (a flag-made vision LoRA)
@@ -113,23 +115,24 @@ class TrainConfig:
                 bad(flag, f"{p} does not exist", "check the path")
         if not self.output_dir:
             bad("--output", "no output dir given", "pass --output RUN_DIR")
-        for flag, v in (("--micro-batch", self.micro_batch), ("--grad-accum", self.grad_accum),
-                        ("--save-steps", self.save_steps), ("--keep-checkpoints", self.keep_checkpoints),
-                        ("--max-length", self.max_length)):
-            if not isinstance(v, int) or v < 1:
-                bad(flag, f"must be a positive integer, got {v!r}")
-        if not isinstance(self.dataloader_workers, int) or self.dataloader_workers < 0:
-            bad("--workers", f"must be 0 or a positive integer, got {self.dataloader_workers!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad("--max-steps", f"must be >= 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            bad("--epochs", f"must be > 0, got {self.epochs}")
-        if not self.learning_rate > 0:
-            bad("--lr", f"must be > 0, got {self.learning_rate}")
+        # the same checks as plan.json's (vramplan.contract.value_problem): types, ranges, finiteness
+        for flag, v, kind, lo in (
+                ("--micro-batch", self.micro_batch, int, 1), ("--grad-accum", self.grad_accum, int, 1),
+                ("--save-steps", self.save_steps, int, 1), ("--keep-checkpoints", self.keep_checkpoints, int, 1),
+                ("--max-length", self.max_length, int, 1), ("--workers", self.dataloader_workers, int, 0),
+                ("--seed", self.seed, int, None), ("--epochs", self.epochs, float, 1e-6),
+                ("--lr", self.learning_rate, float, 1e-12)):
+            problem = value_problem(v, kind, min=lo)
+            if problem:
+                bad(flag, problem)
+        if self.max_steps is not None and value_problem(self.max_steps, int, min=1):
+            bad("--max-steps", value_problem(self.max_steps, int, min=1))
         if self.recipe in ("qlora", "lora") and self.llm_lora is None and self.vision_lora is None:
             bad("--recipe", f"{self.recipe} needs an LLM or vision LoRA config", "pass --lora-r/--lora-alpha")
-        if self.recipe == "qlora" and self.quant == "none":
-            bad("--quant", "recipe qlora needs a quantized LLM (nf4 or int8)", "use --recipe lora for no quantization")
+        refused = training_refusal(self.recipe, self.quant, bool(self.train_llm_full), self.device)
+        if refused:
+            bad("--quant", f"--recipe {self.recipe} with --quant {self.quant}: {refused[2]}",
+                "use --recipe lora for no quantization" if self.recipe == "qlora" else "use --quant none")
         if self.ds_config is not None and not isinstance(self.ds_config, dict):
             bad("--deepspeed", "the DeepSpeed config must be a JSON object")
         if self.trainable_dtype not in ("fp32", "bf16"):
@@ -198,7 +201,7 @@ def from_plan(path: str, overrides: dict) -> TrainConfig:
                                      else (m.get("hf_ids") or {}).get("llava")),
         llm_path=m.get("llm_path"), vision_path=m.get("vision_path"),
         projector_path=m.get("projector_path"), chat_template=m.get("chat_template") or "llama3",
-        micro_batch=int(b.get("micro_batch", 1)), grad_accum=int(b.get("grad_accum", 1)),
+        micro_batch=b.get("micro_batch", 1), grad_accum=b.get("grad_accum", 1),  # checked by read_plan
         device=hw.get("device") or "auto", ds_config=plan.get("ds_config"),
         expected_checkpoint_bytes=est.get("checkpoint_bytes"), estimate=est,
     )

@@ -151,11 +151,15 @@ def run(cfg: TrainConfig) -> tuple[int, object]:
     rank, world, local_rank = _dist_env(cfg)
     device = pick_device(cfg.device)
     state = engine.RunState(cfg=cfg, device=device, rank=rank, world=world)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     try:  # one trainer per run dir (docs/run.md "One owner per run dir"); rank 0 holds it for all ranks
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
         lock = hold_run_lock(cfg.run_dir / TRAINER_LOCK, "trainer") if rank == 0 else None
     except ContractError as e:  # before anything is written: the other trainer's files stay as they are
         log.error("%s; %s", e.message, e.hint)
+        return int(ExitCode.USAGE), None
+    except OSError as e:  # a read-only or unusable --output: bad input, one line
+        log.error("--output %s: cannot write the run dir there (%s); hint: choose a writable dir",
+                  cfg.run_dir, e.strerror or e)
         return int(ExitCode.USAGE), None
     try:
         return _run_owned(cfg, state, rank, local_rank, t0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import fcntl
 import json
+import math
 import os
 import socket
 import sys
@@ -187,22 +188,167 @@ def owner_line(who: dict) -> str:
     return f"{who.get('owner', 'a process')} (pid {who['pid']}: {str(who.get('command', '?'))[:120]})"
 
 
+# --- validation: one layer for every file planner and trainer read (docs/contracts.md "Validation") ---------
+_MISSING = object()
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a table (JSON object)", list: "a list"}
+
+
+def _is_kind(value, kind) -> bool:
+    """isinstance, except that a bool is never a number and an int is a number (float)."""
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def shown(value, width: int = 60) -> str:
+    """A value as a message shows it: JSON-ish (null, true), cut to `width` characters."""
+    text = {None: "null", True: "true", False: "false"}[value] if isinstance(value, (bool, type(None))) else repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def value_problem(value, kind, *, min=None, max=None, choices=None) -> str | None:
+    """What is wrong with `value` as a `kind` (int, float = any finite number, str, bool, dict, list, or a
+    tuple of them) within [min, max] and `choices`: "must be an integer >= 1, got -2"; None when fine."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    desc = " or ".join(_KIND_NAMES[k] for k in kinds)
+    if min is not None and max is not None:
+        desc += f" in [{min}, {max}]"
+    elif min is not None:
+        desc += f" >= {min}"
+    elif max is not None:
+        desc += f" <= {max}"
+    if not any(_is_kind(value, k) for k in kinds):
+        return f"must be {desc}, got {shown(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(map(str, choices))}, got {shown(value)}"
+    if (min is not None and value < min) or (max is not None and value > max):
+        return f"must be {desc}, got {shown(value)} (out of range)"
+    return None
+
+
+def require(obj, key: str, kind, where: str, *, label: str | None = None, min=None, max=None,
+            choices=None, allow_none: bool = False, default=_MISSING, hint: str = ""):
+    """`obj[key]` checked by value_problem; ContractError "WHERE: LABEL: must be an integer >= 1, got -2"
+    (LABEL defaults to `key`). A missing key gives `default` (an error without one); null is refused
+    unless `allow_none`."""
+    name = label or key
+    if not isinstance(obj, dict):
+        raise ContractError(f"{where}: {name.rpartition('.')[0] or name}: must be a table (JSON object), "
+                            f"got {shown(obj)}", hint)
+    if key not in obj:
+        if default is _MISSING:
+            raise ContractError(f"{where}: {name}: missing", hint)
+        return default
+    value = obj[key]
+    if value is None and allow_none:
+        return None
+    problem = value_problem(value, kind, min=min, max=max, choices=choices)
+    if problem:
+        raise ContractError(f"{where}: {name}: {problem}", hint)
+    return value
+
+
+# What the trainer can train (one rule for the planner's flags, plan.json and the trainer's flags).
+RECIPES = ("qlora", "lora", "pretrain", "full")
+QUANTS = ("nf4", "int8", "none")
+DTYPES = ("bf16", "fp16", "fp32")
+PLAN_DEVICES = ("cuda", "npu", "cpu")
+DEVICE_VENDORS = {"cuda": "nvidia", "npu": "ascend"}  # a device kind and the GPU vendor it runs on
+
+
+def training_refusal(recipe: str, quant: str, train_llm_full: bool, device: str | None = None,
+                     vendor: str | None = None) -> tuple[str, str, str] | None:
+    """(what, other, why) when the trainer cannot train this combination: `what` and `other` name the two
+    settings in conflict ("recipe", "quant", "device", "hardware"); None when it can. On an Ascend NPU
+    bitsandbytes has no kernels, so there qlora trains a bf16 LoRA (quant none; train/model.py quant_config)."""
+    if recipe == "qlora" and quant == "none" and device != "npu":
+        return "recipe", "quant", "recipe qlora trains LoRA on a quantized LLM: it needs quant nf4 or int8"
+    if train_llm_full and quant != "none":
+        return "recipe", "quant", f"a full fine-tune trains the LLM weights themselves: {quant} weights cannot be"
+    want = DEVICE_VENDORS.get(device or "")
+    if want and vendor in DEVICE_VENDORS.values() and vendor != want:
+        return "device", "hardware", f"device {device} runs on {want} hardware, not on {vendor}"
+    return None
+
+
 # plan.json (docs/contracts.md "plan.json")
 PLAN_SCHEMA = "vramplan-plan/1"
 PLAN_HINT = "write one with `vramplan estimate --save-plan FILE`"
+_STR = dict(kind=str, allow_none=True, default=None)
+PLAN_FIELDS = {  # section -> {key: require() keywords}; a missing key is allowed, a wrong type is not
+    "model": {"profile": _STR, "path": _STR, "llm_path": _STR, "vision_path": _STR, "projector_path": _STR,
+              "hf_ids": dict(kind=dict, allow_none=True, default=None),
+              "chat_template": dict(kind=str, choices=("llama3", "vicuna_v1"), allow_none=True, default=None)},
+    "recipe": {"name": dict(kind=str, choices=RECIPES, default=None),
+               "quant": dict(kind=str, choices=QUANTS, default=None),
+               "compute_dtype": dict(kind=str, choices=DTYPES, default=None),
+               **{k: dict(kind=bool, default=None) for k in ("double_quant", "train_projector", "train_llm_full",
+                                                               "gradient_checkpointing")},
+               "learning_rate": dict(kind=float, min=1e-12, max=10, default=None),
+               "weight_decay": dict(kind=float, min=0, max=10, default=None),
+               "warmup_ratio": dict(kind=float, min=0, max=1, default=None),
+               "lr_scheduler": dict(kind=str, default=None), "optimizer": dict(kind=str, default=None),
+               "epochs": dict(kind=float, min=1e-6, max=1e6, default=None),
+               "max_steps": dict(kind=int, min=1, allow_none=True, default=None),
+               "max_length": dict(kind=int, min=2, default=None),
+               "image_tokens": dict(kind=int, min=0, default=None),
+               "attn_implementation": dict(kind=str, choices=("sdpa", "eager"), default=None),
+               "save_steps": dict(kind=int, min=1, default=None),
+               "keep_checkpoints": dict(kind=int, min=1, default=None),
+               "dataloader_workers": dict(kind=int, min=0, default=None), "seed": dict(kind=int, default=None)},
+    "batch": {k: dict(kind=int, min=1, default=None) for k in ("micro_batch", "grad_accum", "global_batch")},
+    "hardware": {"device": dict(kind=str, choices=PLAN_DEVICES, default=None), "gpu_profile": _STR,
+                 "gpu_memory_bytes": dict(kind=int, min=0, allow_none=True, default=None),
+                 **{k: dict(kind=int, min=1, default=None) for k in ("nodes", "gpus_per_node", "total_gpus")}},
+    "strategy": {"zero_stage": dict(kind=int, min=0, max=3, default=None),
+                 "offload": dict(kind=str, choices=("none", "optimizer", "optimizer+params"), default=None),
+                 "launcher": dict(kind=str, choices=("python", "torchrun", "deepspeed"), default=None)},
+    "data": {"dataset": _STR, "images": _STR, "samples": dict(kind=int, min=0, allow_none=True, default=None)},
+    "estimate": {**{k: dict(kind=float, min=0, allow_none=True, default=None)
+                    for k in ("vram_per_gpu_bytes", "vram_allocated_per_gpu_bytes", "cpu_ram_bytes", "checkpoint_bytes",
+                              "disk_bytes", "pinned_cpu_bytes", "time_seconds", "steps")},
+                 "disk_breakdown": dict(kind=dict, allow_none=True, default=None)},
+    "options": {},
+}
+
+
+def check_plan(plan, where: str) -> dict:
+    """`plan` if it is a vramplan plan whose every field the trainer or the launcher reads has the right
+    type and range, and that the trainer can train; else ContractError "WHERE: section.key: what is wrong"."""
+    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
+        raise ContractError(f"{where}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", PLAN_HINT)
+    for section, keys in PLAN_FIELDS.items():
+        table = require(plan, section, dict, where, default={}, hint=PLAN_HINT)
+        for key, kw in keys.items():
+            require(table, key, where=where, label=f"{section}.{key}", hint=PLAN_HINT, **kw)
+    require(plan, "ds_config", dict, where, allow_none=True, default=None, hint=PLAN_HINT)
+    require(plan, "output_dir", str, where, allow_none=True, default=None, hint=PLAN_HINT)
+    require(plan, "candidate_index", int, where, min=0, allow_none=True, default=None, hint=PLAN_HINT)
+    recipe = plan.get("recipe") or {}
+    for key in ("llm_lora", "vision_lora"):
+        LoraSpec.from_dict(recipe.get(key), f"{where}: recipe.{key}")
+    hw = plan.get("hardware") or {}
+    if recipe.get("quant") is not None and recipe.get("name") is not None:
+        full = bool(recipe.get("train_llm_full"))
+        refused = training_refusal(recipe["name"], recipe["quant"], full, hw.get("device"))
+        if refused:
+            raise ContractError(f"{where}: recipe.name {recipe['name']!r} with recipe.quant {recipe['quant']!r}: "
+                                f"{refused[2]}", PLAN_HINT)
+    return plan
 
 
 def read_plan(path: str | os.PathLike) -> dict:
-    """A plan.json as a dict; ContractError "PATH: what is wrong" for a file that is not one."""
+    """A checked plan.json (check_plan) as a dict; ContractError "PATH: what is wrong" for a file that is not one."""
     try:
         plan = json.loads(Path(path).read_text())
     except OSError as e:
         raise ContractError(f"{path}: {e.strerror or e}", PLAN_HINT) from None
-    except ValueError as e:
-        raise ContractError(f"{path}: not valid JSON ({e})", PLAN_HINT) from None
-    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
-        raise ContractError(f"{path}: not a vramplan plan (schema must be {PLAN_SCHEMA!r})", PLAN_HINT)
-    return plan_paths_here(plan, Path(os.path.abspath(path)).parent)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ContractError(f"{path}: not valid JSON ({str(e)[:200]})", PLAN_HINT) from None
+    return plan_paths_here(check_plan(plan, str(path)), Path(os.path.abspath(path)).parent)
 
 
 # The plan's file and dir paths ((section or None for the top level, key)). In a run dir's plan.json
@@ -249,11 +395,16 @@ class LoraSpec:
         """From a plan or profile table {"r", "alpha", "dropout", "targets"}; None stays None."""
         if d is None:
             return None
-        try:
-            return cls(int(d["r"]), int(d["alpha"]), float(d.get("dropout", 0.05)), d.get("targets", ALL_LINEAR))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ContractError(f"{where}: needs r, alpha (ints), dropout, targets ({e})",
-                                "see docs/contracts.md") from None
+        hint = "see docs/contracts.md"
+        if not isinstance(d, dict) or "r" not in d or "alpha" not in d:
+            raise ContractError(f"{where}: needs r, alpha (ints), dropout, targets (got {shown(d)})", hint)
+        r, alpha = (require(d, k, int, where, min=1, hint=hint) for k in ("r", "alpha"))
+        dropout = require(d, "dropout", float, where, min=0, max=0.999, default=0.05, hint=hint)
+        targets = require(d, "targets", (str, list), where, default=ALL_LINEAR, hint=hint)
+        if isinstance(targets, list) and not (targets and all(isinstance(t, str) and t for t in targets)):
+            raise ContractError(f"{where}: targets: must be a non-empty list of module names, got {shown(targets)}",
+                                hint)
+        return cls(r, alpha, float(dropout), targets)
 
 
 def profile_dirs() -> list[Path]:
@@ -297,7 +448,9 @@ def recipe_defaults(name: str) -> dict:
     for key in RECIPE_TRAIN_KEYS:
         if key not in data and key not in RECIPE_OPTIONAL:
             raise ContractError(f"{path}: {key}: missing required key", "see profiles/README.md for the schema")
-        out[key] = data.get(key, RECIPE_OPTIONAL.get(key))
+        checked = require(data, key, where=str(path), hint="`vramplan profiles validate` names the problem",
+                          **PLAN_FIELDS["recipe"][key])  # the same types and ranges as a plan's recipe
+        out[key] = RECIPE_OPTIONAL.get(key) if checked is None else checked
     out["learning_rate"] = float(out["learning_rate"])
     for key in ("llm_lora", "vision_lora"):
         out[key] = LoraSpec.from_dict(data.get(key), f"{path}: {key}")

@@ -119,6 +119,13 @@ def command(json_mode: bool, explain: bool, show_all: bool, save_plan: str | Non
         from vramplan.plan.request import options_from_kwargs
 
         opts = options_from_kwargs(**kwargs)
+        if candidate is not None and not save_plan:
+            raise UsageError(f"--candidate {candidate} without --save-plan: the index picks the candidate to save",
+                             "add --save-plan FILE, or leave --candidate out")
+        if opts.task == "infer" and save_plan:
+            raise UsageError(f"--save-plan {save_plan} with --task infer: a plan is for training (vramplan run, "
+                             "python -m train); inference has none to save",
+                             "leave --save-plan out, or use --task train")
         if opts.task == "infer":
             from vramplan.commands.estimate_render import render_infer
             from vramplan.plan.service import run_inference_estimate

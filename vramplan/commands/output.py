@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
-from vramplan.contract import ENV_DEBUG, ENV_NO_COLOR
+from vramplan.contract import ENV_DEBUG, ENV_NO_COLOR, ContractError
 from vramplan.errors import ExitCode, VramplanError
 
 SCHEMA = "vramplan/1"
@@ -134,6 +134,11 @@ def _result_of(command: str, json_mode: bool, fn: Callable[[], CommandResult]) -
         if debug_enabled():
             traceback.print_exc()
         _exit_with_error(command, json_mode, "error", e.exit_code, e.to_dict())
+    except ContractError as e:  # a shared file (plan, profile, run dir) or value that is unusable: bad input
+        if debug_enabled():
+            traceback.print_exc()
+        _exit_with_error(command, json_mode, "error", ExitCode.USAGE,
+                         {"code": "usage", "message": e.message, "hint": e.hint})
     except KeyboardInterrupt:
         _exit_with_error(command, json_mode, "interrupted", ExitCode.INTERRUPTED,
                          {"code": "interrupted", "message": "interrupted", "hint": ""})

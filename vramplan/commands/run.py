@@ -12,6 +12,7 @@ import click
 from vramplan.commands.estimate import estimate_options
 from vramplan.commands.output import CommandResult, message, run_command
 from vramplan.commands.run_render import render_checks, render_dry, render_report
+from vramplan.contract import check_plan
 from vramplan.errors import ExitCode, NoFitError, UsageError, VramplanError
 from vramplan.plan.plan_json import load_plan
 from vramplan.run.run_dir import default_run_dir, run_name
@@ -79,6 +80,8 @@ def _demo_kwargs(kwargs: dict, assets: Path) -> dict:
     kw.update(model=str(assets / "model"), dataset=str(assets / "data.json"), images=str(assets / "images"),
               device="cpu")
     for key, value in DEMO_DEFAULTS.items():
+        if key == "global_batch" and kw.get("micro_batch") and kw.get("grad_accum"):
+            continue  # the two flags given set the global batch
         kw.setdefault(key, value)
     return kw
 
@@ -117,13 +120,16 @@ def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dic
         if plan is None:
             raise UsageError(f"--resume: {last_dir / 'plan.json'} is missing or unreadable",
                              "resume needs the run dir written by `vramplan run`")
-        return plan, previous
+        return check_plan(plan, f"--resume: {last_dir / 'plan.json'}"), previous
     if estimate_kwargs.get("task", "train") != "train":
         raise UsageError("--task infer: `vramplan run` trains",
                          "use `vramplan estimate --task infer` to plan inference")
     kwargs = dict(estimate_kwargs, output_dir=str(out))
     if mode == "demo":  # the estimate reads the tiny model dir, so the assets exist even for --dry-run
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            (out / "demo-assets").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--output {out}: {e.strerror or e}", "choose a writable directory") from None
         kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
     return _estimate(kwargs), []
 
@@ -146,7 +152,11 @@ def _outcome_result(out: Path, outcome: dict, report: dict, checks: list[dict], 
     errors = []
     if outcome["exit_code"] != ExitCode.OK:
         final = outcome["final"]
+        from vramplan.run.attempts import trainer_error_line
+
         msg = {"oom": f"out of memory in every attempt ({len(outcome['attempts'])})",
+               "usage": "the trainer refused its input (exit 2): "
+                        + (trainer_error_line(Path(final["dir"])) or "see trainer.log"),
                "interrupted": "interrupted; the last verified checkpoint is kept",
                "disk_full": "the disk filled up; the last verified checkpoint is kept"}.get(
             final["kind"], f"the trainer failed (exit {final['returncode']})")
@@ -264,6 +274,9 @@ def _execute(*, mode: str, out: Path, saved: dict | None, estimate_kwargs: dict,
     plan = dict(plan, output_dir=str(out))
 
     launch = build_launch(plan, out / "plan.json", resume=mode == "resume", master_port=master_port, hosts=hosts)
+    if node_rank is not None and node_rank >= launch.nodes:
+        raise UsageError(f"--node-rank {node_rank} on a {launch.nodes}-node plan: node ranks are 0.."
+                         f"{launch.nodes - 1}", "leave --node-rank out for a one-node plan")
     checks, refused = _preflight_gate(plan, out, launch, skip_preflight, warnings)
     if refused is not None and not dry_run:
         return refused

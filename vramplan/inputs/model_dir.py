@@ -18,6 +18,7 @@ import os
 import struct
 from pathlib import Path
 
+from vramplan.contract import ContractError, require, shown, value_problem
 from vramplan.errors import UsageError
 from vramplan.estimate.specs import ModelSpec
 from vramplan.inputs import hf_cache
@@ -46,25 +47,35 @@ def read_safetensors_header(path: Path) -> dict:
             raise ValueError("header is not a JSON object")
     except FileNotFoundError:
         raise UsageError(f"{path}: missing (an incomplete download?)", "re-download the model files") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not a valid safetensors file ({e})", "re-download this file") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UsageError(f"{path}: not a valid safetensors file ({str(e)[:200]})", "re-download this file") from None
     return header
 
 
 def tensor_bytes(header: dict, where: Path) -> dict[str, tuple[str, int]]:
-    """tensor name -> (dtype name, stored bytes); checks bytes == numel x itemsize."""
+    """tensor name -> (dtype name, stored bytes); checks every entry's types and bytes == numel x itemsize."""
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        label = f"tensor {shown(name)}"
         try:
-            dt, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise UsageError(
-                f"{where}: tensor {name!r} has a malformed header entry", "re-download this file"
-            ) from None
+            if not isinstance(info, dict):
+                raise ContractError(f"{where}: {label}: must be a JSON object, got {shown(info)}")
+            dt = require(info, "dtype", str, str(where), label=f"{label} dtype")
+            shape = require(info, "shape", list, str(where), label=f"{label} shape")
+            offsets = require(info, "data_offsets", list, str(where), label=f"{label} data_offsets")
+            for what, values in (("shape", shape), ("data_offsets", offsets)):
+                bad = next((value_problem(v, int, min=0) for v in values if value_problem(v, int, min=0)), None)
+                if bad:
+                    raise ContractError(f"{where}: {label} {what}: every entry {bad}")
+            if len(offsets) != 2 or offsets[0] > offsets[1]:
+                raise ContractError(f"{where}: {label} data_offsets: must be [begin, end] with begin <= end, "
+                                    f"got {shown(offsets)}")
+        except ContractError as e:
+            raise UsageError(e.message, "the file is corrupt: re-download it") from None
         ours, item = ST_DTYPES.get(dt, (dt.lower(), 0))
-        nbytes = end - begin
+        nbytes = offsets[1] - offsets[0]
         if item and nbytes != math.prod(shape) * item:
             raise UsageError(f"{where}: tensor {name!r} holds {nbytes} bytes but {dt}{shape} needs "
                              f"{math.prod(shape) * item}", "the file is corrupt: re-download it")
@@ -77,8 +88,12 @@ def safetensors_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            weight_map = require(json.loads(index.read_text()), "weight_map", dict, str(index))
+            if not all(isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+                raise ContractError(f"{index}: weight_map: every value must be a file name in this dir")
+        except ContractError as e:
+            raise UsageError(e.message, "re-download the model files") from None
+        except (OSError, ValueError, RecursionError) as e:
             raise UsageError(f"{index}: unreadable index ({e})", "re-download the model files") from None
         return [d / f for f in sorted(set(weight_map.values()))]
     if (d / "model.safetensors").is_file():
@@ -99,7 +114,8 @@ def stored_sizes(d: Path) -> tuple[int | None, dict[str, int]]:
 
 
 def _dtype(cfg: dict, by_dtype: dict[str, int]) -> str:
-    td = cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("torch_dtype")
+    tc = cfg.get("text_config")
+    td = cfg.get("torch_dtype") or cfg.get("dtype") or (tc.get("torch_dtype") if isinstance(tc, dict) else None)
     if isinstance(td, str) and td in TORCH_DTYPES:
         return TORCH_DTYPES[td]
     floats = {k: v for k, v in by_dtype.items() if k in ("bf16", "fp16", "fp32")}
@@ -125,33 +141,45 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
         cfg = json.loads(cfg_path.read_text())
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UsageError(f"{cfg_path}: unreadable ({e})", "re-download config.json") from None
     where = str(cfg_path)
-    mt = cfg.get("model_type")
+    try:
+        mt = require(cfg, "model_type", str, where, allow_none=True, default=None)
+        name = require(cfg, "_name_or_path", str, where, allow_none=True, default=None) or d.name
+    except ContractError as e:
+        raise UsageError(e.message, "fix or re-download config.json") from None
     total, by_dtype = stored_sizes(d)
     common = dict(name=d.name, source=str(cfg_path), path=str(d.resolve()), stored_total_bytes=total,
                   stored_bytes_by_dtype=by_dtype, stored_dtype=_dtype(cfg, by_dtype))
-    from vramplan.estimate.families import for_model_type, known_model_types, llava
+    from vramplan.estimate.families import for_model_type, known_model_types, llava, module_for
 
     hint = ("vramplan reads LLaVA (LlavaForConditionalGeneration) dirs and decoders of type "
             + ", ".join(known_model_types("text")) + "; or use a built-in profile (`vramplan profiles`)")
     if mt in llava.HF_MODEL_TYPES:
-        try:
-            parts = llava.from_hf_config(cfg, where)
-        except ValueError as e:
-            raise UsageError(f"{where}: {e}", hint) from None
-        text_family = for_model_type("text", (cfg.get("text_config") or {}).get("model_type", "llama"))
+        parts = _parse(llava.from_hf_config, cfg, where, hint)
+        text_family = module_for(parts.text)
         return ModelSpec(text=parts.text, vision=parts.vision, projector=parts.projector,
-                         hf_ids={"llava": cfg.get("_name_or_path") or d.name},
+                         hf_ids={"llava": name},
                          chat_template=text_family.chat_template(parts.text),
                          image_token_added=parts.image_token_added, **common)
     text_family = for_model_type("text", mt) if isinstance(mt, str) else None
     if text_family is not None:
-        text = text_family.from_hf_config(cfg, where)
-        return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": cfg.get("_name_or_path") or d.name},
+        text = _parse(text_family.from_hf_config, cfg, where, hint)
+        return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": name},
                          chat_template=text_family.chat_template(text), image_token_added=False, **common)
     raise UsageError(f"{where}: model_type {mt!r} is not supported", hint)
+
+
+def _parse(from_hf_config, cfg: dict, where: str, hint: str):
+    """A family's from_hf_config(cfg, where); a bad value (ContractError: file and field) or an unsupported
+    architecture (ValueError) as a UsageError."""
+    try:
+        return from_hf_config(cfg, where)
+    except ContractError as e:
+        raise UsageError(e.message, "fix or re-download config.json") from None
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}", hint) from None
 
 
 def looks_like_hub_id(arg: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 
-from vramplan.contract import TEMPLATES
+from vramplan.contract import TEMPLATES, value_problem
 from vramplan.errors import ProfileError
 
 SCHEMA_VERSION = 1
@@ -74,12 +74,6 @@ OPTIONAL_TABLES = {"hf_ids", "vision", "projector", "llm_lora", "vision_lora"}
 SOURCED_TABLES = {"model": ("text", "vision", "projector"), "llm": ("text",), "vision": ("vision",)}
 
 
-def _typename(t) -> str:
-    t = t if isinstance(t, tuple) else (t,)
-    return " or ".join({int: "integer", float: "number", str: "string", bool: "true/false", list: "list",
-                        dict: "table"}[x] for x in t)
-
-
 def _check_table(file: str, data: dict, schema: dict, prefix: str, skip: set[str] = frozenset()) -> None:
     for key, val in data.items():
         path = prefix + key
@@ -94,14 +88,10 @@ def _check_table(file: str, data: dict, schema: dict, prefix: str, skip: set[str
             _check_table(file, val, spec, path + ".")
             continue
         typ = spec["type"]
-        ok = isinstance(val, typ) and not (isinstance(val, bool) and typ is not bool and bool not in
-                                            (typ if isinstance(typ, tuple) else (typ,)))
-        if not ok:
-            raise ProfileError(file, path, f"must be {_typename(typ)}, got {val!r}")
-        if spec["choices"] and val not in spec["choices"]:
-            raise ProfileError(file, path, f"{val!r} is not one of {', '.join(spec['choices'])}")
-        if (spec["lo"] is not None and val < spec["lo"]) or (spec["hi"] is not None and val > spec["hi"]):
-            raise ProfileError(file, path, f"{val!r} is out of range [{spec['lo']}, {spec['hi']}]")
+        kind = float if typ == NUM else typ  # NUM = int or float: any finite number (the shared check)
+        problem = value_problem(val, kind, min=spec["lo"], max=spec["hi"], choices=spec["choices"])
+        if problem:
+            raise ProfileError(file, path, problem)
         if typ is list and not all(isinstance(x, str) and x for x in val):
             raise ProfileError(file, path, "must be a list of non-empty strings")
         if typ is dict and key == "sources" and not all(isinstance(x, str) and x for x in val.values()):

@@ -67,6 +67,13 @@ def _read(path: Path) -> dict:
         raise UsageError(f"{name}: is a directory, not a .toml profile", "pass the .toml file") from None
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(name, "", f"not valid TOML: {e}", "fix the syntax (https://toml.io)") from None
+    except UnicodeDecodeError:  # a binary file: TOML is UTF-8 text
+        raise ProfileError(name, "", "not valid TOML: not UTF-8 text (a binary file?)",
+                           "pass a .toml profile (https://toml.io)") from None
+    except RecursionError:
+        raise ProfileError(name, "", "not valid TOML: nested too deeply", "fix the syntax (https://toml.io)") from None
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read it ({e.strerror or e})", "check the path and its permissions") from None
 
 
 def _family_spec(table: dict, default_family: str):

@@ -60,12 +60,27 @@ class EstimateOptions:
 
         if self.task not in ("train", "infer"):
             bad("--task", f"must be train or infer, not {self.task!r}")
+        for name, flag in STR_FLAGS.items():
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                bad(flag, f"is empty (got {v!r})", f"give {flag} a value, or leave the flag out")
         for flag, v in (("--samples", self.samples), ("--epochs", self.epochs), ("--seq-len", self.seq_len),
                         ("--micro-batch", self.micro_batch), ("--grad-accum", self.grad_accum),
                         ("--global-batch", self.global_batch), ("--lora-r", self.lora_r),
                         ("--save-steps", self.save_steps), ("--context", self.context), ("--batch", self.batch)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(flag, f"must be a positive integer, got {v!r}")
+        if None not in (self.global_batch, self.micro_batch, self.grad_accum):
+            bad("--global-batch", f"{self.global_batch} with --micro-batch {self.micro_batch} and --grad-accum "
+                f"{self.grad_accum}: the global batch is micro-batch x grad-accum x GPUs "
+                f"({self.micro_batch * self.grad_accum} x GPUs), so the three flags can contradict each other",
+                "give two of --global-batch, --micro-batch, --grad-accum")
+        if self.task == "infer":
+            train_only = [flag for flag, v in TRAIN_ONLY.items() if getattr(self, v) is not None]
+            if train_only:
+                raise UsageError(f"{train_only[0]} with --task infer: a training setting the inference estimate "
+                                 "does not use (it uses --context and --batch)",
+                                 f"leave {train_only[0]} out, or use --task train")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             bad("--keep-checkpoints", "must be at least 1 (the last good checkpoint is never deleted)")
         if not 0 <= self.headroom < 0.9:
@@ -103,6 +118,18 @@ class EstimateOptions:
             bad("--dataset", f"no such file: {self.dataset}", "give the path of a LLaVA-format JSON file")
         if self.images is not None and not Path(self.images).is_dir():
             bad("--images", f"no such directory: {self.images}")
+
+
+# the string flags, by field: an empty value is refused (it would silently mean "not given")
+STR_FLAGS = {"model": "--model", "recipe": "--recipe", "gpus": "--gpus", "dataset": "--dataset", "images": "--images",
+             "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration"}
+
+
+# flags of training only: given with --task infer they would be silently ignored
+TRAIN_ONLY = {"--samples": "samples", "--epochs": "epochs", "--micro-batch": "micro_batch",
+              "--grad-accum": "grad_accum", "--global-batch": "global_batch", "--lora-r": "lora_r",
+              "--save-steps": "save_steps", "--keep-checkpoints": "keep_checkpoints", "--zero": "zero",
+              "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt"}
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:

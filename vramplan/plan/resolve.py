@@ -207,6 +207,7 @@ def build_job(o: EstimateOptions):
     recipe = _apply_overrides(load_recipe(o.recipe), o, model)
     sel = resolve_hardware(o, ctx)
     device = o.device or ("npu" if sel.hardware.vendor == "ascend" else "cuda")
+    refuse_untrainable(o, recipe, device, sel.hardware)
     recipe, quant, compute = _dtypes(recipe, sel.hardware, device, ctx)
     data = resolve_data(o, model, recipe, ctx)
     cpu_ram, disk = resolve_host(o, ctx)
@@ -230,6 +231,26 @@ def build_job(o: EstimateOptions):
               offloads=(o.offload,) if o.offload else Offload.ALL,
               mean_seq_len=data.mean_seq_len, calibration=calibration, speed_tolerance=o.speed_tolerance)
     return job, ctx
+
+
+def refuse_untrainable(o: EstimateOptions, recipe, device: str, hw) -> None:
+    """What the trainer would refuse (vramplan.contract.training_refusal), refused now naming both flags:
+    before anything is written or launched."""
+    from vramplan.contract import training_refusal
+
+    train = o.task == "train"
+    refused = training_refusal(recipe.name if train else "", recipe.quant if train else Quant.NONE,
+                               train and recipe.train_llm_full, device, hw.vendor)
+    if refused is None:
+        return
+    what, _other, why = refused
+    if what == "recipe":
+        quant = f"--quant {o.quant}" if o.quant else f"the recipe's quant {recipe.quant}"
+        raise UsageError(f"--recipe {o.recipe} with {quant}: {why}",
+                         "use --recipe lora for an unquantized LLM" if recipe.name == "qlora" else "use --quant none")
+    gpus = f"--gpus {o.gpus}" if o.gpus else f"the {hw.display_name} detected here"
+    raise UsageError(f"--device {device} with {gpus}: {why}",
+                     "leave --device out (it follows the GPUs), or name matching --gpus")
 
 
 def cpu_host_selection():

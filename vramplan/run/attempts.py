@@ -28,9 +28,10 @@ from vramplan.run.relocate import plan_stored, write_attempts
 from vramplan.units import fmt_bytes, utc_stamp
 
 KIND_EXIT = {"ok": ExitCode.OK, "oom": ExitCode.OUT_OF_MEMORY, "disk_full": ExitCode.DISK_FULL,
-             "interrupted": ExitCode.INTERRUPTED, "error": ExitCode.TRAIN_FAILED}
+             "interrupted": ExitCode.INTERRUPTED, "error": ExitCode.TRAIN_FAILED,
+             "usage": ExitCode.USAGE}  # the trainer refused its input: vramplan run's exit is 2 too
 EXIT_KIND = {int(ExitCode.OUT_OF_MEMORY): "oom", int(ExitCode.DISK_FULL): "disk_full",
-             int(ExitCode.INTERRUPTED): "interrupted", 0: "ok"}
+             int(ExitCode.INTERRUPTED): "interrupted", int(ExitCode.USAGE): "usage", 0: "ok"}
 
 
 @dataclass
@@ -116,6 +117,8 @@ def classify(returncode: int, run_dir: Path, started: float, interrupted: bool) 
         return "interrupted", failure, summary
     if returncode == 0 and summary and summary.get("status") == "ok":
         return "ok", failure, summary
+    if failure and failure.get("exit_code") == ExitCode.USAGE:  # failure.json says "error" for bad input too
+        return "usage", failure, summary
     if failure and failure.get("kind") in KIND_EXIT:
         return failure["kind"], failure, summary
     if summary and summary.get("status") in KIND_EXIT and summary.get("status") != "ok":
@@ -149,6 +152,13 @@ def log_tail(run_dir: Path, lines: int = 15) -> str:
         return "\n".join((run_dir / "trainer.log").read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def trainer_error_line(run_dir: Path) -> str:
+    """The trainer's own one-line error in trainer.log ("train: error: ..." or its logged ERROR line), or ""."""
+    lines = log_tail(run_dir, 40).splitlines()
+    hits = [ln.strip() for ln in lines if ln.startswith("train: error:") or " ERROR " in ln]
+    return hits[-1] if hits else ""
 
 
 def _oom_reason(record: dict) -> str:
@@ -186,7 +196,7 @@ def _outcome(record: dict, attempts: list[dict], max_attempts: int) -> dict:
         message(f"vramplan: attempt {record['attempt']} ran {_oom_reason(record)}; --max-attempts {max_attempts} "
                 "reached")
         return {"exit_code": ExitCode.OUT_OF_MEMORY, "status": "oom", "attempts": attempts, "final": record}
-    status = {"interrupted": "interrupted", "disk_full": "disk_full"}.get(kind, "train_failed")
+    status = {"interrupted": "interrupted", "disk_full": "disk_full", "usage": "bad_input"}.get(kind, "train_failed")
     return {"exit_code": KIND_EXIT.get(kind, ExitCode.TRAIN_FAILED), "status": status,
             "attempts": attempts, "final": record, "log_tail": log_tail(Path(record["dir"]))}
 

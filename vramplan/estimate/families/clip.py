@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from vramplan.contract import ContractError, require
 from vramplan.estimate.families import LinearGroup, targeted
 
 ROLE = "vision"
@@ -57,20 +58,30 @@ class VisionSpec:
 SPEC = VisionSpec  # the family's config dataclass (profiles build it from their table)
 
 
-def from_hf_config(cfg: dict, where: str, defaults: dict | None = None, feature_layer: int = -2) -> VisionSpec:
-    """VisionSpec from a `CLIPVisionConfig`-shaped dict (or a full CLIPConfig holding `vision_config`)."""
+def from_hf_config(cfg: dict, where: str, defaults: dict | None = None, feature_layer: int = -2,
+                   prefix: str = "") -> VisionSpec:
+    """VisionSpec from a `CLIPVisionConfig`-shaped dict (or a full CLIPConfig holding `vision_config`).
+    A key that is absent or null takes CLIPVisionConfig's default; a wrong type or range is a ContractError."""
     if cfg.get("model_type") == "clip" and "vision_config" in cfg:
-        cfg = cfg["vision_config"]
+        cfg = require(cfg, "vision_config", dict, where, label=prefix + "vision_config")
+        prefix += "vision_config."
     d = {**HF_DEFAULTS, **(defaults or {})}
 
     def get(key):
-        v = cfg.get(key)
+        v = require(cfg, key, int, where, label=prefix + key, min=1, allow_none=True, default=None)
         return d.get(key) if v is None else v
 
-    return VisionSpec(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
+    spec = VisionSpec(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
                       intermediate_size=get("intermediate_size"), num_attention_heads=get("num_attention_heads"),
                       image_size=get("image_size"), patch_size=get("patch_size"), num_channels=get("num_channels"),
                       feature_layer=feature_layer)
+    if spec.patch_size > spec.image_size:
+        raise ContractError(f"{where}: {prefix}patch_size: {spec.patch_size} is larger than image_size "
+                            f"{spec.image_size} (no patch fits)")
+    if not -(spec.num_layers + 1) <= feature_layer <= spec.num_layers:  # hidden_states: embeddings + each layer
+        raise ContractError(f"{where}: vision_feature_layer: {feature_layer} is not a layer of a "
+                            f"{spec.num_layers}-layer tower (in [{-(spec.num_layers + 1)}, {spec.num_layers}])")
+    return spec
 
 
 # --- parameters --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from vramplan.contract import ContractError, require
 from vramplan.estimate.families import LinearGroup
 
 ROLE = "text"
@@ -72,19 +73,29 @@ class TextSpec:
 SPEC = TextSpec  # the family's config dataclass (profiles build it from their table)
 
 
-def from_hf_config(cfg: dict, where: str) -> TextSpec:
-    """TextSpec from a `LlamaConfig`-shaped dict (config.json or LLaVA's text_config)."""
+def from_hf_config(cfg: dict, where: str, prefix: str = "") -> TextSpec:
+    """TextSpec from a `LlamaConfig`-shaped dict (config.json or LLaVA's text_config, `prefix` "text_config.").
+    A key that is absent or null takes LlamaConfig's default; a wrong type or range is a ContractError
+    (a ValueError) naming `where` and the key."""
 
-    def get(key):
-        v = cfg.get(key)
-        return HF_DEFAULTS.get(key) if v is None else v
+    def get(key, kind=int, lo=1, default=None):
+        v = require(cfg, key, kind, where, label=prefix + key, min=lo, allow_none=True, default=None)
+        return HF_DEFAULTS.get(key, default) if v is None else v
 
-    heads = get("num_attention_heads")
-    return TextSpec(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
+    heads, hidden, head_dim = get("num_attention_heads"), get("hidden_size"), get("head_dim", lo=0, default=0)
+    kv_heads = get("num_key_value_heads", default=heads)
+    if heads % kv_heads:
+        raise ContractError(f"{where}: {prefix}num_key_value_heads: {kv_heads} does not divide "
+                            f"num_attention_heads {heads}")
+    if not head_dim and hidden % heads:
+        raise ContractError(f"{where}: {prefix}hidden_size: {hidden} is not a multiple of num_attention_heads "
+                            f"{heads} (and no head_dim is given)")
+    return TextSpec(num_layers=get("num_hidden_layers"), hidden_size=hidden,
                     intermediate_size=get("intermediate_size"), num_attention_heads=heads,
-                    num_key_value_heads=cfg.get("num_key_value_heads") or heads, vocab_size=get("vocab_size"),
-                    head_dim=cfg.get("head_dim") or 0, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                    attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+                    num_key_value_heads=kv_heads, vocab_size=get("vocab_size"), head_dim=head_dim,
+                    tie_word_embeddings=get("tie_word_embeddings", bool, None, False),
+                    attention_bias=get("attention_bias", bool, None, False),
+                    mlp_bias=get("mlp_bias", bool, None, False),
                     max_position_embeddings=get("max_position_embeddings"))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from vramplan.contract import ContractError, require, shown
 from vramplan.estimate.families import LinearGroup
 
 ROLE = "projector"
@@ -69,33 +70,46 @@ def from_hf_config(cfg: dict, where: str) -> LlavaParts:
     """The parts of a `LlavaConfig`-shaped dict. Raises ValueError naming what is not supported."""
     from vramplan.estimate.families import for_model_type, known_model_types
 
-    tc = cfg.get("text_config") or {}
-    text_type = tc.get("model_type", "llama")
+    def opt(obj, key, kind, default, label=None):
+        v = require(obj, key, kind, where, label=label, allow_none=True, default=None)
+        return default if v is None else v
+
+    tc = opt(cfg, "text_config", dict, {})
+    text_type = opt(tc, "model_type", str, "llama", "text_config.model_type")
     text_mod = for_model_type("text", text_type)
     if text_mod is None:
         raise ValueError(f"language model type {text_type!r} is not supported "
                          f"(known: {', '.join(known_model_types('text'))})")
-    vc = cfg.get("vision_config")
+    vc = opt(cfg, "vision_config", dict, None)
     defaults = None
     if vc is None:
         vc, defaults = DEFAULT_VISION, DEFAULT_VISION
-    vision_type = vc.get("model_type", "clip_vision_model")
+    vision_type = opt(vc, "model_type", str, "clip_vision_model", "vision_config.model_type")
     vision_mod = for_model_type("vision", vision_type)
     if vision_mod is None:
         raise ValueError(f"vision tower type {vision_type!r} is not supported "
                          f"(known: {', '.join(known_model_types('vision'))})")
-    if cfg.get("multimodal_projector_bias", True) is False:
+    if opt(cfg, "multimodal_projector_bias", bool, True) is False:
         raise ValueError("a LLaVA projector without biases is not supported (vramplan models mlp2x_gelu: "
                          "Linear with bias, GELU, Linear with bias)")
-    if cfg.get("projector_hidden_act", "gelu") not in GELU_ACTS:
+    if opt(cfg, "projector_hidden_act", str, "gelu") not in GELU_ACTS:
         raise ValueError(f"projector_hidden_act {cfg['projector_hidden_act']!r} is not supported "
                          "(vramplan models LLaVA's mlp2x_gelu projector)")
-    layer = cfg.get("vision_feature_layer", -2)
+    layer = opt(cfg, "vision_feature_layer", (int, list), -2)
+    if isinstance(layer, list) and not (layer and all(_is_int(x) for x in layer)):
+        raise ContractError(f"{where}: vision_feature_layer: must be an integer or a non-empty list of integers, "
+                            f"got {shown(layer)}")
     fl = layer[-1] if isinstance(layer, list) else layer
-    text = text_mod.from_hf_config(tc, where)
+    text = text_mod.from_hf_config(tc, where, prefix="text_config." if tc is not cfg else "")
     hf_defaults = {k: v for k, v in (defaults or {}).items() if k != "model_type"}
-    vision = vision_mod.from_hf_config(vc, where, hf_defaults, -2 if fl is None else int(fl))
+    vision = vision_mod.from_hf_config(vc, where, hf_defaults, fl, prefix="vision_config." if defaults is None else "")
     n_feat = len(layer) if isinstance(layer, list) else 1  # several selected layers are concatenated
     proj = ProjectorSpec("mlp2x_gelu", vision.hidden_size * n_feat, text.hidden_size)
-    image_index = cfg.get("image_token_index", cfg.get("image_token_id", DEFAULT_IMAGE_TOKEN_INDEX))
-    return LlavaParts(text, vision, proj, 0 <= int(image_index) < text.vocab_size)
+    image_index = opt(cfg, "image_token_index", int, None)
+    if image_index is None:
+        image_index = opt(cfg, "image_token_id", int, DEFAULT_IMAGE_TOKEN_INDEX)
+    return LlavaParts(text, vision, proj, 0 <= image_index < text.vocab_size)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
