@@ -34,6 +34,13 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s / 86400:.1f} d"
 
 
+def fmt_span(low: float, high: float) -> str:
+    """A range of durations, the unit said once when both ends share it: '4.4-8.1 d', '43.7 h-3.3 d'."""
+    lo, hi = fmt_seconds(low), fmt_seconds(high)
+    lo_num, _, lo_unit = lo.partition(" ")
+    return f"{lo_num}-{hi}" if lo_unit == hi.partition(" ")[2] else f"{lo}-{hi}"
+
+
 def fmt_clock(s: float | None) -> str:
     """A duration as a clock: '0:12', '4:05', '1:30:00' (progress, ETA); None (unknown yet) is 'n/a'."""
     if s is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vramplan.estimate.types import Offload
-from vramplan.units import GiB, fmt_bytes, fmt_seconds
+from vramplan.units import GiB, fmt_bytes, fmt_seconds, fmt_span
 
 OFF_SHORT = Offload.SHORT
 
@@ -126,19 +126,19 @@ def render_estimate(con, data: dict, explain: bool = False, show_all: bool = Fal
 
 
 def time_cell(c: dict) -> str:
-    """'27 min (20 min-36 min)': the figure and the band it likely falls in (docs/estimate.md#time)."""
+    """'27 min (20-36 min)': the figure and the band it likely falls in (docs/estimate.md#time)."""
     b = (c.get("time_detail") or {}).get("band")
     if not b:
         return fmt_seconds(c["time_seconds"])
-    return f"{fmt_seconds(c['time_seconds'])} ({fmt_seconds(b['low_s'])}-{fmt_seconds(b['high_s'])})"
+    return f"{fmt_seconds(c['time_seconds'])} ({fmt_span(b['low_s'], b['high_s'])})"
 
 
 def time_line(c: dict) -> str:
-    """'Time: 27 min, likely 20 min-36 min (band: ...).'"""
+    """'Time: 27 min, likely 20-36 min (band: ...).'"""
     b = (c.get("time_detail") or {}).get("band")
     line = f"Time: {fmt_seconds(c['time_seconds'])}"
     if b:
-        line += f", likely {fmt_seconds(b['low_s'])}-{fmt_seconds(b['high_s'])} (band from {b['source']})"
+        line += f", likely {fmt_span(b['low_s'], b['high_s'])} (band from {b['source']})"
     return line + "."
 
 

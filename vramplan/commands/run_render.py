@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vramplan.units import fmt_bytes, fmt_clock
+from vramplan.units import fmt_bytes, fmt_seconds
 
 
 def render_checks(con, checks: list[dict], title: str) -> None:
@@ -28,7 +28,7 @@ def render_dry(con, plan, launch, launch_sh, checks, out, dry_run) -> None:
     con.print(Text(f"plan: {describe(plan)}"))
     con.print(Text(f"estimate: {fmt_bytes(est.get('vram_per_gpu_bytes'))} per GPU, CPU RAM "
                    f"{fmt_bytes(est.get('cpu_ram_bytes'))}, disk {fmt_bytes(est.get('disk_bytes'))}, "
-                   f"time {fmt_clock(est.get('time_seconds'))}"))
+                   f"time {fmt_seconds(est.get('time_seconds'))}"))
     verb = "would write" if dry_run else "wrote"
     files = ["plan.json", "launch.sh"] + (["ds_config.json"] if plan.get("ds_config") else []) + (
         ["hostfile"] if launch.hostfile else [])
