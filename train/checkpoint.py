@@ -105,7 +105,9 @@ def verify(ckpt: Path, deep: bool = True) -> dict | None:
     """The manifest when every listed file is there with its size (and sha256 when deep); else None."""
     try:
         man = json.loads((ckpt / MANIFEST).read_text())
-        if not man.get("complete") or not isinstance(man.get("files"), dict) or not man["files"]:
+        if not isinstance(man, dict) or man.get("complete") is not True or not isinstance(man.get("files"), dict):
+            return None
+        if not man["files"] or not all(isinstance(m, dict) for m in man["files"].values()):
             return None
         for rel, meta in man["files"].items():
             p = ckpt / rel
