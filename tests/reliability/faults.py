@@ -45,6 +45,17 @@ def tiny(tmp_path_factory) -> Path:
     return _tiny(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process trainer runs on one CPU thread (the tiny model gains nothing from more; CI has 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def trials(default: int) -> int:
     return int(os.environ.get(TRIALS_ENV) or default)
 

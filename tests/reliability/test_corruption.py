@@ -17,9 +17,10 @@ import train.training as training
 from train import checkpoint as ck
 
 from . import faults, figures
-from .faults import tiny
+from .faults import one_thread, tiny
 
-__all__ = ["tiny"]
+__all__ = ["one_thread", "tiny"]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # every test here trains
 MAX_STEPS, KEEP = 3, 3
 BIG = "optimizer.pt"
 
@@ -107,7 +108,6 @@ def test_every_corruption_is_detected_and_skipped(finished, tmp_path):
         assert [p.name for _s, p in ck.list_checkpoints(run / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("damaged, name", [
     (1, "file truncated"), (1, "file zeroed (same size)"), (1, "manifest deleted"), (1, "manifest not an object"),
     (2, "one bit flipped"), (3, "file deleted"),

@@ -25,6 +25,7 @@ from .faults import (
     file_size_limit,
     fill,
     newest_verified_step,
+    one_thread,
     partial_files,
     recovered,
     resume_starts,
@@ -34,7 +35,8 @@ from .faults import (
     train_cfg,
 )
 
-__all__ = ["tiny"]
+__all__ = ["one_thread", "tiny"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_STEPS, KEEP = 4, 2
 MIB = 2**20
 
@@ -99,6 +101,7 @@ def _wrap_summary(monkeypatch, act) -> None:
 POINTS = ["before-save", "mid-file", "prune", "final", "summary"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["tmpfs", "rlimit"])
 @pytest.mark.parametrize("point", POINTS)
 def test_disk_full_at_every_point(point, how, tiny, tmp_path, monkeypatch, caplog):
