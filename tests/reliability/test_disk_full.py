@@ -152,3 +152,17 @@ def test_efbig_enospc_edquot_are_all_disk_full():
         assert ck.is_disk_full(OSError(code, os.strerror(code)))
     assert ck.is_disk_full(RuntimeError("Error while serializing: IoError(Os { code: 27, kind: FileTooLarge })"))
     assert not ck.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_a_full_disk_leaves_no_torn_line_in_metrics(tmp_path):
+    """metrics.jsonl is appended while the disk fills: the line that did not fit is taken back whole."""
+    from train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", True)
+    log.write("step", step=1)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    figures.tally("faults_injected")
+    with file_size_limit(len(before) + 10), pytest.raises(OSError) as e:
+        log.write("checkpoint", step=1, path="x" * 200)
+    assert ck.is_disk_full(e.value)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
