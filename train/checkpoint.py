@@ -32,18 +32,34 @@ TMP_PREFIX = ".tmp-checkpoint-"
 MARGIN = 1.10  # require 10% more than the expected size: sizes vary a little between saves
 
 
+# how torch.save (inline_container.cc) and safetensors (Rust io::Error) word a full disk / a file-size limit
+DISK_FULL_WORDS = ("no space left", "file write failed", "disk quota", "file too large", "filetoolarge", "storagefull")
+
+
 def is_disk_full(e: BaseException | None) -> bool:
-    """ENOSPC/EDQUOT anywhere in the exception chain. torch.save reports a full disk as
+    """ENOSPC/EDQUOT/EFBIG anywhere in the exception chain (EFBIG: a file-size limit, RLIMIT_FSIZE or the
+    filesystem's own, stops the write like a full disk). torch.save reports a full disk as
     `RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos` with the OSError chained."""
     seen = 0
     while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return True
         s = str(e).lower()
-        if "no space left" in s or "file write failed" in s or "disk quota" in s:
+        if any(k in s for k in DISK_FULL_WORDS):
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False
+
+
+def hit_file_size_limit(root: Path) -> bool:
+    """A file under `root` reached this process's RLIMIT_FSIZE: the write failed with EFBIG, which torch.save
+    reports only as "iostream error". Like a full disk, the fix is room (or a higher limit), not a retry."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return False
+    return any(p.is_file() and p.stat().st_size >= soft for p in Path(root).rglob("*"))
 
 
 def free_bytes(path: Path) -> int:
@@ -89,7 +105,9 @@ def verify(ckpt: Path, deep: bool = True) -> dict | None:
     """The manifest when every listed file is there with its size (and sha256 when deep); else None."""
     try:
         man = json.loads((ckpt / MANIFEST).read_text())
-        if not man.get("complete") or not isinstance(man.get("files"), dict) or not man["files"]:
+        if not isinstance(man, dict) or man.get("complete") is not True or not isinstance(man.get("files"), dict):
+            return None
+        if not man["files"] or not all(isinstance(m, dict) for m in man["files"].values()):
             return None
         for rel, meta in man["files"].items():
             p = ckpt / rel

@@ -124,9 +124,11 @@ class SafeCheckpointTrainer(Trainer):
         except Exception as e:
             # torch.save may report a full disk only as "unexpected pos" / "iostream error": look at the disk
             # itself before the cleanup frees the space again
-            full = ck.is_disk_full(e) or ck.free_bytes(root) < max(16 * 2**20, ck.last_size(root) or 0)
+            staged = ck.tmp_dir(root, step, tag)
+            full = (ck.is_disk_full(e) or ck.free_bytes(root) < max(16 * 2**20, ck.last_size(root) or 0)
+                    or ck.hit_file_size_limit(staged))
             if self.run.is_main:  # a partial write is never trusted: remove it now (it also frees the space)
-                shutil.rmtree(ck.tmp_dir(root, step, tag), ignore_errors=True)
+                shutil.rmtree(staged, ignore_errors=True)
             if not full:
                 raise
             return (f"checkpoint {step}: write failed, disk full ({str(e).splitlines()[0][:200]})",

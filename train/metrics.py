@@ -6,6 +6,7 @@ summary.json / failure.json are written atomically with `vramplan.contract.write
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -22,9 +23,18 @@ class MetricsLog:
         if not self.enabled:
             return
         rec = {"event": event, "elapsed_s": round(time.time() - self.t0, 3), **fields}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec, default=str) + "\n")
-            f.flush()
+        data = memoryview((json.dumps(rec, default=str) + "\n").encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:  # a full disk: no torn line left, every reader parses each line
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
 
 def rss_bytes() -> int:
