@@ -211,8 +211,10 @@ def target_regex(model, cfg: TrainConfig) -> str:
     parts = []
     if cfg.llm_lora:
         t = cfg.llm_lora.targets
-        names = _linear_names(model, "model.language_model.") if ALL_LINEAR in t else set(t)
-        parts.append(r"model\.language_model\..*\.(?:%s)" % "|".join(sorted(map(re.escape, names))))
+        # an LLM alone (LlamaForCausalLM, benchmarks/trace_step.py) has no language_model level
+        llm = "model.language_model." if any(n == "model.language_model" for n, _ in model.named_modules()) else "model."
+        names = _linear_names(model, llm) if ALL_LINEAR in t else set(t)
+        parts.append(re.escape(llm) + r".*\.(?:%s)" % "|".join(sorted(map(re.escape, names))))
     if cfg.vision_lora:
         t = cfg.vision_lora.targets
         names = _linear_names(model, "model.vision_tower.") if ALL_LINEAR in t else set(t)
