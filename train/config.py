@@ -29,7 +29,7 @@ RECIPES = ("qlora", "lora", "pretrain", "full")
 QUANTS = ("nf4", "int8", "none")
 DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu", "npu")
-ATTNS = ("sdpa", "eager")
+ATTNS = ("sdpa", "eager", "flash")  # flash: transformers attn_implementation "flash_attention_2"
 VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # CLIP's linears (a flag-made vision LoRA)
 
 

@@ -178,7 +178,10 @@ def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0):
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     q = quant_config(cfg, device)
-    kw = {"dtype": torch_dtype(cfg.compute_dtype), "attn_implementation": cfg.attn_implementation}
+    attn = {"flash": "flash_attention_2"}.get(cfg.attn_implementation, cfg.attn_implementation)
+    if attn == "flash_attention_2" and device != "cuda":
+        raise UsageError(f"--attn flash: FlashAttention-2 needs a CUDA GPU (device: {device})", "use --attn sdpa")
+    kw = {"dtype": torch_dtype(cfg.compute_dtype), "attn_implementation": attn}
     if q is not None:
         kw["quantization_config"] = q
         if cfg.zero_stage != 3:  # ZeRO-3 is incompatible with a device_map

@@ -96,9 +96,22 @@ def build(job: TraceJob, fake_mode):
     if fake_mode is not None:
         adopt_fake_tensors(model, fake_mode)
     if job.engine == "deepspeed":
-        model.bfloat16()  # DeepSpeed runtime/engine.py _configure_distributed_model: module.bfloat16()
+        _cast_bf16(model)
     model.train()
     return model
+
+
+def _cast_bf16(model) -> None:
+    """DeepSpeed runtime/engine.py _configure_distributed_model: module.bfloat16() (floating parameters and
+    buffers). Done through .data / _buffers, which allocates the same: nn.Module._apply would swap fake
+    parameters, which fails for some of peft's."""
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+        for k, b in m._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != torch.bfloat16:
+                m._buffers[k] = b.to(torch.bfloat16)
 
 
 def batch(job: TraceJob, n_img: int, image_token: int) -> dict:
@@ -222,7 +235,7 @@ def _ds_boundary_and_step(tr: MemTracker, params, state) -> None:
             flat = _flatten_dense_tensors([q.grad for q in bucket])
             for q, f in zip(bucket, _unflatten_dense_tensors(flat, [q.grad for q in bucket])):
                 q.grad.copy_(f)
-            del flat
+            del flat, f
             bucket, size = [], 0
         if p is not None:
             bucket.append(p)
@@ -238,6 +251,7 @@ def _ds_boundary_and_step(tr: MemTracker, params, state) -> None:
     del g32
     for p, f in zip(params, _unflatten_dense_tensors(master, params)):
         p.data.copy_(f)
+    del f
 
 
 def trace_step(job: TraceJob) -> dict:

@@ -42,7 +42,7 @@ class MemTracker(TorchDispatchMode):
         self.raw_by_label: dict[str, int] = defaultdict(int)
         self.current = 0
         self.phase = "init"
-        self.peaks: dict[str, tuple[int, dict]] = {}
+        self.peaks: dict[str, tuple[int, dict, dict]] = {}  # phase -> (peak, by label, raw by label)
         self.overrides = overrides or {}  # ATen/custom op -> fn(tracker, args, kwargs) (fake-mode stand-ins)
 
     # --- bookkeeping --------------------------------------------------------------------------------------
@@ -80,12 +80,12 @@ class MemTracker(TorchDispatchMode):
         if sign > 0:
             best = self.peaks.get(self.phase)
             if best is None or self.current > best[0]:
-                self.peaks[self.phase] = (self.current, dict(self.by_label))
+                self.peaks[self.phase] = (self.current, dict(self.by_label), dict(self.raw_by_label))
 
     def set_phase(self, name: str) -> None:
         self.phase = name
         if name not in self.peaks:
-            self.peaks[name] = (self.current, dict(self.by_label))
+            self.peaks[name] = (self.current, dict(self.by_label), dict(self.raw_by_label))
 
     # --- dispatch -----------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -109,7 +109,8 @@ class MemTracker(TorchDispatchMode):
             yield
 
     def report(self) -> dict:
-        """{phase: {"peak": bytes, label: bytes, ...}} and the overall peak."""
-        phases = {p: {"peak": v[0], **{k: v[1].get(k, 0) for k in LABELS}} for p, v in self.peaks.items()}
+        """{phase: {"peak": bytes, label: bytes, ..., "raw": {label: unrounded bytes}}} and the overall peak."""
+        phases = {p: {"peak": v[0], **{k: v[1].get(k, 0) for k in LABELS}, "raw": {k: v[2].get(k, 0) for k in LABELS}}
+                  for p, v in self.peaks.items()}
         top = max(phases, key=lambda p: phases[p]["peak"]) if phases else None
         return {"phases": phases, "peak": phases[top]["peak"] if top else 0, "peak_phase": top}

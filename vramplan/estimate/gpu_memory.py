@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.activations import ActivationBreakdown
+from vramplan.estimate.activations import LOGIT_PEAK_BYTES, ActivationBreakdown
 from vramplan.estimate.param_groups import ParamGroups
 from vramplan.estimate.priors import (
     ALLOCATOR_RESERVE_FACTOR,
@@ -145,8 +145,9 @@ def _activation_transients(
             "logits_loss_peak",
             act.logits_peak,
             "transient",
-            "14 B x tokens x vocab at the loss backward",
-            "vramcalc measured 14 B/logit; docs/estimate.md#activations",
+            f"{LOGIT_PEAK_BYTES} B x tokens x vocab at the loss backward (fp32 log-softmax + its gradients; "
+            "HF Trainer has dropped the 16-bit logits)",
+            "transformers trainer.py compute_loss + loss_utils.py ForCausalLMLoss; docs/estimate.md#activations",
         ),
     ]
     if act.llm_recompute:

@@ -136,7 +136,12 @@ def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, com
     else:
         raise ValueError(mode)
     if attn == "eager":
+        # transformers eager_attention_forward: softmax in fp32 (saved, 4 B) cast to the compute dtype (saved
+        # by the probs @ V matmul, 2 B) per score; no logsumexp
         b += a * seq * 6 - 4 * a
+    # "sdpa" and "flash" save the same: SDPA's flash/efficient CUDA kernels and FlashAttention-2
+    # (flash_attn_interface.py FlashAttnFunc: save_for_backward(q, k, v, out, softmax_lse)) keep q, k, v,
+    # the output and an fp32 logsumexp per head and token
     # the coefficients are for 16-bit compute; fp32 compute doubles the 16-bit saves (approximation)
     return b * (compute_bytes / 2) if compute_bytes != 2 else b
 
