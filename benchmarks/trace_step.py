@@ -80,8 +80,7 @@ def compare(trace: dict, cand) -> list[tuple[str, int, int]]:
                   est.get("vision_forward_transient", 0))
     model_est = sum(est.get(k, 0) for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients"))
     grads = ph.get("all-reduce", top)["raw"]["gradients"]  # every trainable parameter has one there
-    rows = [("weights_quantized", trace["params"]["weights_quantized"], est["weights_quantized"] if
-             "weights_quantized" in est else 0),
+    rows = [("weights_quantized", trace["params"]["weights_quantized"], est.get("weights_quantized", 0)),
             ("weights_frozen", trace["params"]["weights_frozen"], est["weights_frozen"]),
             ("weights_trainable", trace["params"]["weights_trainable"], est["weights_trainable"]),
             ("gradients", grads, est["gradients"]),
@@ -119,7 +118,8 @@ def main(argv=None) -> int:
     trace = trace_step(trace_job(job, a.grad_ckpt, a.micro_batch, a.engine))
     rows = compare(trace, cand)
     if a.json:
-        print(json.dumps({"trace": trace, "rows": [dict(zip(("component", "traced", "estimated"), r)) for r in rows],
+        keys = ("component", "traced", "estimated")
+        print(json.dumps({"trace": trace, "rows": [dict(zip(keys, r, strict=True)) for r in rows],
                           "seconds": round(time.time() - t0, 1)}, indent=1))
         return 0
     print(f"{job.model.name}, {a.recipe}, seq {job.seq_len}, micro-batch {a.micro_batch}, checkpointing "

@@ -215,7 +215,8 @@ def target_regex(model, cfg: TrainConfig) -> str:
     if cfg.llm_lora:
         t = cfg.llm_lora.targets
         # an LLM alone (LlamaForCausalLM, benchmarks/trace_step.py) has no language_model level
-        llm = "model.language_model." if any(n == "model.language_model" for n, _ in model.named_modules()) else "model."
+        nested = any(n == "model.language_model" for n, _ in model.named_modules())
+        llm = "model.language_model." if nested else "model."
         names = _linear_names(model, llm) if ALL_LINEAR in t else set(t)
         parts.append(re.escape(llm) + r".*\.(?:%s)" % "|".join(sorted(map(re.escape, names))))
     if cfg.vision_lora:

@@ -134,7 +134,7 @@ def _gemm_4bit_dequant(rows: int):
     def run(tr, args, kwargs):
         names = ("A", "B", "shapeB", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit", "absmax_code",
                  "absmax_offset")
-        a = dict(zip(names, args), **kwargs)
+        a = dict(zip(names[: len(args)], args, strict=True), **kwargs)
         A = a["A"]
         op = torch.ops.bitsandbytes
         if A.numel() // A.shape[-1] <= rows:
@@ -233,7 +233,7 @@ def _ds_boundary_and_step(tr: MemTracker, params, state) -> None:
     for p in params + [None]:
         if p is None or (bucket and size + p.numel() > DS_ALLREDUCE_BUCKET):
             flat = _flatten_dense_tensors([q.grad for q in bucket])
-            for q, f in zip(bucket, _unflatten_dense_tensors(flat, [q.grad for q in bucket])):
+            for q, f in zip(bucket, _unflatten_dense_tensors(flat, [q.grad for q in bucket]), strict=True):
                 q.grad.copy_(f)
             del flat, f
             bucket, size = [], 0
@@ -249,7 +249,7 @@ def _ds_boundary_and_step(tr: MemTracker, params, state) -> None:
     v.mul_(0.999).addcmul_(g32, g32, value=0.001)
     master.addcdiv_(m, v, value=-1e-4)  # FusedAdam: one fused kernel, no temporaries
     del g32
-    for p, f in zip(params, _unflatten_dense_tensors(master, params)):
+    for p, f in zip(params, _unflatten_dense_tensors(master, params), strict=True):
         p.data.copy_(f)
     del f
 
