@@ -25,6 +25,7 @@ allocator fragmentation and reserved memory, the CUDA context, NCCL buffers.
 
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -301,7 +302,11 @@ def trace_step(job: TraceJob) -> dict:
                 tr.set_phase("optimizer step")
                 opt.step()
         rep = tr.report()
-    rep["params"] = _param_bytes(model)
+        tr.close()
+        rep["params"] = _param_bytes(model)
+        del model, inputs, batch_held, params, tr
+        state = opt = None  # noqa: F841
+        gc.collect()
     return rep
 
 

@@ -54,15 +54,21 @@ class MemTracker(TorchDispatchMode):
         rec = self._live.get(id(st))
         if rec is None:
             raw = st.nbytes()
-            rec = [rounded(raw), raw, label]
+            rec = [rounded(raw), raw, label, None]
             key = id(st)
             self._live[key] = rec
-            weakref.finalize(st, self._free, key, rec)
+            rec[3] = weakref.finalize(st, self._free, key, rec)
             self._add(rec, 1)
         elif relabel and rec[2] != label:
             self._add(rec, -1)
             rec[2] = label
             self._add(rec, 1)
+
+    def close(self) -> None:
+        """Stop counting: detach every finalizer (none may fire once the fake mode is gone)."""
+        for rec in list(self._live.values()):
+            rec[3].detach()
+        self._live.clear()
 
     def label_of(self, t) -> str | None:
         rec = self._live.get(id(t.untyped_storage()))
