@@ -1,6 +1,6 @@
-"""The traced step against vramplan's estimate of the same job, at reduced size (docs/estimate.md#checked-against-reality):
-weights and gradients exact, the forward/backward activations + transients and the step peak of weights +
-gradients + activations within 3%. A reduced LLaVA-Llama-3 shape (real vocabulary, 2 decoder layers, narrow
+"""The traced step against vramplan's estimate of the same job, at reduced size
+(docs/estimate.md#checked-against-reality): weights and gradients exact, the forward/backward activations
++ transients and the step peak of weights + gradients + activations within 3%. A reduced LLaVA-Llama-3 shape (real vocabulary, 2 decoder layers, narrow
 widths) keeps it to seconds; benchmarks/trace_step.py traces the real size."""
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def rows(model, recipe, ckpt):
 
 
 SLOW = pytest.mark.slow  # the whole directory stays under ~3 minutes on 2 cores without these
-GRID = [("llava-llama3-8b-instruct", "qlora", True), pytest.param("llava-llama3-8b-instruct", "qlora", False, marks=SLOW),
+GRID = [("llava-llama3-8b-instruct", "qlora", True),
+        pytest.param("llava-llama3-8b-instruct", "qlora", False, marks=SLOW),
         pytest.param("llava-llama3-8b-instruct", "lora", True, marks=SLOW), ("llama-3-8b-instruct", "qlora", False),
         pytest.param("llama-3-8b-instruct", "lora", True, marks=SLOW)]
 
