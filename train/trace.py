@@ -277,7 +277,7 @@ def trace_step(job: TraceJob) -> dict:
         _label_states(tr, model)
         for t in inputs.values():
             tr.track(t, "inputs", relabel=True)
-        batch_held = dict(inputs)  # noqa: F841 - the collated batch stays alive for the whole step
+        batch_held = dict(inputs)  # the collated batch stays alive for the whole step
         if job.fake:
             inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
         _phase_hooks(tr, model)
@@ -305,7 +305,7 @@ def trace_step(job: TraceJob) -> dict:
         tr.close()
         rep["params"] = _param_bytes(model)
         del model, inputs, batch_held, params, tr
-        state = opt = None  # noqa: F841
+        state = opt = None  # the optimizer states go before the fake mode does
         gc.collect()
     return rep
 

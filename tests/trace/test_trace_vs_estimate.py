@@ -1,7 +1,8 @@
 """The traced step against vramplan's estimate of the same job, at reduced size
 (docs/estimate.md#checked-against-reality): weights and gradients exact, the forward/backward activations
-+ transients and the step peak of weights + gradients + activations within 3%. A reduced LLaVA-Llama-3 shape (real vocabulary, 2 decoder layers, narrow
-widths) keeps it to seconds; benchmarks/trace_step.py traces the real size."""
++ transients and the step peak of weights + gradients + activations within 3%. A reduced LLaVA-Llama-3 shape
+(real vocabulary, 2 decoder layers, narrow widths) keeps it to seconds; benchmarks/trace_step.py traces the
+real size."""
 
 from __future__ import annotations
 
