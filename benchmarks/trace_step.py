@@ -32,7 +32,8 @@ STATES = ("weights_quantized", "weights_frozen", "weights_trainable", "gradients
           "inputs")
 
 
-def vramplan_job(model: str, recipe: str, seq: int, micro: int, ckpt: bool, attn: str, layers: int | None):
+def vramplan_job(model: str, recipe: str, seq: int, micro: int, ckpt: bool, attn: str, layers: int | None,
+                 targets: str | None = None):
     """vramplan's Job for the run (1 GPU, ZeRO-0) and its evaluated candidate."""
     from vramplan.estimate.param_groups import param_groups
     from vramplan.estimate.search import evaluate
@@ -45,6 +46,9 @@ def vramplan_job(model: str, recipe: str, seq: int, micro: int, ckpt: bool, attn
                                        disk="100TB"))
     if layers:
         job = replace(job, model=replace(job.model, text=replace(job.model.text, num_layers=layers)))
+    if targets and job.recipe.llm_lora:
+        job = replace(job, recipe=replace(job.recipe, llm_lora=replace(job.recipe.llm_lora,
+                                                                         targets=tuple(targets.split(",")))))
     cand = evaluate(job, param_groups(job.model, job.recipe), Strategy(0, "none", 1, 1, micro, 1, ckpt))
     return job, cand
 
@@ -103,12 +107,14 @@ def main(argv=None) -> int:
     ap.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
     ap.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed")
     ap.add_argument("--layers", type=int, help="trace this many decoder layers instead of the profile's")
+    ap.add_argument("--lora-targets", help="LLM LoRA target modules instead of the recipe's, e.g. q_proj,v_proj")
     ap.add_argument("--json", action="store_true", help="print the trace and the comparison as JSON")
     a = ap.parse_args(argv)
     from vramplan.errors import UsageError
 
     try:
-        job, cand = vramplan_job(a.model, a.recipe, a.seq_len, a.micro_batch, a.grad_ckpt, a.attn, a.layers)
+        job, cand = vramplan_job(a.model, a.recipe, a.seq_len, a.micro_batch, a.grad_ckpt, a.attn, a.layers,
+                                 a.lora_targets)
     except UsageError as e:
         print(f"error: {e.message}" + (f" ({e.hint})" if e.hint else ""), file=sys.stderr)
         return 2

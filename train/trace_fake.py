@@ -19,6 +19,8 @@ constraints.txt; these touch library internals).
     sequence per row (masking_utils.py), so it is made to return None; an all-ones attention mask is
     materialized instead of dropped, so the fake run passes none (the same SDPA is_causal path);
     TRANSFORMERS_DISABLE_TORCH_CHECK=1 skips LLaVA's image-token count check.
+  * dropout (peft lora_dropout) takes CUDA's fused native_dropout path (a 1-byte mask), not CPU's
+    2-byte noise tensor (`cuda_dropout`), in the fake and the real run alike.
   * masked_select (LLaVA's masked_scatter backward) has a data-dependent size: the known count is given.
 """
 
@@ -28,6 +30,27 @@ import os
 from contextlib import ExitStack, contextmanager
 
 import torch
+
+
+@contextmanager
+def cuda_dropout():
+    """Dropout as it runs on CUDA: aten/src/ATen/native/Dropout.cpp `dropout` takes the fused
+    `native_dropout` kernel on CUDA (is_fused_kernel_acceptable), which saves a 1-byte bool mask; on CPU it
+    decomposes into a compute-dtype noise tensor (2 B per element for bf16) that `mul` saves."""
+    import torch.nn.functional as F
+
+    orig = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and not inplace and input.numel():
+            return torch.native_dropout(input, p, True)[0]
+        return orig(input, p, training, inplace)
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = orig
 
 
 @contextmanager
@@ -62,6 +85,7 @@ def patched(fake_mode) -> object:
     if fake_mode is not None:
         mu.find_packed_sequence_indices = lambda position_ids: None
         os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
+    stack.enter_context(cuda_dropout())  # both fake and real runs: the CUDA kernel's allocations
     try:
         with stack:
             yield
