@@ -485,3 +485,14 @@ def test_workers_and_attn_flags_reach_the_dataloader_and_the_model(tiny, tmp_pat
     assert trainer.get_train_dataloader().num_workers == 2
     with pytest.raises(UsageError, match="--workers"):
         _cfg(tiny, dataloader_workers=-1)
+
+
+def test_attn_flash_is_flash_attention_2_and_needs_cuda(tiny, tmp_path):
+    from train.config import from_args
+    from train.model import load_base
+
+    cfg = from_args(_ns("--model", str(tiny / "model"), "--dataset", str(tiny / "data.json"), "--images",
+                        str(tiny / "images"), "--output", str(tmp_path), "--recipe", "lora", "--attn", "flash"))
+    assert cfg.attn_implementation == "flash"
+    with pytest.raises(UsageError, match="--attn flash: FlashAttention-2 needs a CUDA GPU"):
+        load_base(cfg.model_path, cfg, "cpu")
