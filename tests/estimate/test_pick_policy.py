@@ -145,7 +145,9 @@ def test_one_a100_80g_picks_no_offload_and_no_zero3():
     s = c.strategy
     assert s.zero_stage != 3 and s.offload == Offload.NONE and s.gpus == 1
     window = [res.candidates[i] for i in res.pick_policy["within_tolerance"]]
-    assert c.margin_fraction >= max(x.margin_fraction for x in window) - MARGIN_STEP
+    # a margin above MARGIN_ENOUGH of the card counts as MARGIN_ENOUGH (the policy's rule, vramplan/estimate/policy.py)
+    best = max(min(x.margin_fraction, MARGIN_ENOUGH) for x in window)
+    assert min(c.margin_fraction, MARGIN_ENOUGH) >= best - MARGIN_STEP
 
 
 def test_two_a100_80g_use_both_gpus_with_zero2():
