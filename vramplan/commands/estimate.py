@@ -84,10 +84,11 @@ def estimate_options(f):
         ),
         click.option(
             "--attn",
-            type=click.Choice(["sdpa", "eager"]),
+            type=click.Choice(["sdpa", "eager", "flash"]),
             default="sdpa",
             show_default=True,
-            help="Attention implementation (eager also saves the attention probabilities: more memory).",
+            help="Attention implementation (eager also saves the attention probabilities: more memory; "
+            "flash = FlashAttention-2, CUDA only).",
         ),
         click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
     ]

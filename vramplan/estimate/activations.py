@@ -7,8 +7,11 @@ sequence lengths. This module composes them for one micro-batch (docs/estimate.m
   * without checkpointing every decoder layer keeps its saved tensors until backward;
   * gradient checkpointing keeps only each layer's input and recomputes one layer at a time in backward
     (that layer's full activations are live then);
-  * the logits/loss backward peaks at LOGIT_PEAK_BYTES per logit (vramcalc's measurement: bf16 logits,
-    their fp32 upcast, the fp32 log-softmax and its gradient).
+  * the logits/loss backward peaks at LOGIT_PEAK_BYTES per logit: the fp32 log-softmax saved by
+    cross_entropy (transformers loss/loss_utils.py ForCausalLMLoss upcasts the logits), the nll_loss gradient
+    and the log_softmax_backward output. The bf16 logits are gone by then: HF Trainer's compute_loss returns
+    the loss only and drops the model output before backward (transformers trainer.py compute_loss,
+    training_step). Seen in the whole-step trace (benchmarks/trace_step.py, docs/estimate.md#checked-against-reality).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from vramplan.estimate.families import module_for
 from vramplan.estimate.specs import LoraSpec, ProjectorSpec, TextSpec, VisionSpec
 
-LOGIT_PEAK_BYTES = 14  # s*b*V*(2 + 4 + 4 + 4) at the log-softmax backward (vramcalc, measured)
+LOGIT_PEAK_BYTES = 12  # s*b*V*(4 + 4 + 4) at the log-softmax backward (whole-step trace; see above)
 
 
 def llm_layer_bytes_per_token(t: TextSpec, mode: str, lora: LoraSpec | None, attn: str, seq: int,

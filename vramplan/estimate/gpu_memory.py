@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.activations import ActivationBreakdown
+from vramplan.estimate.activations import LOGIT_PEAK_BYTES, ActivationBreakdown
 from vramplan.estimate.ds_config import SUB_GROUP_SIZE
 from vramplan.estimate.optimizers import DS_ALLREDUCE_BUCKET, EIGHT_BIT, TORCH, describe, paged, state_bytes
 from vramplan.estimate.param_groups import ParamGroups
@@ -207,8 +207,9 @@ def _activation_transients(
             "logits_loss_peak",
             act.logits_peak,
             "transient",
-            "14 B x tokens x vocab at the loss backward",
-            "vramcalc measured 14 B/logit; docs/estimate.md#activations",
+            f"{LOGIT_PEAK_BYTES} B x tokens x vocab at the loss backward (fp32 log-softmax + its gradients; "
+            "HF Trainer has dropped the 16-bit logits)",
+            "transformers trainer.py compute_loss + loss_utils.py ForCausalLMLoss; docs/estimate.md#activations",
         ),
     ]
     if act.llm_recompute:

@@ -2,8 +2,10 @@
 
 1. Set aside ZeRO-3 on one GPU while any other plan fits, and ZeRO-3 with 4-bit weights while a plan
    at ZeRO-2 or below fits.
-2. Keep the rest that are within the speed tolerance of the fastest of them: a time difference that
-   small is inside the time estimate's own error.
+2. Of the rest, keep those with enough margin (MARGIN_ENOUGH of the card) when any has: a thinner margin
+   is inside the memory estimate's own error, so a faster plan with it is not worth the bet.
+   Then keep those within the speed tolerance of the fastest: a time difference that small is inside the
+   time estimate's own error.
 3. Keep those whose memory margin is within MARGIN_STEP of the card of the largest margin, a margin
    above MARGIN_ENOUGH of the card counting as MARGIN_ENOUGH.
 4. Of those, prefer the lower ZeRO stage (1 and 2 are one step, ZeRO-2 first), less offload, more of
@@ -74,6 +76,9 @@ def choose(cands: list[Candidate], job: Job, among: list[int] | None = None) -> 
         return None, {}
     aside = set_aside(cands, fitting, job)
     eligible = [i for i in fitting if i not in aside]
+    roomy = [i for i in eligible if cands[i].margin_fraction >= MARGIN_ENOUGH]
+    thin = [i for i in eligible if i not in roomy] if roomy else []
+    eligible = roomy or eligible
     fastest = min(eligible, key=lambda i: rank_key(cands[i]))
     limit = cands[fastest].time_seconds * (1 + job.speed_tolerance) + 1e-9
     window = [i for i in eligible if cands[i].time_seconds <= limit]
@@ -81,7 +86,7 @@ def choose(cands: list[Candidate], job: Job, among: list[int] | None = None) -> 
     floor = best_margin - MARGIN_STEP * job.hardware.memory_bytes
     safe = [i for i in window if _capped_margin(cands[i], job) >= floor]
     best = min(safe, key=lambda i: preference(cands[i]))
-    return best, {"aside": aside, "fastest": fastest, "window": window, "safe": safe}
+    return best, {"aside": aside, "thin": thin, "fastest": fastest, "window": window, "safe": safe}
 
 
 def lost_on(i: int, best: int, cands: list[Candidate], sets: dict, job: Job) -> tuple[str, str]:
@@ -89,6 +94,9 @@ def lost_on(i: int, best: int, cands: list[Candidate], sets: dict, job: Job) -> 
     c, b = cands[i], cands[best]
     if i in sets["aside"]:
         return "set aside", sets["aside"][i]
+    if i in sets["thin"]:
+        return "margin", (f"{margin_text(c)}, under the {MARGIN_ENOUGH:.0%} of the card that covers the memory "
+                          f"estimate's error, vs the pick's {margin_text(b)}")
     if i not in sets["window"]:
         slower = c.time_seconds / cands[sets["fastest"]].time_seconds - 1
         return "speed", f"{slower:.1%} slower than the fastest, beyond the {job.speed_tolerance:.0%} tolerance"
@@ -116,7 +124,8 @@ def _reason(best: int, cands: list[Candidate], sets: dict, job: Job) -> tuple[st
         decided = "speed"
         faster = " ".join(r for i, r in sets["aside"].items() if cands[i].time_seconds < b.time_seconds)
         kinds = [k for k, r in (("on one GPU", ONE_GPU_ZERO3), ("with 4-bit weights", ZERO3_4BIT)) if r in faster]
-        parts.append("the fastest plan" + (f" once ZeRO-3 {' and '.join(kinds)} is set aside" if kinds else ""))
+        what = "the fastest plan with enough margin" if sets["thin"] else "the fastest plan"
+        parts.append(what + (f" once ZeRO-3 {' and '.join(kinds)} is set aside" if kinds else ""))
     else:
         decided, detail = lost_on(f, best, cands, sets, job)
         slower = b.time_seconds / cands[f].time_seconds - 1
@@ -131,7 +140,8 @@ def _reason(best: int, cands: list[Candidate], sets: dict, job: Job) -> tuple[st
 
 
 def policy_text(job: Job) -> str:
-    return (f"the plans that fit within {job.speed_tolerance:.0%} of the fastest (--speed-tolerance), then the "
+    return (f"the plans that fit with enough margin ({MARGIN_ENOUGH:.0%} of the card) if any, within "
+            f"{job.speed_tolerance:.0%} of the fastest of them (--speed-tolerance), then the "
             f"larger margin (equal within {MARGIN_STEP:.1%} of the card, enough at {MARGIN_ENOUGH:.0%}), lower ZeRO "
             "stage, less offload, all GPUs in use; ZeRO-3 only on several GPUs, with 4-bit weights only if no ZeRO-2 "
             "plan fits")

@@ -66,6 +66,8 @@ def incompatibility(job: Job, s: Strategy) -> str | None:
         return "optimizer offload needs ZeRO stage >= 1"
     if s.offload == Offload.PARAMS and s.zero_stage != 3:
         return "parameter offload needs ZeRO-3"
+    if job.attn == "flash" and job.device != "cuda":
+        return "FlashAttention-2 (--attn flash) runs on CUDA GPUs only"
     if job.quant == Quant.INT8 and s.zero_stage == 3:
         return "8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3; use ZeRO-2 or NF4 with quant storage"
     return None

@@ -38,7 +38,7 @@ class Quant:
 
 ZERO_STAGES = (0, 1, 2, 3)
 DEVICES = ("cuda", "npu", "cpu")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash")  # flash: transformers "flash_attention_2"
 COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 SPEED_TOLERANCE = 0.10  # default --speed-tolerance: the pick's time window (docs/estimate.md#the-pick)
 
@@ -89,7 +89,7 @@ class Job:
     quant: str
     headroom: float  # fraction of device memory kept free
     device: str = "cuda"
-    attn: str = "sdpa"  # attention implementation (--attn): eager saves the attention probabilities
+    attn: str = "sdpa"  # attention implementation (--attn sdpa|eager|flash): eager saves the attention probabilities
     cpu_ram_bytes: int | None = None  # per node, when known
     cpu_cores: int = 0  # physical cores per node, when the plan is for this host (CPU Adam); 0 = the prior
     disk_free_bytes: int | None = None

@@ -45,7 +45,7 @@ class EstimateOptions:
     calibration: str | None = None  # --calibration FILE
     device: str | None = None  # --device cuda|npu|cpu (default: from the GPUs)
     workers: int = 0  # --workers: DataLoader worker processes per rank (each costs CPU RAM, speeds up image decoding)
-    attn: str = "sdpa"  # --attn sdpa|eager: eager saves the attention probabilities (much more memory)
+    attn: str = "sdpa"  # --attn sdpa|eager|flash: eager saves the attention probabilities (much more memory)
     speed_tolerance: float = SPEED_TOLERANCE  # --speed-tolerance: the pick's time window, a fraction
     optimizer: str | None = None  # --optimizer (default: the recipe's)
     trainable_dtype: str | None = None  # --trainable-dtype fp32|bf16 (plain PyTorch)

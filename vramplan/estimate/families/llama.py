@@ -9,8 +9,9 @@ Activations (docs/estimate.md#activations; structure of Korthikanti et al. 2022,
 saved for backward per token per layer with 16-bit compute and SDPA, counted op by op and pinned by
 tests/estimate/test_activation_truth.py against torch.autograd.graph.saved_tensors_hooks:
   weights trainable (full fine-tune):   16h + 4q + 4kv + 8i + 4a + 8
-  weights frozen, LoRA adapters:        14h + 4q + 4kv + 7i + 4a + 8  + 2r per adapted Linear (the A output)
-                                        + 3*d_in per adapted Linear if lora_dropout > 0 (dropped copy + mask)
+  weights frozen, LoRA adapters:        the frozen figure below + 2r per adapted Linear (the A output)
+                                        + 3*d_in per adapted Linear if lora_dropout > 0 (dropped copy + mask),
+                                        else the adapters' shared inputs (see _lora_bytes_per_token)
   weights frozen, no adapters, but gradients flow to earlier modules (projector pretraining):
                                         8h + 4q + 4kv + 6i + 4a + 8
 where 16h = two RMSNorms (fp32 upcast 4h + normalised 2h + output 2h each), 4q/4kv = SDPA's saved q, k, v
@@ -141,18 +142,34 @@ def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, com
     if mode == "full":
         b = 16 * h + 4 * q + 4 * kv + 8 * i + 4 * a + 8
     elif mode == "lora":
-        b = 14 * h + 4 * q + 4 * kv + 7 * i + 4 * a + 8 + _lora_bytes_per_token(t, lora)
+        b = 8 * h + 4 * q + 4 * kv + 6 * i + 4 * a + 8 + _lora_bytes_per_token(t, lora)
     elif mode == "frozen":
         b = 8 * h + 4 * q + 4 * kv + 6 * i + 4 * a + 8
     else:
         raise ValueError(mode)
     if attn == "eager":
+        # transformers eager_attention_forward: softmax in fp32 (saved, 4 B) cast to the compute dtype (saved
+        # by the probs @ V matmul, 2 B) per score; no logsumexp
         b += a * seq * 6 - 4 * a
+    # "sdpa" and "flash" save the same: SDPA's flash/efficient CUDA kernels and FlashAttention-2
+    # (flash_attn_interface.py FlashAttnFunc: save_for_backward(q, k, v, out, softmax_lse)) keep q, k, v,
+    # the output and an fp32 logsumexp per head and token
     # the coefficients are for 16-bit compute; fp32 compute doubles the 16-bit saves (approximation)
     return b * (compute_bytes / 2) if compute_bytes != 2 else b
 
 
 def _lora_bytes_per_token(t: TextSpec, lora) -> int:
+    """What peft's LoRA adds to a frozen layer's saves, per token (peft tuners/lora/layer.py Linear.forward:
+    lora_B(lora_A(dropout(x)))): each adapted Linear's A output (2r), and the input lora_A saves:
+      * lora_dropout > 0: the dropped copy (2 B) and the dropout mask (1 B bool: on CUDA aten dropout takes
+        the fused native_dropout kernel, aten/src/ATen/native/Dropout.cpp) per input element, per adapter;
+      * no dropout: the input itself, shared by the adapters that read it: the attention norm's output
+        (2h) if q, k or v is adapted, the MLP norm's output (2h) if gate or up is, the SwiGLU product (2i)
+        if down is; o_proj reads SDPA's output, which SDPA saves anyway.
+    The frozen base Linear saves nothing: its weight needs no gradient. That holds for bitsandbytes 4-bit
+    layers too as pinned (0.50.2 autograd/_functions.py MatMul4Bit keeps ctx.tensors = (None, B));
+    releases before it kept the input as well (ctx.tensors = (A, B)), i.e. every 4-bit Linear's input
+    whether adapted or not (2h + 2h + 2i per token; checked by tests/trace/)."""
     from vramplan.estimate.families import targeted
 
     if lora is None:
@@ -160,8 +177,11 @@ def _lora_bytes_per_token(t: TextSpec, lora) -> int:
     adapted = [g for g in linear_groups(t) if targeted(g, lora.targets)]
     per = 2 * lora.r * len(adapted)
     if lora.dropout > 0:
-        per += 3 * sum(g.d_in for g in adapted)
-    return per
+        return per + 3 * sum(g.d_in for g in adapted)
+    names = {g.name for g in adapted}
+    h = t.hidden_size
+    return per + (2 * h if names & {"q_proj", "k_proj", "v_proj"} else 0) + (
+        2 * h if names & {"gate_proj", "up_proj"} else 0) + (2 * t.intermediate_size if "down_proj" in names else 0)
 
 
 def checkpointed_bytes_per_token(t: TextSpec, compute_bytes: int) -> int:
