@@ -93,3 +93,31 @@ def test_kv_cache_tokens_follow_the_window(tmp_path, name):
         # transformers keeps W - 1 tokens once past the window; the estimate counts W (one token per layer more)
         assert sum(held) / len(held) <= ours <= sum(held) / len(held) + 1
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == spec.text.family
+
+
+def _estimate(args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-m", "vramplan", "estimate", *args, "--json"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["data"]
+
+
+def test_profile_free_text_only_dirs_plan_and_say_their_family(tmp_path):
+    """`--model DIR` with only a Mistral/Qwen2 config.json: training and inference plans name the family; the
+    inference KV cache stops growing at Mistral's window."""
+    transformers.MistralConfig().save_pretrained(tmp_path / "mistral")  # 7B defaults, sliding_window 4096
+    transformers.Qwen2Config(tie_word_embeddings=True).save_pretrained(tmp_path / "qwen2")
+    train = _estimate(["--model", str(tmp_path / "qwen2"), "--gpus", "1x80GB"])
+    assert train["model"]["family"] == "qwen2" and train["model"]["image_tokens"] == 0 and train["pick"] is not None
+    kv = {}
+    for context in (4096, 32768):
+        d = _estimate(["--model", str(tmp_path / "mistral"), "--gpus", "1x80GB", "--task", "infer",
+                       "--context", str(context)])
+        assert d["model"]["family"] == "mistral"
+        kv[context] = d["candidates"][0]["vram_breakdown"]["kv_cache"]
+    assert kv[4096] == kv[32768] == 2 * 8 * 128 * 2 * 4096 * 32  # K and V, 8 kv heads x 128, bf16, 32 layers
