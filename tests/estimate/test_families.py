@@ -121,3 +121,44 @@ def test_profile_free_text_only_dirs_plan_and_say_their_family(tmp_path):
         assert d["model"]["family"] == "mistral"
         kv[context] = d["candidates"][0]["vram_breakdown"]["kv_cache"]
     assert kv[4096] == kv[32768] == 2 * 8 * 128 * 2 * 4096 * 32  # K and V, 8 kv heads x 128, bf16, 32 layers
+
+
+LLM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _layer_saved_bytes(name, mode, lora, b, s):
+    """saved(2 layers) - saved(1 layer) of the real bf16 model, as tests/estimate/test_activation_truth.py does."""
+    peft = pytest.importorskip("peft")
+    from .act_measure import saved_bytes
+
+    cls, extra, cls_name = CASES[name]
+    out = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        cfg = cls(**{**TINY, "num_hidden_layers": layers}, **extra, attn_implementation="sdpa")
+        m = getattr(transformers, cls_name)(cfg).to(torch.bfloat16)
+        m.requires_grad_(mode == "full")
+        if mode == "lora":
+            m = peft.get_peft_model(m, peft.LoraConfig(r=lora.r, lora_alpha=16, lora_dropout=lora.dropout,
+                                                       target_modules=list(lora.targets)),
+                                    autocast_adapter_dtype=False).to(torch.bfloat16)
+        inner = m.base_model.model.model if mode == "lora" else m.model
+        m.train()
+        emb = torch.randn(b, s, TINY["hidden_size"], dtype=torch.bfloat16, requires_grad=True)
+        out.append(saved_bytes(lambda: inner(inputs_embeds=emb).last_hidden_state, list(m.parameters())))
+    return out[1] - out[0]
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("mode,lr", [("full", None), ("lora", (8, 0.05)), ("frozen", None)])
+def test_layer_activation_bytes_against_saved_tensors(tmp_path, name, mode, lr):
+    from vramplan.estimate.activations import llm_layer_bytes_per_token
+    from vramplan.estimate.specs import LoraSpec
+
+    lora = LoraSpec(r=lr[0], alpha=16, dropout=lr[1], targets=tuple(LLM_LINEARS)) if lr else None
+    config_dir(tmp_path, name)
+    spec = load_model_dir(tmp_path).text
+    b, s = 2, 48
+    measured = _layer_saved_bytes(name, mode, lora, b, s)
+    predicted = llm_layer_bytes_per_token(spec, mode, lora, "sdpa", s) * b * s
+    assert predicted == pytest.approx(measured, rel=0.02), (predicted, measured)

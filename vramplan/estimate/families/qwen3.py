@@ -6,9 +6,10 @@ k_norm = RMSNorm(head_dim) per layer (one weight of head_dim each, shared by all
 window as Qwen2's (families/qwen2.py). Exact counts are checked on the meta device by
 tests/estimate/test_families.py.
 
-Activations: Llama's (families/llama.py) plus the two head norms, counted like the layer RMSNorms there: per
-token, q_norm saves its fp32 upcast 4q, the normalised 2q and (with trainable weights) the output 2q, plus a fp32
-rstd per head 4a; k_norm the same on kv and the kv heads.
+Activations: Llama's (families/llama.py) plus the two head norms (Qwen3RMSNorm: fp32 upcast, x * rsqrt(mean(x^2)),
+cast back, times the weight). Per token, q_norm saves its fp32 input 4q and a fp32 rstd per head 4a, and the
+normalised bf16 2q only when its weight is trainable (full fine-tuning); k_norm the same on kv and the kv heads.
+RoPE after the norms saves only cos/sin. Pinned by tests/estimate/test_families.py against saved_tensors_hooks.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def layer_params(t: Qwen3Spec) -> int:
 
 def saved_bytes_per_token(t: Qwen3Spec, mode: str, lora, attn: str, seq: int, compute_bytes: int = 2) -> float:
     q, kv, a, akv = t.q_dim, t.kv_dim, t.num_attention_heads, t.num_key_value_heads
-    per = (8 if mode == "full" else 6) * (q + kv) + 4 * (a + akv)
+    per = (6 if mode == "full" else 4) * (q + kv) + 4 * (a + akv)
     if compute_bytes != 2:
         per = per * compute_bytes / 2
     return llama.saved_bytes_per_token(t, mode, lora, attn, seq, compute_bytes) + per
