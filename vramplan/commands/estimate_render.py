@@ -57,7 +57,7 @@ def _zero(c: dict) -> str:
 
 
 def _family(m: dict) -> str:
-    """" (mistral)": the family modules that described the model (docs/estimate.md#families)."""
+    """" (mistral)": the family modules that described the model (docs/estimate.md#parameters)."""
     return f" ({m['family']})" if m.get("family") else ""
 
 
