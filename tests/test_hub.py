@@ -82,9 +82,14 @@ def hub_snapshot():
     return next((Path(os.environ["HF_HUB_CACHE"]) / "models--org--tiny-llava" / "snapshots").iterdir())
 
 
-def test_single_file_llm(hub):
+def test_single_file_llm_and_unreachable_hub(hub, monkeypatch):
     spec = resolve_model("org/tiny-llama")
     assert spec.vision is None and spec.stored_total_bytes > 0 and hub.weight_bytes == 0
+    # the hub goes away: the cached answer, then for an uncached id one line
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert resolve_model("org/tiny-llama").stored_total_bytes == spec.stored_total_bytes
+    with pytest.raises(UsageError, match="cannot reach the Hugging Face hub"):
+        resolve_model("org/tiny-llava")
 
 
 def test_offline_without_cache_says_how_to_fetch(hub, monkeypatch):

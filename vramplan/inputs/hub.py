@@ -71,7 +71,7 @@ def load_hub_model(arg: str):
             spec = _from_cache(arg, repo, rev)
             if spec is None:
                 raise UsageError(f"--model {arg}: cannot reach the Hugging Face hub ({e})",
-                                 f"check the network or HF_ENDPOINT; {_fetch_hint(arg)}",
+                                 "check the network or HF_ENDPOINT and retry, or pass a local dir",
                                  code="model_not_found") from None
             return spec
     spec = _from_cache(arg, repo, rev)
@@ -119,7 +119,7 @@ def fetch(repo: str, rev: str | None) -> None:
     """Fill the caches for `repo` at `rev`: small files into the hub cache, headers into ours."""
     import httpx2
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
     arg = repo + (f"@{rev}" if rev else "")
@@ -151,7 +151,7 @@ def fetch(repo: str, rev: str | None) -> None:
                          "write ORG/NAME or ORG/NAME@REVISION, or pass a local dir") from None
     except HfHubHTTPError as e:
         raise _http_error(arg, e) from None
-    except (OfflineModeIsEnabled, httpx2.TransportError) as e:
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.TransportError) as e:
         raise _Unreachable(type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e) else "")) from None
     except OSError as e:
         raise UsageError(f"--model {arg}: cannot write the cache ({e})",
