@@ -114,7 +114,8 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(UsageError) as e:
         resolve_model("someorg/tiny-llava")
-    assert "Hugging Face cache" in e.value.hint and "huggingface-cli download someorg/tiny-llava" in e.value.hint
+    assert "Hugging Face cache" in e.value.message and e.value.exit_code == 2
+    assert "HF_HUB_OFFLINE=0 vramplan estimate --model someorg/tiny-llava" in e.value.hint
     repo = tmp_path / "hub" / "models--someorg--tiny-llava"
     snap = repo / "snapshots" / "abc123"
     tiny_llava(torch.bfloat16).save_pretrained(snap)

@@ -56,13 +56,18 @@ def _zero(c: dict) -> str:
     return "none" if c.get("engine") == "torch" else str(c["zero_stage"])
 
 
+def _family(m: dict) -> str:
+    """" (mistral)": the family modules that described the model (docs/estimate.md#parameters)."""
+    return f" ({m['family']})" if m.get("family") else ""
+
+
 def _header(con, data: dict) -> None:
     from rich.text import Text
 
     m, r, hw = data["model"], data["recipe"], data["hardware"]
     size = f"{m['params'] / 1e9:.2f} B" if m["params"] >= 1e8 else f"{m['params'] / 1e6:.2f} M"
     lines = [
-        f"model     {m['name']}: {size} params, {m['trainable_params'] / 1e6:.1f} M trainable"
+        f"model     {m['name']}{_family(m)}: {size} params, {m['trainable_params'] / 1e6:.1f} M trainable"
         f" ({data['quant']} LLM, {data['compute_dtype']} compute)",
         f"recipe    {r['name']}: seq {data['seq_len']} tokens ({m['image_tokens']} image), "
         f"{data['samples']} samples x {data['epochs']} epoch(s), global batch {r['global_batch']}",
@@ -214,7 +219,7 @@ def render_infer(con, data: dict) -> None:
     m, hw, pick = data["model"], data["hardware"], data["pick"]
     cands = data["candidates"]
     lines = [
-        f"inference {m['name']}: {m['params'] / 1e9:.2f} B params, stored {m['stored_dtype']}; context "
+        f"inference {m['name']}{_family(m)}: {m['params'] / 1e9:.2f} B params, stored {m['stored_dtype']}; context "
         f"{data['context']} tokens x batch {data['batch']}; weights in {', '.join(data['dtypes'])}"
         + (f" (--quant {data['quant']})" if data.get("quant") else ""),
         f"hardware  {hw['nodes']} node(s) x {hw['gpus_per_node']} x {hw['gpu_name']} "

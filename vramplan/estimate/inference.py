@@ -97,7 +97,7 @@ def _layout(job: Job, dtype: str, context: int, batch: int) -> _Layout:
     first = (c.llm_embed + c.vision_total + c.projector) * bc
     return _Layout(
         decoder_layer=layer, first=first, last=weight_bytes(job, dtype) - first - t.num_layers * layer,
-        kv_per_layer=text.kv_bytes_per_token(t, bc) * context * batch,
+        kv_per_layer=round(text.kv_bytes_per_token(t, bc) * text.kv_cache_tokens(t, context) * batch),
         logits=batch * t.vocab_size * 4,  # last-token logits (generate keeps 1 position), fp32
         prefill=batch * context * text.prefill_bytes_per_token(t, bc), act_bytes=bc,
     )

@@ -41,6 +41,13 @@ class ModelSpec:
     image_token_added: bool = True  # an <image> token is added to the vocab (HF LLaVA); XTuner adds none
 
     @property
+    def family(self) -> str:
+        """The family modules that describe it: "mistral", or "llava: llama + clip" for a VLM."""
+        if self.vision is None:
+            return self.text.family
+        return f"{self.projector.family if self.projector else 'vlm'}: {self.text.family} + {self.vision.family}"
+
+    @property
     def image_tokens(self) -> int:
         """LLM tokens per image."""
         if self.vision is None:

@@ -101,14 +101,20 @@ def safetensors_files(d: Path) -> list[Path]:
     return sorted(d.glob("*.safetensors"))
 
 
-def stored_sizes(d: Path) -> tuple[int | None, dict[str, int]]:
-    """(total bytes, bytes by dtype) of the weights, exact from headers; (None, {}) without safetensors."""
+def stored_sizes(d: Path, headers: dict | None = None) -> tuple[int | None, dict[str, int]]:
+    """(total bytes, bytes by dtype) of the weights, exact from headers; (None, {}) without safetensors.
+    `headers` (file name -> header, read from the hub by vramplan/inputs/hub.py) stands in for the files."""
     files = safetensors_files(d)
+    if headers is not None:
+        files = [d / f for f in sorted(headers)]
     if not files:
         return None, {}
     by: dict[str, int] = {}
     for f in files:
-        for dt, n in tensor_bytes(read_safetensors_header(f), f).values():
+        header = read_safetensors_header(f) if headers is None else headers[f.name]
+        if not isinstance(header, dict):
+            raise UsageError(f"{f}: cached header is not a JSON object", "delete the vramplan cache and fetch again")
+        for dt, n in tensor_bytes(header, f).values():
             by[dt] = by.get(dt, 0) + n
     return sum(by.values()), dict(sorted(by.items()))
 
@@ -122,8 +128,11 @@ def _dtype(cfg: dict, by_dtype: dict[str, int]) -> str:
     return max(floats, key=floats.get) if floats else "bf16"
 
 
-def load_model_dir(path: str | os.PathLike) -> ModelSpec:
-    """ModelSpec of a local HF dir (LlavaForConditionalGeneration or LlamaForCausalLM), exact stored sizes."""
+def load_model_dir(path: str | os.PathLike, headers: dict | None = None, name: str | None = None,
+                   local_weights: bool = True) -> ModelSpec:
+    """ModelSpec of a local HF dir (LlavaForConditionalGeneration or a decoder alone), exact stored sizes.
+    For a hub id (vramplan/inputs/hub.py): `headers` replaces the weight files, `name` is the hub id, and
+    without `local_weights` the spec has no path (the weights are still to be downloaded)."""
     d = Path(path).expanduser()
     fix = "pass a local Hugging Face model dir (with config.json) or a profile name (`vramplan profiles`)"
     if not d.exists():
@@ -146,11 +155,13 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
     where = str(cfg_path)
     try:
         mt = require(cfg, "model_type", str, where, allow_none=True, default=None)
-        name = require(cfg, "_name_or_path", str, where, allow_none=True, default=None) or d.name
+        name_or_path = require(cfg, "_name_or_path", str, where, allow_none=True, default=None)
     except ContractError as e:
         raise UsageError(e.message, "fix or re-download config.json") from None
-    total, by_dtype = stored_sizes(d)
-    common = dict(name=d.name, source=str(cfg_path), path=str(d.resolve()), stored_total_bytes=total,
+    hf_id = (name.partition("@")[0] if name else None) or name_or_path or d.name
+    total, by_dtype = stored_sizes(d, headers)
+    common = dict(name=name or d.name, source=str(cfg_path), path=str(d.resolve()) if local_weights else None,
+                  stored_total_bytes=total,
                   stored_bytes_by_dtype=by_dtype, stored_dtype=_dtype(cfg, by_dtype))
     from vramplan.estimate.families import for_model_type, known_model_types, llava, module_for
 
@@ -160,13 +171,13 @@ def load_model_dir(path: str | os.PathLike) -> ModelSpec:
         parts = _parse(llava.from_hf_config, cfg, where, hint)
         text_family = module_for(parts.text)
         return ModelSpec(text=parts.text, vision=parts.vision, projector=parts.projector,
-                         hf_ids={"llava": name},
+                         hf_ids={"llava": hf_id},
                          chat_template=text_family.chat_template(parts.text),
                          image_token_added=parts.image_token_added, **common)
     text_family = for_model_type("text", mt) if isinstance(mt, str) else None
     if text_family is not None:
         text = _parse(text_family.from_hf_config, cfg, where, hint)
-        return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": name},
+        return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": hf_id},
                          chat_template=text_family.chat_template(text), image_token_added=False, **common)
     raise UsageError(f"{where}: model_type {mt!r} is not supported", hint)
 
@@ -183,8 +194,9 @@ def _parse(from_hf_config, cfg: dict, where: str, hint: str):
 
 
 def looks_like_hub_id(arg: str) -> bool:
-    """`org/name`, which is not written like a path."""
-    return arg.count("/") == 1 and not arg.startswith(("/", ".", "~"))
+    """`org/name` or `org/name@revision`, which is not written like a path."""
+    repo = arg.partition("@")[0]
+    return repo.count("/") == 1 and not repo.startswith(("/", ".", "~")) and not repo.endswith("/")
 
 
 def looks_like_path(arg: str) -> bool:
@@ -192,12 +204,13 @@ def looks_like_path(arg: str) -> bool:
 
 
 def resolve_model(arg: str) -> ModelSpec:
-    """`--model` value: a local dir -> load_model_dir; a hub id already in the HF cache -> its snapshot;
-    anything else path-like -> load_model_dir (which says what is missing); else a profile id."""
+    """`--model` value: a local dir -> load_model_dir; a hub id `org/name[@rev]` -> vramplan/inputs/hub.py (the
+    hub, or its cache offline); anything else path-like -> load_model_dir (which says what is missing); else a
+    profile id."""
     if not Path(arg).expanduser().exists() and looks_like_hub_id(arg):
-        snap = hf_cache.cached_snapshot(arg, hf_cache.hub_cache_dir(), containing="config.json")
-        if snap is not None:
-            return load_model_dir(snap)
+        from vramplan.inputs.hub import load_hub_model
+
+        return load_hub_model(arg)
     if looks_like_path(arg):
         return load_model_dir(arg)
     from vramplan.inputs.profiles import load_model

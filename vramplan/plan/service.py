@@ -28,7 +28,7 @@ class EstimateResult:
         j = self.job
         g = param_groups(j.model, j.recipe)
         return {
-            "model": {"name": j.model.name, "path": j.model.path, "params": g.total_params,
+            "model": {"name": j.model.name, "family": j.model.family, "path": j.model.path, "params": g.total_params,
                       "trainable_params": g.trainable, "image_tokens": j.model.image_tokens},
             "recipe": recipe_dict(j.recipe),
             "hardware": self.context.selection,
@@ -87,6 +87,7 @@ def run_inference_estimate(o: EstimateOptions) -> dict:
         "task": "infer",
         "model": {
             "name": m.name,
+            "family": m.family,
             "path": m.path,
             "params": count_params(m).total,
             "trainable_params": 0,

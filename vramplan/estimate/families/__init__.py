@@ -14,7 +14,8 @@ Every family module defines:
   linear_groups(spec) -> list[LinearGroup]           every nn.Linear, by name and shape
   other_params(spec) -> dict[str, int]               every other parameter tensor group
 Text families add: saved_bytes_per_token, checkpointed_bytes_per_token, final_norm_bytes_per_token,
-  attention_flops_per_token, kv_bytes_per_token, prefill_bytes_per_token, layer_params, chat_template.
+  attention_flops_per_token, kv_bytes_per_token, kv_cache_tokens (tokens a layer's KV cache holds for a context:
+  the context, or less under a sliding window), prefill_bytes_per_token, layer_params, chat_template.
 Vision families add: saved_bytes_per_token, tokens_per_image, image_tokens, forward_transient_bytes.
 Projector families add: saved_bytes_per_image_token.
 docs/architecture.md#adding-a-model-family lists what adding one takes.

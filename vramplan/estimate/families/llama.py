@@ -78,10 +78,16 @@ def from_hf_config(cfg: dict, where: str, prefix: str = "") -> TextSpec:
     """TextSpec from a `LlamaConfig`-shaped dict (config.json or LLaVA's text_config, `prefix` "text_config.").
     A key that is absent or null takes LlamaConfig's default; a wrong type or range is a ContractError
     (a ValueError) naming `where` and the key."""
+    return TextSpec(**hf_fields(cfg, where, prefix, HF_DEFAULTS))
+
+
+def hf_fields(cfg: dict, where: str, prefix: str, defaults: dict) -> dict:
+    """The TextSpec fields of a Llama-layout config dict; `defaults` are the family's config class defaults
+    (families/mistral.py and families/qwen2.py read their configs with this and their own defaults)."""
 
     def get(key, kind=int, lo=1, default=None):
         v = require(cfg, key, kind, where, label=prefix + key, min=lo, allow_none=True, default=None)
-        return HF_DEFAULTS.get(key, default) if v is None else v
+        return defaults.get(key, default) if v is None else v
 
     heads, hidden, head_dim = get("num_attention_heads"), get("hidden_size"), get("head_dim", lo=0, default=0)
     kv_heads = get("num_key_value_heads", default=heads)
@@ -91,13 +97,13 @@ def from_hf_config(cfg: dict, where: str, prefix: str = "") -> TextSpec:
     if not head_dim and hidden % heads:
         raise ContractError(f"{where}: {prefix}hidden_size: {hidden} is not a multiple of num_attention_heads "
                             f"{heads} (and no head_dim is given)")
-    return TextSpec(num_layers=get("num_hidden_layers"), hidden_size=hidden,
-                    intermediate_size=get("intermediate_size"), num_attention_heads=heads,
-                    num_key_value_heads=kv_heads, vocab_size=get("vocab_size"), head_dim=head_dim,
-                    tie_word_embeddings=get("tie_word_embeddings", bool, None, False),
-                    attention_bias=get("attention_bias", bool, None, False),
-                    mlp_bias=get("mlp_bias", bool, None, False),
-                    max_position_embeddings=get("max_position_embeddings"))
+    return dict(num_layers=get("num_hidden_layers"), hidden_size=hidden,
+                intermediate_size=get("intermediate_size"), num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=get("vocab_size"), head_dim=head_dim,
+                tie_word_embeddings=get("tie_word_embeddings", bool, None, False),
+                attention_bias=get("attention_bias", bool, None, False),
+                mlp_bias=get("mlp_bias", bool, None, False),
+                max_position_embeddings=get("max_position_embeddings"))
 
 
 def chat_template(t: TextSpec) -> str:
@@ -199,6 +205,11 @@ def attention_flops_per_token(t: TextSpec, seq: int) -> float:
     """Score and value GEMMs, forward, all layers: 4*s*q per layer per token, halved by the causal mask
     (llm-analysis; Korthikanti et al. 2022)."""
     return 0.5 * 4 * seq * t.q_dim * t.num_layers
+
+
+def kv_cache_tokens(t: TextSpec, context: int) -> float:
+    """Tokens the KV cache holds per layer for a `context`-token sequence: all of them (full attention)."""
+    return context
 
 
 def kv_bytes_per_token(t: TextSpec, dtype_bytes: int) -> int:
