@@ -92,7 +92,8 @@ def build(job: TraceJob, fake_mode):
     recipe = "qlora" if job.quant == "nf4" else "lora"
     tc = SimpleNamespace(recipe=recipe, llm_lora=job.llm_lora, vision_lora=job.vision_lora,
                          train_projector=job.train_projector and job.vision is not None, train_llm_full=False,
-                         gradient_checkpointing=job.grad_ckpt)
+                         gradient_checkpointing=job.grad_ckpt, modules_to_save=(), trainable_dtype="fp32",
+                         ds_config={} if job.engine == "deepspeed" else None)
     model = prepare(model, tc)
     if fake_mode is not None:
         adopt_fake_tensors(model, fake_mode)
