@@ -107,9 +107,8 @@ PINNED_BNB = "0.50.2"  # constraints.txt's bitsandbytes: assumed where none is i
 
 
 def resolve_bnb(o: EstimateOptions, quant: str, ctx: Context) -> bool:
-    """Whether bitsandbytes' MatMul4Bit keeps each 4-bit Linear's input for backward (Job.kbit_saves_inputs):
-    releases before priors.BNB_DROPS_KBIT_INPUT do. The version is --bnb-version, else the installed one's
-    (read from its metadata: bitsandbytes itself is never imported), else the pinned one."""
+    """Whether bitsandbytes' MatMul4Bit keeps each 4-bit Linear's input (Job.kbit_saves_inputs): before
+    priors.BNB_DROPS_KBIT_INPUT. --bnb-version, else the installed one (metadata only), else the pinned one."""
     from importlib.metadata import PackageNotFoundError, version
 
     from vramplan.estimate.priors import BNB_DROPS_KBIT_INPUT
@@ -124,8 +123,8 @@ def resolve_bnb(o: EstimateOptions, quant: str, ctx: Context) -> bool:
             ver, where = PINNED_BNB, "not installed: the pinned version assumed"
     saves = version_tuple(ver) < BNB_DROPS_KBIT_INPUT
     if quant == Quant.NF4:
-        what = "keeps every 4-bit Linear's input for backward" if saves else "keeps no 4-bit Linear's input"
-        ctx.assumptions.append(f"bitsandbytes {ver} ({where}): MatMul4Bit {what}")
+        what = "every 4-bit Linear's input for backward" if saves else "no 4-bit Linear's input"
+        ctx.assumptions.append(f"bitsandbytes {ver} ({where}): MatMul4Bit keeps {what}")
     return saves
 
 
