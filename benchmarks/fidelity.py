@@ -28,6 +28,7 @@ from fidelity_cases import CASES  # noqa: E402
 
 from vramplan.errors import UsageError  # noqa: E402
 from vramplan.plan.request import EstimateOptions  # noqa: E402
+from vramplan.plan.resolve import PINNED_BNB  # noqa: E402
 from vramplan.plan.service import run_estimate, run_inference_estimate  # noqa: E402
 
 GiB = 2**30
@@ -63,6 +64,8 @@ def options_for(spec: dict) -> tuple[dict, list[str]]:
             continue
         kw[k] = v
     kw["headroom"] = 0.0
+    if kw.get("recipe") == "qlora":
+        kw.setdefault("bnb_version", PINNED_BNB)  # not the installed one: the figures must not follow the host
     if kw.get("zero") == "none":
         try:
             EstimateOptions(zero="none")

@@ -36,6 +36,15 @@ FMS = dict(HF, lora_r=16, lora_dropout=0.1, lora_targets="q_proj,k_proj,v_proj,o
 QWEN = dict(HF, lora_r=64, lora_dropout=0.05, lora_targets="all-linear", grad_ckpt=True, micro_batch=1,
             stat="smi", unit="GB")
 INFER = dict(task="infer", batch=1)
+# bitsandbytes release of each QLoRA case (--bnb-version): before 0.43.2 MatMul4Bit keeps every 4-bit Linear's
+# input for backward (bitsandbytes PR #1270, merged 2024-07-16; vramplan/estimate/priors.py BNB_DROPS_KBIT_INPUT).
+# Cases not listed here ran after the fix and take the pinned release (fidelity.py's default):
+#   fms-acceleration bench of 2024-11 (C063), peft's ZeRO-3 QLoRA docs (C079: "bitsandbytes>=0.43.3"),
+#   unsloth's HF baseline of 2025-01 (C117, C120, C121)
+BNB_LIT_2023 = "0.41.0"  # lit-gpt requirements-all.txt of 2023 pins bitsandbytes==0.41.0 (tables of 2023-10)
+BNB_2024_H1 = "0.43.1"  # runs of Jan-Jul 2024 (LitGPT config_hub 2024-03/04, Answer.AI fsdp_qlora 2024-02/03,
+#                        XTuner issue 2024-03, LLaMA-Factory issue 2024-07-11): before the fix was released
+BNB_QLORA_2023 = "0.39.0"  # artidoro/qlora (May 2023): the release that introduced 4-bit (CHANGELOG 0.39.0)
 # Qwen2.5's speed benchmark (docs/source/benchmark/speed_benchmark.rst) says "GB", but the 7B bf16 figure
 # (14.38) is below its weights in GB: GiB of torch's peak allocated (the case's notes)
 
@@ -52,17 +61,17 @@ CASES: dict[str, dict] = {
     "C023": dict(missing=TTLOSS),
     "C024": dict(missing=TTLOSS),
     "C026": dict(LIT, model=M + "llama-2-7b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
-                 gpus="1xA100-40G", double_quant=False, optimizer="paged_adamw_32bit"),
+                 gpus="1xA100-40G", double_quant=False, optimizer="paged_adamw_32bit", bnb_version=BNB_LIT_2023),
     "C027": dict(LIT, model=M + "llama-2-7b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
-                 gpus="1xA100-40G", double_quant=True, optimizer="paged_adamw_32bit"),
+                 gpus="1xA100-40G", double_quant=True, optimizer="paged_adamw_32bit", bnb_version=BNB_LIT_2023),
     "C029": dict(LIT, model=M + "llama-2-7b", recipe="lora", lora_r=8, micro_batch=4, seq_len=1304,
                  gpus="1xA100-40G", verdict_only=True),
     "C030": dict(LIT, model=M + "llama-2-13b", recipe="lora", lora_r=8, micro_batch=1, seq_len=1304,
                  gpus="1xA100-40G"),
     "C031": dict(LIT, model=M + "llama-2-13b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
-                 gpus="1xA100-40G", double_quant=False, optimizer="paged_adamw_32bit"),
+                 gpus="1xA100-40G", double_quant=False, optimizer="paged_adamw_32bit", bnb_version=BNB_LIT_2023),
     "C032": dict(LIT, model=M + "llama-2-13b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
-                 gpus="1xA100-40G", double_quant=True, optimizer="paged_adamw_32bit"),
+                 gpus="1xA100-40G", double_quant=True, optimizer="paged_adamw_32bit", bnb_version=BNB_LIT_2023),
     "C034": dict(missing="Falcon (parallel attention, multi-query): no such text family"),
     "C035": dict(missing=FSDP), "C036": dict(missing=FSDP),
     "C039": dict(INFER, model=M + "llama-2-7b", quant="none", context=64, gpus="1xA100-40G", stat="allocated",
@@ -74,9 +83,9 @@ CASES: dict[str, dict] = {
                  unit="GB"),
     "C047": dict(LIT, model=M + "llama-2-7b", recipe="lora", lora_r=32, micro_batch=2, seq_len=512, gpus="1xA10"),
     "C050": dict(LIT, model=M + "llama-3.1-8b", recipe="qlora", lora_r=32, micro_batch=2, seq_len=512, gpus="1xA10",
-                 double_quant=False, optimizer="paged_adamw_32bit"),
+                 double_quant=False, optimizer="paged_adamw_32bit", bnb_version=BNB_2024_H1),
     "C051": dict(LIT, model=M + "mistral-7b", recipe="qlora", lora_r=32, micro_batch=2, seq_len=512, gpus="1xA10",
-                 double_quant=False, optimizer="paged_adamw_32bit"),
+                 double_quant=False, optimizer="paged_adamw_32bit", bnb_version=BNB_2024_H1),
     "C052": dict(missing=FSDP),
     "C053": dict(missing="Gemma (GeGLU, head_dim 256, 256K vocab tied): no such text family"),
     "C054": dict(FMS, model=M + "mistral-7b", recipe="full", micro_batch=4, gpus="1xA100-80G", trainable_dtype="bf16",
@@ -95,7 +104,7 @@ CASES: dict[str, dict] = {
     "C071": dict(zero="none", trainable_dtype="bf16", model=M + "llama-2-7b", recipe="qlora", lora_r=64,
                  lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj", micro_batch=8,
                  seq_len=2048, grad_ckpt=True, gpus="2xRTX3090", double_quant=True, stat="reserved", unit="GiB",
-                 note="FSDP NO_SHARD = plain data parallel: every GPU holds the whole model"),
+                 note="FSDP NO_SHARD = plain data parallel: every GPU holds the whole model", bnb_version=BNB_2024_H1),
     "C073": dict(missing=FSDP), "C075": dict(missing=FSDP), "C076": dict(missing=FSDP), "C078": dict(missing=FSDP),
     "C079": dict(model=M + "llama-2-70b", recipe="qlora", zero=3, offload="none", lora_r=8, lora_dropout=0.1,
                  lora_targets="all-linear", micro_batch=2, seq_len=2048, grad_ckpt=True, gpus="2xA100-40G",
@@ -105,7 +114,7 @@ CASES: dict[str, dict] = {
     "C083": dict(HF, model=M + "llama-65b", recipe="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all-linear",
                  micro_batch=1, seq_len=528, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=True,
                  optimizer="paged_adamw_32bit", attn="eager", verdict_only=True, trainable_dtype="bf16",
-                 note="qlora.py casts the LoRA layers to bf16 under --bf16"),
+                 note="qlora.py casts the LoRA layers to bf16 under --bf16", bnb_version=BNB_QLORA_2023),
     "C087": dict(QWEN, model=M + "qwen-7b", recipe="lora", seq_len=2048, gpus="1xA100-80G",
                  modules_to_save="embed_tokens,lm_head"),
     "C088": dict(missing=GPTQ),
@@ -157,12 +166,12 @@ CASES: dict[str, dict] = {
                  grad_ckpt=True, gpus="8xA100-40G", verdict_only=True),
     "C139": dict(missing="DeepSpeed stage and micro-batch not stated"),
     "C141": dict(model="llava-v1.5-13b", recipe="qlora", micro_batch=16, seq_len=2048, grad_ckpt=True,
-                 gpus="1xRTX3090", verdict_only=True, any_stage=True),
+                 gpus="1xRTX3090", verdict_only=True, any_stage=True, bnb_version=BNB_2024_H1),
     "C142": dict(missing="Idefics2 (perceiver, DPO with a reference pass): no such family/task"),
     "C145": dict(missing="Megatron GPT-2 (LayerNorm, GELU MLP, learned positions): no such text family"),
     "C146": dict(HF, model=M + "glm-4-9b", recipe="qlora", lora_r=8, lora_dropout=0.0, lora_targets="all-linear",
                  micro_batch=1, seq_len=10240, grad_ckpt=True, gpus="1xA100-80G", double_quant=False, stat="smi",
-                 unit="GB", note="ChatGLM counted as a Llama-layout decoder of its sizes"),
+                 unit="GB", note="ChatGLM counted as a Llama-layout decoder of its sizes", bnb_version=BNB_2024_H1),
     "C148": dict(model=M + "llama-2-70b", recipe="full", zero=3, offload="none", micro_batch=1, seq_len=8192,
                  grad_ckpt=True, gpus="4x8xA100-80G", verdict_only=True),
 }

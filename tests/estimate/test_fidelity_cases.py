@@ -32,10 +32,12 @@ def test_pinned_figures(scored):
     _, s = scored
     lq = s["lora/qlora+inference"]
     assert lq["n"] >= 26
-    assert lq["median_abs_error"] <= 0.058  # 12.9% on the base commit (benchmarks/results/fidelity-before.txt)
-    assert lq["within_15"] >= 22 / 26 - 1e-9
+    assert lq["median_abs_error"] <= 0.056  # 12.9% on the base commit (benchmarks/results/fidelity-before.txt)
+    # 22/26 before the 12 B loss moved C071 (a QLoRA run whose peak is the loss backward) from -10.4% to
+    # -15.6% (docs/estimate.md#checked-against-reality); the bitsandbytes saved inputs do not touch it
+    assert lq["within_15"] >= 21 / 26 - 1e-9
     assert s["full"]["median_abs_error"] <= 0.02
-    assert s["verdicts_agree"] / s["verdicts"] >= 0.90
+    assert s["verdicts_agree"] >= 39 and s["verdicts_agree"] / s["verdicts"] >= 0.92
     assert set(s["oom_predicted_fit"]) <= {"C063", "C092", "C137"}  # docs/estimate.md#checked-against-reality
 
 
@@ -57,3 +59,11 @@ def test_gpu_fidelity_dry_run_prints_grid_commands_and_estimates():
     for want in ("'qlora'", "'lora'", "--offload none", "--offload optimizer", "--micro-batch 1", "--micro-batch 2",
                  "--seq-len 1024", "--seq-len 2048", "estimate allocated"):
         assert want in text, want
+
+
+def test_old_bitsandbytes_cases_keep_the_4bit_inputs(scored):
+    """LitGPT's q,v-only QLoRA tables ran bitsandbytes before 0.43.2 (benchmarks/fidelity_cases.py)."""
+    rows, _ = scored
+    by = {r["id"]: r for r in rows}
+    for cid in ("C026", "C027", "C031", "C032", "C050"):
+        assert "--bnb-version 0." in by[cid]["flags"] and abs(by[cid]["error"]) < 0.07, by[cid]

@@ -91,6 +91,9 @@ def estimate_options(f):
             "flash = FlashAttention-2, CUDA only).",
         ),
         click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
+        click.option("--bnb-version", "bnb_version",
+                     help="bitsandbytes release the run will use, e.g. 0.41.1 (default: the installed one; "
+                     "before 0.43.2 every 4-bit Linear keeps its input for backward: more memory)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -25,9 +25,9 @@ LOGIT_PEAK_BYTES = 12  # s*b*V*(4 + 4 + 4) at the log-softmax backward (whole-st
 
 
 def llm_layer_bytes_per_token(t: TextSpec, mode: str, lora: LoraSpec | None, attn: str, seq: int,
-                              compute_bytes: int = 2) -> float:
+                              compute_bytes: int = 2, kbit_saves_inputs: bool = False) -> float:
     """Saved-for-backward bytes per token of one decoder layer (no checkpointing); see the text family."""
-    return module_for(t).saved_bytes_per_token(t, mode, lora, attn, seq, compute_bytes)
+    return module_for(t).saved_bytes_per_token(t, mode, lora, attn, seq, compute_bytes, kbit_saves_inputs)
 
 
 def vision_layer_bytes_per_token(v: VisionSpec, lora: LoraSpec | None) -> float:
@@ -66,10 +66,14 @@ def _vision(
 def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq: int, images_per_sample: float,
                      llm_mode: str, llm_lora: LoraSpec | None, vision_lora: LoraSpec | None,
                      grad_ckpt: bool, attn: str = "sdpa", compute_bytes: int = 2,
-                     projector: ProjectorSpec | None = None, projector_trained: bool = True) -> ActivationBreakdown:
+                     projector: ProjectorSpec | None = None, projector_trained: bool = True,
+                     kbit_saves_inputs: bool = False) -> ActivationBreakdown:
+    """kbit_saves_inputs: the LLM's Linears are 4-bit ones of a bitsandbytes release that keeps each
+    Linear's input for backward (Job.kbit_saves_inputs; the text family's kbit_input_bytes_per_token)."""
     text = module_for(t)
     tokens = micro_batch * seq
-    per_layer = text.saved_bytes_per_token(t, llm_mode, llm_lora, attn, seq, compute_bytes) * tokens
+    per_layer = text.saved_bytes_per_token(t, llm_mode, llm_lora, attn, seq, compute_bytes,
+                                           kbit_saves_inputs) * tokens
     if grad_ckpt:
         llm_saved = t.num_layers * text.checkpointed_bytes_per_token(t, compute_bytes) * tokens  # layer inputs only
         llm_recompute = per_layer

@@ -127,6 +127,13 @@ STEP_OVERHEAD_S = {"cuda": 0.02, "npu": 0.03, "cpu": 0.06}
 """Fixed cost per micro-step beyond the layers: the trainer loop, data loading, the loss. The CPU figure is
 measured: `vramplan run --demo` takes about 63 ms per step on 2 idle cores."""
 
+# --- bitsandbytes (docs/estimate.md#activations) -------------------------------------------------------------
+BNB_DROPS_KBIT_INPUT = (0, 43, 2)
+"""The first bitsandbytes release whose MatMul4Bit no longer keeps its input A for backward
+(autograd/_functions.py: ctx.tensors = (A, B) became (None, B)). The change is bitsandbytes PR #1270
+("delete useless buffered activation"), merged 2024-07-16, after 0.43.1 (April 2024, whose MatMul4Bit still
+keeps A); the maintainers announced it as the QLoRA memory fix of the 0.43.2/0.43.3 patch releases (July
+2024). Earlier releases: Job.kbit_saves_inputs (families/llama.py kbit_input_bytes_per_token)."""
 
 
 # --- DeepSpeed config (docs/estimate.md#deepspeed-config) ---------------------------------------------------

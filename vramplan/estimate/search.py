@@ -79,7 +79,8 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
     act = activation_bytes(job.model.text, job.model.vision, micro_batch=s.micro_batch, seq=job.seq_len,
                            images_per_sample=job.images_per_sample, llm_mode=llm_mode, llm_lora=r.llm_lora,
                            vision_lora=r.vision_lora, grad_ckpt=s.grad_ckpt, attn=job.attn, compute_bytes=bc,
-                           projector=job.model.projector, projector_trained=r.train_projector)
+                           projector=job.model.projector, projector_trained=r.train_projector,
+                           kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4)
     buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
     return gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,

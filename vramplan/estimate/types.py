@@ -90,6 +90,9 @@ class Job:
     headroom: float  # fraction of device memory kept free
     device: str = "cuda"
     attn: str = "sdpa"  # attention implementation (--attn sdpa|eager|flash): eager saves the attention probabilities
+    # bitsandbytes' MatMul4Bit keeps each 4-bit Linear's input for backward (releases before
+    # priors.BNB_DROPS_KBIT_INPUT; set by vramplan.plan.resolve from the installed version or --bnb-version)
+    kbit_saves_inputs: bool = False
     cpu_ram_bytes: int | None = None  # per node, when known
     cpu_cores: int = 0  # physical cores per node, when the plan is for this host (CPU Adam); 0 = the prior
     disk_free_bytes: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class EstimateOptions:
     lora_dropout: float | None = None  # --lora-dropout
     double_quant: bool | None = None  # --double-quant/--no-double-quant
     modules_to_save: str | None = None  # --modules-to-save embed_tokens,lm_head
+    bnb_version: str | None = None  # --bnb-version 0.41.1: plan for another machine's bitsandbytes
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
@@ -114,22 +116,34 @@ class EstimateOptions:
             bad("--workers", f"must be a non-negative integer, got {self.workers!r}")
         if self.attn not in ATTN_IMPLEMENTATIONS:
             bad("--attn", f"must be {' or '.join(ATTN_IMPLEMENTATIONS)}, not {self.attn!r}")
+        if self.bnb_version is not None and not _VERSION.match(str(self.bnb_version)):
+            bad("--bnb-version", f"must be a release number like 0.43.1, not {self.bnb_version!r}")
         if self.dataset is not None and not Path(self.dataset).is_file():
             bad("--dataset", f"no such file: {self.dataset}", "give the path of a LLaVA-format JSON file")
         if self.images is not None and not Path(self.images).is_dir():
             bad("--images", f"no such directory: {self.images}")
 
 
+_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.+-]?[0-9A-Za-z]+)*$")
+
+
+def version_tuple(v: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a release number such as 0.43.1 or 0.41.0.post2 (suffixes ignored)."""
+    nums = [int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3]]
+    return tuple((nums + [0, 0, 0])[:3])
+
+
 # the string flags, by field: an empty value is refused (it would silently mean "not given")
 STR_FLAGS = {"model": "--model", "recipe": "--recipe", "gpus": "--gpus", "dataset": "--dataset", "images": "--images",
-             "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration"}
+             "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration",
+             "bnb_version": "--bnb-version"}
 
 
 # flags of training only: given with --task infer they would be silently ignored
 TRAIN_ONLY = {"--samples": "samples", "--epochs": "epochs", "--micro-batch": "micro_batch",
               "--grad-accum": "grad_accum", "--global-batch": "global_batch", "--lora-r": "lora_r",
               "--save-steps": "save_steps", "--keep-checkpoints": "keep_checkpoints", "--zero": "zero",
-              "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt"}
+              "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt", "--bnb-version": "bnb_version"}
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:

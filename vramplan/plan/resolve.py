@@ -103,6 +103,31 @@ def _dtypes(recipe, hw, device: str, ctx: Context):
     return recipe, quant, compute
 
 
+PINNED_BNB = "0.50.2"  # constraints.txt's bitsandbytes: assumed where none is installed
+
+
+def resolve_bnb(o: EstimateOptions, quant: str, ctx: Context) -> bool:
+    """Whether bitsandbytes' MatMul4Bit keeps each 4-bit Linear's input (Job.kbit_saves_inputs): before
+    priors.BNB_DROPS_KBIT_INPUT. --bnb-version, else the installed one (metadata only), else the pinned one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from vramplan.estimate.priors import BNB_DROPS_KBIT_INPUT
+    from vramplan.plan.request import version_tuple
+
+    if o.bnb_version:
+        ver, where = o.bnb_version, "--bnb-version"
+    else:
+        try:
+            ver, where = version("bitsandbytes"), "installed"
+        except PackageNotFoundError:
+            ver, where = PINNED_BNB, "not installed: the pinned version assumed"
+    saves = version_tuple(ver) < BNB_DROPS_KBIT_INPUT
+    if quant == Quant.NF4:
+        what = "every 4-bit Linear's input for backward" if saves else "no 4-bit Linear's input"
+        ctx.assumptions.append(f"bitsandbytes {ver} ({where}): MatMul4Bit keeps {what}")
+    return saves
+
+
 def resolve_data(o: EstimateOptions, model, recipe, ctx: Context) -> DataFacts:
     """Samples, bytes, images and token lengths: from --dataset when given, else the recipe's defaults."""
     samples, dataset_bytes = recipe.samples, recipe.dataset_bytes
@@ -209,6 +234,7 @@ def build_job(o: EstimateOptions):
     device = o.device or ("npu" if sel.hardware.vendor == "ascend" else "cuda")
     refuse_untrainable(o, recipe, device, sel.hardware)
     recipe, quant, compute = _dtypes(recipe, sel.hardware, device, ctx)
+    kbit_saves_inputs = resolve_bnb(o, quant, ctx)
     data = resolve_data(o, model, recipe, ctx)
     cpu_ram, disk = resolve_host(o, ctx)
     calibration = resolve_calibration(o, ctx)
@@ -220,7 +246,8 @@ def build_job(o: EstimateOptions):
     job = Job(model=model, recipe=recipe, hardware=sel.hardware, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
               seq_len=data.seq_len, images_per_sample=data.images_per_sample, samples=data.samples,
               epochs=recipe.epochs, compute_dtype=compute, quant=quant, headroom=o.headroom, device=device,
-              attn=o.attn, workers=o.workers, cpu_ram_bytes=cpu_ram, cpu_cores=cores, disk_free_bytes=disk,
+              attn=o.attn, kbit_saves_inputs=kbit_saves_inputs, workers=o.workers, cpu_ram_bytes=cpu_ram,
+              cpu_cores=cores, disk_free_bytes=disk,
               dataset_bytes=data.dataset_bytes, base_weights_on_disk=model.path is not None,
               dataset_on_disk=data.dataset_on_disk, dataset_source=data.dataset_source,
               micro_batches=(o.micro_batch,) if o.micro_batch else (), grad_accum=o.grad_accum,

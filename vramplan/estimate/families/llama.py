@@ -139,11 +139,13 @@ def largest_tensor_params(t: TextSpec) -> int:
 
 
 # --- activations (bytes per token) -----------------------------------------------------------------------
-def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, compute_bytes: int = 2) -> float:
+def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, compute_bytes: int = 2,
+                          kbit_saves_inputs: bool = False) -> float:
     """Saved-for-backward bytes per token of one decoder layer without checkpointing.
 
     mode: "full" (weights trainable), "lora" (frozen + adapters), "frozen" (no adapters; gradient flows
-    through to earlier modules)."""
+    through to earlier modules). kbit_saves_inputs: the Linears are bitsandbytes 4-bit ones of a release
+    whose MatMul4Bit keeps its input for backward (see kbit_input_bytes_per_token)."""
     h, q, kv, i, a = t.hidden_size, t.q_dim, t.kv_dim, t.intermediate_size, t.num_attention_heads
     if mode == "full":
         b = 16 * h + 4 * q + 4 * kv + 8 * i + 4 * a + 8
@@ -153,6 +155,8 @@ def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, com
         b = 8 * h + 4 * q + 4 * kv + 6 * i + 4 * a + 8
     else:
         raise ValueError(mode)
+    if kbit_saves_inputs and mode != "full":
+        b += kbit_input_bytes_per_token(t, lora, attn)
     if attn == "eager":
         # transformers eager_attention_forward: softmax in fp32 (saved, 4 B) cast to the compute dtype (saved
         # by the probs @ V matmul, 2 B) per score; no logsumexp
@@ -174,13 +178,10 @@ def _lora_bytes_per_token(t: TextSpec, lora) -> int:
         if down is; o_proj reads SDPA's output, which SDPA saves anyway.
     The frozen base Linear saves nothing: its weight needs no gradient. That holds for bitsandbytes 4-bit
     layers too as pinned (0.50.2 autograd/_functions.py MatMul4Bit keeps ctx.tensors = (None, B));
-    releases before it kept the input as well (ctx.tensors = (A, B)), i.e. every 4-bit Linear's input
-    whether adapted or not (2h + 2h + 2i per token; checked by tests/trace/)."""
-    from vramplan.estimate.families import targeted
-
+    releases before 0.43.2 kept the input as well (ctx.tensors = (A, B)): kbit_input_bytes_per_token."""
     if lora is None:
         return 0
-    adapted = [g for g in linear_groups(t) if targeted(g, lora.targets)]
+    adapted = _adapted(t, lora)
     per = 2 * lora.r * len(adapted)
     if lora.dropout > 0:
         return per + 3 * sum(g.d_in for g in adapted)
@@ -188,6 +189,36 @@ def _lora_bytes_per_token(t: TextSpec, lora) -> int:
     h = t.hidden_size
     return per + (2 * h if names & {"q_proj", "k_proj", "v_proj"} else 0) + (
         2 * h if names & {"gate_proj", "up_proj"} else 0) + (2 * t.intermediate_size if "down_proj" in names else 0)
+
+
+def kbit_input_bytes_per_token(t: TextSpec, lora, attn: str) -> int:
+    """What a bitsandbytes release whose MatMul4Bit keeps its input adds per token per layer (16-bit compute).
+
+    Before bitsandbytes 0.43.2 MatMul4Bit.forward kept ctx.tensors = (A, B) whenever the input required grad
+    (bitsandbytes autograd/_functions.py; removed by bitsandbytes PR #1270, "delete useless buffered
+    activation"), though the frozen 4-bit weight needs no gradient. Every 4-bit Linear then keeps its
+    input, counted once per tensor and only where nothing else already keeps it (_lora_bytes_per_token):
+      * the attention norm's output (2h), read by q, k, v: kept already by lora_A when q, k or v is adapted
+        without dropout (with dropout lora_A keeps the dropped copy instead);
+      * the MLP norm's output (2h), read by gate and up: likewise when gate or up is adapted without dropout;
+      * the SwiGLU product (2i), read by down: likewise when down is adapted without dropout;
+      * o_proj's input: SDPA's output, which SDPA keeps anyway; eager attention makes it afresh
+        (transpose(1, 2).contiguous() of probs @ V), 2q, unless o is adapted without dropout.
+    With mode "frozen" (no adapters, gradient flowing to the projector) all of these are kept."""
+    h, i = t.hidden_size, t.intermediate_size
+    names = set() if lora is None or lora.dropout > 0 else {g.name for g in _adapted(t, lora)}
+    b = 0 if names & {"q_proj", "k_proj", "v_proj"} else 2 * h
+    b += 0 if names & {"gate_proj", "up_proj"} else 2 * h
+    b += 0 if "down_proj" in names else 2 * i
+    if attn == "eager" and "o_proj" not in names:
+        b += 2 * t.q_dim
+    return b
+
+
+def _adapted(t: TextSpec, lora) -> list:
+    from vramplan.estimate.families import targeted
+
+    return [g for g in linear_groups(t) if targeted(g, lora.targets)]
 
 
 def checkpointed_bytes_per_token(t: TextSpec, compute_bytes: int) -> int:
