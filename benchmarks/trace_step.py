@@ -8,10 +8,10 @@ compute_loss + backward; two micro-steps (the second with the first one's gradie
 Emulated as torch ops with the same allocations: DeepSpeed's ZeRO-0 bf16 engine (module cast to bf16, the
 bucketed gradient all-reduce, FP16_Optimizer's fp32 gradient flattening, FusedAdam), or with --engine plain
 torch AdamW + autocast; bitsandbytes' CUDA dequant buffer in gemm_4bit.
-Compared with vramplan's ZeRO-0 candidate on 1 GPU (the same micro-batch, sequence and checkpointing):
-weights and gradients (unrounded bytes), the forward/backward activations + transients, and the step peak of
-model + gradients + activations. The optimizer step is printed too; its state side is DeepSpeed's (see
-docs/estimate.md#checked-against-reality). --layers N traces N decoder layers (a quick look; the estimate
+Compared with vramplan's candidate on 1 GPU (ZeRO-0, or plain PyTorch with --engine plain; the same
+micro-batch, sequence and checkpointing): weights and gradients (unrounded bytes), the forward/backward
+activations + transients, and the step peak of model + gradients + activations. The optimizer step is
+printed too (docs/estimate.md#checked-against-reality). --layers N traces N decoder layers (a quick look; the estimate
 is made for the same N). Exit 0; 2 on a bad flag.
 """
 
@@ -33,11 +33,8 @@ STATES = ("weights_quantized", "weights_frozen", "weights_trainable", "gradients
 
 
 def vramplan_job(model: str, recipe: str, seq: int, micro: int, ckpt: bool, attn: str, layers: int | None,
-                 targets: str | None = None):
-    """vramplan's Job for the run (1 GPU, ZeRO-0) and its evaluated candidate."""
-    from vramplan.estimate.param_groups import param_groups
-    from vramplan.estimate.search import evaluate
-    from vramplan.estimate.types import Strategy
+                 targets: str | None = None, engine: str = "deepspeed"):
+    """vramplan's Job for the run (1 GPU, ZeRO-0, or plain PyTorch for engine "plain") and its candidate."""
     from vramplan.plan.request import EstimateOptions
     from vramplan.plan.resolve import build_job
 
@@ -49,8 +46,17 @@ def vramplan_job(model: str, recipe: str, seq: int, micro: int, ckpt: bool, attn
     if targets and job.recipe.llm_lora:
         job = replace(job, recipe=replace(job.recipe, llm_lora=replace(job.recipe.llm_lora,
                                                                          targets=tuple(targets.split(",")))))
-    cand = evaluate(job, param_groups(job.model, job.recipe), Strategy(0, "none", 1, 1, micro, 1, ckpt))
-    return job, cand
+    return job, candidate(job, micro, ckpt, engine)
+
+
+def candidate(job, micro: int, ckpt: bool, engine: str = "deepspeed"):
+    """vramplan's evaluated candidate on 1 GPU: DeepSpeed ZeRO-0, or plain PyTorch ("torch") for "plain"."""
+    from vramplan.estimate.param_groups import param_groups
+    from vramplan.estimate.search import evaluate
+    from vramplan.estimate.types import Strategy
+
+    s = Strategy(0, "none", 1, 1, micro, 1, ckpt, "torch" if engine == "plain" else "deepspeed")
+    return evaluate(job, param_groups(job.model, job.recipe), s)
 
 
 def trace_job(job, ckpt: bool, micro: int, engine: str):
@@ -79,8 +85,10 @@ def compare(trace: dict, cand) -> list[tuple[str, int, int]]:
     fb = [ph[p] for p in FWD_BWD if p in ph]
     top = max(fb, key=lambda x: x["peak"])
     act_traced = max(x["peak"] - sum(x[k] for k in STATES) for x in fb)
-    act_est = max(est["activations_saved"] + max(est["logits_loss_peak"], est.get("recompute_layer", 0)
-                                                 + est.get("dequant_transient", 0)),
+    casts = est.get("autocast_weight_casts", 0)  # saved for backward, or held through the forward only
+    act_est = max(est["activations_saved"] + (0 if cand.strategy.grad_ckpt else casts)
+                  + max(est["logits_loss_peak"], est.get("recompute_layer", 0) + est.get("dequant_transient", 0)),
+                  est["activations_saved"] + casts + est.get("logits_loss_forward", 0),
                   est.get("vision_forward_transient", 0))
     model_est = sum(est.get(k, 0) for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients"))
     grads = ph.get("all-reduce", top)["raw"]["gradients"]  # every trainable parameter has one there
@@ -114,7 +122,7 @@ def main(argv=None) -> int:
 
     try:
         job, cand = vramplan_job(a.model, a.recipe, a.seq_len, a.micro_batch, a.grad_ckpt, a.attn, a.layers,
-                                 a.lora_targets)
+                                 a.lora_targets, a.engine)
     except UsageError as e:
         print(f"error: {e.message}" + (f" ({e.hint})" if e.hint else ""), file=sys.stderr)
         return 2

@@ -12,6 +12,22 @@ sequence lengths. This module composes them for one micro-batch (docs/estimate.m
     and the log_softmax_backward output. The bf16 logits are gone by then: HF Trainer's compute_loss returns
     the loss only and drops the model output before backward (transformers trainer.py compute_loss,
     training_step). Seen in the whole-step trace (benchmarks/trace_step.py, docs/estimate.md#checked-against-reality).
+  * the loss forward peaks at LOGIT_FORWARD_BYTES per logit: the 16-bit logits, their fp32 upcast and the
+    fp32 log-softmax (loss_utils.py ForCausalLMLoss; torch cross_entropy = log_softmax + nll_loss). It is below
+    the backward's 12 B unless something lives through the forward only (the autocast cache, below).
+Plain-PyTorch training under autocast (HF Trainer bf16/fp16 without DeepSpeed: accelerate wraps the
+forward in torch.autocast) adds, as whole-step traced (benchmarks/trace_step.py --engine plain):
+  * k-bit: an fp32 residual stream (`residual_bytes` 4): peft utils/other.py prepare_model_for_kbit_training
+    casts every non-quantized parameter to fp32 (embeddings, norms, lm_head) and nothing casts them back, so
+    the embeddings' output and every residual add are fp32 (the text family's coefficients take the dtype);
+  * k-bit: the frozen fp32 lm_head's 16-bit autocast copy, kept by the lm_head matmul for the gradient of its
+    input from the loss forward to the lm_head backward (V*h*2 B, in both loss peaks);
+  * fp32 trainable weights (peft's adapters, `trainable_dtype` fp32): autocast's weight-cast cache (torch
+    aten/src/ATen/autocast_mode.cpp cached_cast: a leaf that requires grad is cast once per autocast region
+    and the copy kept until the region exits, torch/amp/autocast_mode.py __exit__ clear_autocast_cache).
+    Without checkpointing the matmuls also save the copies for backward, so they live until backward;
+    with checkpointing they live through the forward and the loss forward only, and each recomputed layer
+    makes its own in backward.
 """
 
 from __future__ import annotations
@@ -22,12 +38,15 @@ from vramplan.estimate.families import module_for
 from vramplan.estimate.specs import LoraSpec, ProjectorSpec, TextSpec, VisionSpec
 
 LOGIT_PEAK_BYTES = 12  # s*b*V*(4 + 4 + 4) at the log-softmax backward (whole-step trace; see above)
+LOGIT_FORWARD_BYTES = 10  # s*b*V*(2 + 4 + 4) in the loss forward: 16-bit logits, fp32 upcast, log-softmax
 
 
 def llm_layer_bytes_per_token(t: TextSpec, mode: str, lora: LoraSpec | None, attn: str, seq: int,
-                              compute_bytes: int = 2, kbit_saves_inputs: bool = False) -> float:
+                              compute_bytes: int = 2, kbit_saves_inputs: bool = False,
+                              residual_bytes: int = 0) -> float:
     """Saved-for-backward bytes per token of one decoder layer (no checkpointing); see the text family."""
-    return module_for(t).saved_bytes_per_token(t, mode, lora, attn, seq, compute_bytes, kbit_saves_inputs)
+    return module_for(t).saved_bytes_per_token(t, mode, lora, attn, seq, compute_bytes, kbit_saves_inputs,
+                                               residual_bytes)
 
 
 def vision_layer_bytes_per_token(v: VisionSpec, lora: LoraSpec | None) -> float:
@@ -47,6 +66,9 @@ class ActivationBreakdown:
     projector_saved: int
     logits_peak: int  # loss backward peak
     final_norm_saved: int
+    weight_casts: int = 0  # autocast copies of fp32 trainable weights (saved without checkpointing)
+    logits_forward: int = 0  # loss forward peak
+    head_cast: int = 0  # autocast copy of a frozen fp32 lm_head, live in both loss peaks
 
 
 def _vision(
@@ -67,16 +89,21 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
                      llm_mode: str, llm_lora: LoraSpec | None, vision_lora: LoraSpec | None,
                      grad_ckpt: bool, attn: str = "sdpa", compute_bytes: int = 2,
                      projector: ProjectorSpec | None = None, projector_trained: bool = True,
-                     kbit_saves_inputs: bool = False) -> ActivationBreakdown:
+                     kbit_saves_inputs: bool = False, residual_bytes: int = 0, cast_params: int = 0,
+                     llm_cast_params: int = 0, head_cast: bool = False) -> ActivationBreakdown:
     """kbit_saves_inputs: the LLM's Linears are 4-bit ones of a bitsandbytes release that keeps each
-    Linear's input for backward (Job.kbit_saves_inputs; the text family's kbit_input_bytes_per_token)."""
+    Linear's input for backward (Job.kbit_saves_inputs; the text family's kbit_input_bytes_per_token).
+    Plain PyTorch under autocast (module text): residual_bytes, the residual stream's dtype (0: the compute
+    dtype); cast_params, the fp32 trainable parameters autocast casts (llm_cast_params of them in the
+    decoder layers); head_cast, the lm_head is a frozen fp32 weight cast per forward."""
     text = module_for(t)
     tokens = micro_batch * seq
+    rb = residual_bytes or compute_bytes
     per_layer = text.saved_bytes_per_token(t, llm_mode, llm_lora, attn, seq, compute_bytes,
-                                           kbit_saves_inputs) * tokens
+                                           kbit_saves_inputs, residual_bytes) * tokens
     if grad_ckpt:
-        llm_saved = t.num_layers * text.checkpointed_bytes_per_token(t, compute_bytes) * tokens  # layer inputs only
-        llm_recompute = per_layer
+        llm_saved = t.num_layers * text.checkpointed_bytes_per_token(t, rb) * tokens  # layer inputs only
+        llm_recompute = per_layer + llm_cast_params * compute_bytes / t.num_layers  # + that layer's casts
     else:
         llm_saved = t.num_layers * per_layer
         llm_recompute = 0
@@ -89,7 +116,9 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
             projector_saved = int(
                 image_tokens * module_for(projector).saved_bytes_per_image_token(projector, compute_bytes)
             )
+    head = compute_bytes * t.vocab_size * t.hidden_size if head_cast else 0
     logits = LOGIT_PEAK_BYTES * tokens * t.vocab_size
     final_norm = text.final_norm_bytes_per_token(t, compute_bytes) * tokens
     return ActivationBreakdown(int(llm_saved), int(llm_recompute), int(vision_saved), int(vision_transient),
-                               int(projector_saved), int(logits), int(final_norm))
+                               int(projector_saved), int(logits), int(final_norm), int(cast_params * compute_bytes),
+                               int(LOGIT_FORWARD_BYTES * tokens * t.vocab_size), int(head))

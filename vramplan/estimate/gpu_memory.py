@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramplan.estimate.activations import LOGIT_PEAK_BYTES, ActivationBreakdown
+from vramplan.estimate.activations import LOGIT_FORWARD_BYTES, LOGIT_PEAK_BYTES, ActivationBreakdown
 from vramplan.estimate.ds_config import SUB_GROUP_SIZE
 from vramplan.estimate.optimizers import DS_ALLREDUCE_BUCKET, EIGHT_BIT, TORCH, describe, paged, state_bytes
 from vramplan.estimate.param_groups import ParamGroups
@@ -34,6 +34,8 @@ MASTER_BYTES = 4  # fp32 master weights (DeepSpeed's optimizer wrappers)
 FP32_GRAD_BYTES = 4  # fp32 gradients the DeepSpeed optimizer steps on: made inside step(), not kept (see
 #   _optimizer_states); DeepSpeed's estimate_zero2 charges them as 4 of its 18 B/param (runtime/zero/stage_1_and_2.py)
 
+HEAD_CAST = (" + the frozen fp32 lm_head's 16-bit autocast copy, kept by its matmul until the lm_head backward "
+             "(peft prepare_model_for_kbit_training; no engine cast)")
 ZERO_SOURCE = "ZeRO paper §5 (arXiv:1910.02054); DeepSpeed estimate_zero2/3_model_states_mem_needs"
 
 
@@ -205,10 +207,11 @@ def _activation_transients(
         ),
         Component(
             "logits_loss_peak",
-            act.logits_peak,
+            act.logits_peak + act.head_cast,
             "transient",
             f"{LOGIT_PEAK_BYTES} B x tokens x vocab at the loss backward (fp32 log-softmax + its gradients; "
-            "HF Trainer has dropped the 16-bit logits)",
+            "HF Trainer has dropped the 16-bit logits)"
+            + (HEAD_CAST if act.head_cast else ""),
             "transformers trainer.py compute_loss + loss_utils.py ForCausalLMLoss; docs/estimate.md#activations",
         ),
     ]
@@ -216,6 +219,19 @@ def _activation_transients(
         out.append(Component("recompute_layer", act.llm_recompute, "transient",
                              "one decoder layer's activations while it is recomputed",
                              "gradient checkpointing; docs/estimate.md#activations"))
+    if act.weight_casts or act.head_cast:
+        out.append(Component(
+            "logits_loss_forward", act.logits_forward + act.head_cast, "transient",
+            f"{LOGIT_FORWARD_BYTES} B x tokens x vocab at the loss forward (16-bit logits, fp32 upcast, fp32 "
+            "log-softmax)" + (HEAD_CAST if act.head_cast else ""),
+            "transformers loss_utils.py ForCausalLMLoss; docs/estimate.md#activations"))
+    if act.weight_casts:
+        out.append(Component(
+            "autocast_weight_casts", act.weight_casts, "transient",
+            f"fp32 trainable weights x {bc} B: autocast's cached 16-bit copies, "
+            + ("held through the forward and the loss forward (checkpointing)" if s.grad_ckpt
+               else "saved for backward by their matmuls"),
+            "torch aten/src/ATen/autocast_mode.cpp cached_cast; docs/estimate.md#activations"))
     if g.quantized_bytes and quant == Quant.NF4:
         out.append(Component("dequant_transient", int(g.largest_linear_elems * bc), "transient",
                              "largest 4-bit Linear dequantized to the compute dtype per matmul",
@@ -245,6 +261,9 @@ def _phases(g: ParamGroups, s: Strategy, d: dict[str, int], load_bytes_per_param
     persistent = sum(d[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients",
                                     "optimizer_states") if k in d)
     backward_peak = max(d["logits_loss_peak"], d.get("recompute_layer", 0) + d.get("dequant_transient", 0))
+    # autocast's weight copies: saved for backward, or (checkpointing) held through the forward only
+    casts = d.get("autocast_weight_casts", 0)
+    saved = d["activations_saved"] + (0 if s.grad_ckpt else casts)
     # Before the engine exists the trainer holds the model as built: with k-bit training, peft's
     # prepare_model_for_kbit_training has upcast every non-quantized weight to fp32 (peft utils/other.py).
     load = 0
@@ -252,7 +271,9 @@ def _phases(g: ParamGroups, s: Strategy, d: dict[str, int], load_bytes_per_param
         unpartitioned = (g.frozen_params + g.trainable) * load_bytes_per_param
         load = d.get("weights_quantized", 0) + (_div(unpartitioned, s.gpus) if s.zero_stage == 3 else unpartitioned)
     # the optimizer step and the save come after backward: the activations are freed by then
-    return {"forward/backward": persistent + d["activations_saved"] + backward_peak + d["deepspeed_buffers"],
+    return {"forward/backward": persistent + saved + backward_peak + d["deepspeed_buffers"],
+            "loss forward": persistent + d["activations_saved"] + casts + d.get("logits_loss_forward", 0)
+            + d["deepspeed_buffers"],
             "vision forward": persistent + d["vision_forward_transient"] + d["deepspeed_buffers"],
             "optimizer step": persistent + d["deepspeed_buffers"] + d.get("optimizer_step_transient", 0),
             "checkpoint save": persistent + d.get("save_gather", 0),

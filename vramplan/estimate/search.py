@@ -73,6 +73,25 @@ def incompatibility(job: Job, s: Strategy) -> str | None:
     return None
 
 
+def autocast_upcast(job: Job, groups: ParamGroups, s: Strategy) -> dict:
+    """What plain PyTorch under autocast adds (vramplan/estimate/activations.py, docs/estimate.md#activations):
+    with k-bit weights peft's prepare_model_for_kbit_training leaves every non-quantized weight fp32 and no
+    engine casts the module back (DeepSpeed does: runtime/engine.py module.bfloat16()), so the residual stream
+    is fp32 and the frozen lm_head is cast per forward; fp32 trainable weights get autocast's cached copies.
+    All of it is the mixed-precision setup (trainable_dtype fp32); "pure bf16" (trainable_dtype bf16: LitGPT
+    bf16-true, torchtune) keeps the whole model in 16 bit (vramplan/estimate/optimizers.py)."""
+    r, bc = job.recipe, job.compute_bytes
+    if s.engine != TORCH or bc >= 4 or TRAINABLE_DTYPES[r.trainable_dtype] <= bc:
+        return {}
+    kbit = job.quant in Quant.KBIT and not r.train_llm_full
+    # embed_tokens is no autocast op: its trained copy (modules_to_save) is not cast
+    cast = groups.trainable - (job.model.text.vocab_size * job.model.text.hidden_size
+                               if "embed_tokens" in r.modules_to_save else 0)
+    return dict(residual_bytes=4 if kbit else 0, cast_params=cast,
+                llm_cast_params=groups.trainable_llm_lora if cast else 0,
+                head_cast=kbit and "lm_head" not in r.modules_to_save)
+
+
 def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
     r, bc = job.recipe, job.compute_bytes
     llm_mode = "full" if r.train_llm_full else ("lora" if r.llm_lora else "frozen")
@@ -80,7 +99,8 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
                            images_per_sample=job.images_per_sample, llm_mode=llm_mode, llm_lora=r.llm_lora,
                            vision_lora=r.vision_lora, grad_ckpt=s.grad_ckpt, attn=job.attn, compute_bytes=bc,
                            projector=job.model.projector, projector_trained=r.train_projector,
-                           kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4)
+                           kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4,
+                           **autocast_upcast(job, groups, s))
     buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
     return gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,

@@ -17,6 +17,21 @@ tests/estimate/test_activation_truth.py against torch.autograd.graph.saved_tenso
 where 16h = two RMSNorms (fp32 upcast 4h + normalised 2h + output 2h each), 4q/4kv = SDPA's saved q, k, v
 and output, 8i = gate, SiLU output, up and their product, 4a = SDPA's fp32 logsumexp, 8 = the norms' fp32
 rstd. Eager attention also saves the softmax probabilities: a*s*(2+4) per token, minus the logsumexp.
+
+An fp32 residual stream (`residual_bytes` 4: plain-PyTorch k-bit training, where peft's
+prepare_model_for_kbit_training leaves the embeddings, norms and lm_head fp32 and autocast runs the matmuls
+in 16 bit; docs/estimate.md#activations) changes three things, each seen op by op in the whole-step trace
+(benchmarks/trace_step.py --engine plain):
+  * the 4-bit/8-bit Linears return their output in their input's dtype (bitsandbytes nn/modules.py
+    Linear4bit.forward: `.to(inp_dtype)`), and silu/mul are not autocast ops, so the SwiGLU's three saved
+    tensors (gate, SiLU output, up) are fp32: 3*4i instead of 6i;
+  * autocast casts each adapter's fp32 input to 16 bit afresh (activations are not cached: torch
+    aten/src/ATen/autocast_mode.cpp cached_cast caches leaf tensors that require grad only), so adapters
+    that read the same fp32 tensor keep separate 16-bit copies (_lora_bytes_per_token);
+  * the norms save the fp32 residual itself where they saved its fp32 upcast (4h each either way), and the
+    checkpointed layer inputs are fp32 (checkpointed_bytes_per_token).
+SDPA's q, k, v and output are cast to 16 bit by autocast (scaled_dot_product_attention is on its
+lower-precision list): unchanged.
 """
 
 from __future__ import annotations
@@ -140,23 +155,27 @@ def largest_tensor_params(t: TextSpec) -> int:
 
 # --- activations (bytes per token) -----------------------------------------------------------------------
 def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, compute_bytes: int = 2,
-                          kbit_saves_inputs: bool = False) -> float:
+                          kbit_saves_inputs: bool = False, residual_bytes: int = 0) -> float:
     """Saved-for-backward bytes per token of one decoder layer without checkpointing.
 
     mode: "full" (weights trainable), "lora" (frozen + adapters), "frozen" (no adapters; gradient flows
     through to earlier modules). kbit_saves_inputs: the Linears are bitsandbytes 4-bit ones of a release
-    whose MatMul4Bit keeps its input for backward (see kbit_input_bytes_per_token)."""
+    whose MatMul4Bit keeps its input for backward (see kbit_input_bytes_per_token). residual_bytes: the
+    residual stream's dtype, 0 = the compute dtype (4 with 16-bit compute: an fp32 residual under autocast,
+    see the module text; frozen/lora modes only)."""
     h, q, kv, i, a = t.hidden_size, t.q_dim, t.kv_dim, t.intermediate_size, t.num_attention_heads
+    rb = residual_bytes if residual_bytes > compute_bytes else 0  # 0: the 16-bit coefficients hold
+    mlp = 3 * rb * i if rb else 6 * i  # gate, SiLU output, up
     if mode == "full":
         b = 16 * h + 4 * q + 4 * kv + 8 * i + 4 * a + 8
     elif mode == "lora":
-        b = 8 * h + 4 * q + 4 * kv + 6 * i + 4 * a + 8 + _lora_bytes_per_token(t, lora)
+        b = 8 * h + 4 * q + 4 * kv + mlp + 4 * a + 8 + _lora_bytes_per_token(t, lora, rb)
     elif mode == "frozen":
-        b = 8 * h + 4 * q + 4 * kv + 6 * i + 4 * a + 8
+        b = 8 * h + 4 * q + 4 * kv + mlp + 4 * a + 8
     else:
         raise ValueError(mode)
     if kbit_saves_inputs and mode != "full":
-        b += kbit_input_bytes_per_token(t, lora, attn)
+        b += kbit_input_bytes_per_token(t, lora, attn, rb)
     if attn == "eager":
         # transformers eager_attention_forward: softmax in fp32 (saved, 4 B) cast to the compute dtype (saved
         # by the probs @ V matmul, 2 B) per score; no logsumexp
@@ -168,7 +187,7 @@ def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, com
     return b * (compute_bytes / 2) if compute_bytes != 2 else b
 
 
-def _lora_bytes_per_token(t: TextSpec, lora) -> int:
+def _lora_bytes_per_token(t: TextSpec, lora, residual_bytes: int = 0) -> int:
     """What peft's LoRA adds to a frozen layer's saves, per token (peft tuners/lora/layer.py Linear.forward:
     lora_B(lora_A(dropout(x)))): each adapted Linear's A output (2r), and the input lora_A saves:
       * lora_dropout > 0: the dropped copy (2 B) and the dropout mask (1 B bool: on CUDA aten dropout takes
@@ -178,20 +197,24 @@ def _lora_bytes_per_token(t: TextSpec, lora) -> int:
         if down is; o_proj reads SDPA's output, which SDPA saves anyway.
     The frozen base Linear saves nothing: its weight needs no gradient. That holds for bitsandbytes 4-bit
     layers too as pinned (0.50.2 autograd/_functions.py MatMul4Bit keeps ctx.tensors = (None, B));
-    releases before 0.43.2 kept the input as well (ctx.tensors = (A, B)): kbit_input_bytes_per_token."""
+    releases before 0.43.2 kept the input as well (ctx.tensors = (A, B)): kbit_input_bytes_per_token.
+    With an fp32 residual (residual_bytes 4) nothing is shared: every adapter but o_proj (whose input is
+    SDPA's 16-bit output) keeps its own autocast copy of its fp32 input, 2*d_in."""
     if lora is None:
         return 0
     adapted = _adapted(t, lora)
     per = 2 * lora.r * len(adapted)
     if lora.dropout > 0:
         return per + 3 * sum(g.d_in for g in adapted)
+    if residual_bytes > 2:
+        return per + 2 * sum(g.d_in for g in adapted if g.name != "o_proj")
     names = {g.name for g in adapted}
     h = t.hidden_size
     return per + (2 * h if names & {"q_proj", "k_proj", "v_proj"} else 0) + (
         2 * h if names & {"gate_proj", "up_proj"} else 0) + (2 * t.intermediate_size if "down_proj" in names else 0)
 
 
-def kbit_input_bytes_per_token(t: TextSpec, lora, attn: str) -> int:
+def kbit_input_bytes_per_token(t: TextSpec, lora, attn: str, residual_bytes: int = 0) -> int:
     """What a bitsandbytes release whose MatMul4Bit keeps its input adds per token per layer (16-bit compute).
 
     Before bitsandbytes 0.43.2 MatMul4Bit.forward kept ctx.tensors = (A, B) whenever the input required grad
@@ -204,15 +227,24 @@ def kbit_input_bytes_per_token(t: TextSpec, lora, attn: str) -> int:
       * the SwiGLU product (2i), read by down: likewise when down is adapted without dropout;
       * o_proj's input: SDPA's output, which SDPA keeps anyway; eager attention makes it afresh
         (transpose(1, 2).contiguous() of probs @ V), 2q, unless o is adapted without dropout.
-    With mode "frozen" (no adapters, gradient flowing to the projector) all of these are kept."""
+    With mode "frozen" (no adapters, gradient flowing to the projector) all of these are kept.
+    With an fp32 residual (residual_bytes 4) each 4-bit Linear keeps its own 16-bit cast of its fp32 input
+    (Linear4bit.forward: x.to(compute_dtype)), shared with nothing: q, k, v, gate, up (2h each) and down (2i).
+    Derived from the code, not traced: the pinned bitsandbytes has no such input."""
     h, i = t.hidden_size, t.intermediate_size
+    if residual_bytes > 2:
+        return 10 * h + 2 * i + _eager_o_input(t, lora, attn)
     names = set() if lora is None or lora.dropout > 0 else {g.name for g in _adapted(t, lora)}
     b = 0 if names & {"q_proj", "k_proj", "v_proj"} else 2 * h
     b += 0 if names & {"gate_proj", "up_proj"} else 2 * h
     b += 0 if "down_proj" in names else 2 * i
-    if attn == "eager" and "o_proj" not in names:
-        b += 2 * t.q_dim
-    return b
+    return b + _eager_o_input(t, lora, attn)
+
+
+def _eager_o_input(t: TextSpec, lora, attn: str) -> int:
+    """o_proj's input under eager attention (a fresh 16-bit tensor), unless lora_A without dropout keeps it."""
+    names = set() if lora is None or lora.dropout > 0 else {g.name for g in _adapted(t, lora)}
+    return 2 * t.q_dim if attn == "eager" and "o_proj" not in names else 0
 
 
 def _adapted(t: TextSpec, lora) -> list:
@@ -222,7 +254,8 @@ def _adapted(t: TextSpec, lora) -> list:
 
 
 def checkpointed_bytes_per_token(t: TextSpec, compute_bytes: int) -> int:
-    """Gradient checkpointing keeps each layer's input (the residual stream) only."""
+    """Gradient checkpointing keeps each layer's input (the residual stream) only: pass the residual's
+    dtype (fp32 under plain-PyTorch k-bit training, see the module text)."""
     return compute_bytes * t.hidden_size
 
 
