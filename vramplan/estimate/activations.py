@@ -43,10 +43,10 @@ LOGIT_FORWARD_BYTES = 10  # s*b*V*(2 + 4 + 4) in the loss forward: 16-bit logits
 
 def llm_layer_bytes_per_token(t: TextSpec, mode: str, lora: LoraSpec | None, attn: str, seq: int,
                               compute_bytes: int = 2, kbit_saves_inputs: bool = False,
-                              residual_bytes: int = 0) -> float:
+                              residual_bytes: int = 0, adapter_casts: bool = False) -> float:
     """Saved-for-backward bytes per token of one decoder layer (no checkpointing); see the text family."""
     return module_for(t).saved_bytes_per_token(t, mode, lora, attn, seq, compute_bytes, kbit_saves_inputs,
-                                               residual_bytes)
+                                               residual_bytes, adapter_casts)
 
 
 def vision_layer_bytes_per_token(v: VisionSpec, lora: LoraSpec | None) -> float:
@@ -100,7 +100,7 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
     tokens = micro_batch * seq
     rb = residual_bytes or compute_bytes
     per_layer = text.saved_bytes_per_token(t, llm_mode, llm_lora, attn, seq, compute_bytes,
-                                           kbit_saves_inputs, residual_bytes) * tokens
+                                           kbit_saves_inputs, residual_bytes, cast_params > 0) * tokens
     if grad_ckpt:
         llm_saved = t.num_layers * text.checkpointed_bytes_per_token(t, rb) * tokens  # layer inputs only
         llm_recompute = per_layer + llm_cast_params * compute_bytes / t.num_layers  # + that layer's casts

@@ -25,9 +25,10 @@ in 16 bit; docs/estimate.md#activations) changes three things, each seen op by o
   * the 4-bit/8-bit Linears return their output in their input's dtype (bitsandbytes nn/modules.py
     Linear4bit.forward: `.to(inp_dtype)`), and silu/mul are not autocast ops, so the SwiGLU's three saved
     tensors (gate, SiLU output, up) are fp32: 3*4i instead of 6i;
-  * autocast casts each adapter's fp32 input to 16 bit afresh (activations are not cached: torch
+  * autocast casts each fp32 adapter's input to 16 bit afresh (activations are not cached: torch
     aten/src/ATen/autocast_mode.cpp cached_cast caches leaf tensors that require grad only), so adapters
-    that read the same fp32 tensor keep separate 16-bit copies (_lora_bytes_per_token);
+    that read the same tensor keep separate 16-bit copies (_lora_bytes_per_token, adapter_casts: this holds
+    for fp32 adapters under autocast with or without k-bit weights);
   * the norms save the fp32 residual itself where they saved its fp32 upcast (4h each either way), and the
     checkpointed layer inputs are fp32 (checkpointed_bytes_per_token).
 SDPA's q, k, v and output are cast to 16 bit by autocast (scaled_dot_product_attention is on its
@@ -155,21 +156,23 @@ def largest_tensor_params(t: TextSpec) -> int:
 
 # --- activations (bytes per token) -----------------------------------------------------------------------
 def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, compute_bytes: int = 2,
-                          kbit_saves_inputs: bool = False, residual_bytes: int = 0) -> float:
+                          kbit_saves_inputs: bool = False, residual_bytes: int = 0,
+                          adapter_casts: bool = False) -> float:
     """Saved-for-backward bytes per token of one decoder layer without checkpointing.
 
     mode: "full" (weights trainable), "lora" (frozen + adapters), "frozen" (no adapters; gradient flows
     through to earlier modules). kbit_saves_inputs: the Linears are bitsandbytes 4-bit ones of a release
     whose MatMul4Bit keeps its input for backward (see kbit_input_bytes_per_token). residual_bytes: the
     residual stream's dtype, 0 = the compute dtype (4 with 16-bit compute: an fp32 residual under autocast,
-    see the module text; frozen/lora modes only)."""
+    see the module text; frozen/lora modes only). adapter_casts: fp32 adapters under autocast, each of which
+    keeps its own 16-bit copy of its input (_lora_bytes_per_token)."""
     h, q, kv, i, a = t.hidden_size, t.q_dim, t.kv_dim, t.intermediate_size, t.num_attention_heads
     rb = residual_bytes if residual_bytes > compute_bytes else 0  # 0: the 16-bit coefficients hold
     mlp = 3 * rb * i if rb else 6 * i  # gate, SiLU output, up
     if mode == "full":
         b = 16 * h + 4 * q + 4 * kv + 8 * i + 4 * a + 8
     elif mode == "lora":
-        b = 8 * h + 4 * q + 4 * kv + mlp + 4 * a + 8 + _lora_bytes_per_token(t, lora, rb)
+        b = 8 * h + 4 * q + 4 * kv + mlp + 4 * a + 8 + _lora_bytes_per_token(t, lora, adapter_casts)
     elif mode == "frozen":
         b = 8 * h + 4 * q + 4 * kv + mlp + 4 * a + 8
     else:
@@ -187,7 +190,7 @@ def saved_bytes_per_token(t: TextSpec, mode: str, lora, attn: str, seq: int, com
     return b * (compute_bytes / 2) if compute_bytes != 2 else b
 
 
-def _lora_bytes_per_token(t: TextSpec, lora, residual_bytes: int = 0) -> int:
+def _lora_bytes_per_token(t: TextSpec, lora, adapter_casts: bool = False) -> int:
     """What peft's LoRA adds to a frozen layer's saves, per token (peft tuners/lora/layer.py Linear.forward:
     lora_B(lora_A(dropout(x)))): each adapted Linear's A output (2r), and the input lora_A saves:
       * lora_dropout > 0: the dropped copy (2 B) and the dropout mask (1 B bool: on CUDA aten dropout takes
@@ -198,16 +201,17 @@ def _lora_bytes_per_token(t: TextSpec, lora, residual_bytes: int = 0) -> int:
     The frozen base Linear saves nothing: its weight needs no gradient. That holds for bitsandbytes 4-bit
     layers too as pinned (0.50.2 autograd/_functions.py MatMul4Bit keeps ctx.tensors = (None, B));
     releases before 0.43.2 kept the input as well (ctx.tensors = (A, B)): kbit_input_bytes_per_token.
-    With an fp32 residual (residual_bytes 4) nothing is shared: every adapter but o_proj (whose input is
-    SDPA's 16-bit output) keeps its own autocast copy of its fp32 input, 2*d_in."""
+    fp32 adapters under autocast (adapter_casts) share nothing: peft casts each adapter's input to lora_A's
+    dtype (tuners/lora/layer.py Linear.forward: _cast_input_dtype, fp32) and autocast casts it back to 16 bit
+    afresh per matmul, so every adapted Linear keeps its own 16-bit copy, 2*d_in (o_proj too)."""
     if lora is None:
         return 0
     adapted = _adapted(t, lora)
     per = 2 * lora.r * len(adapted)
     if lora.dropout > 0:
         return per + 3 * sum(g.d_in for g in adapted)
-    if residual_bytes > 2:
-        return per + 2 * sum(g.d_in for g in adapted if g.name != "o_proj")
+    if adapter_casts:
+        return per + 2 * sum(g.d_in for g in adapted)
     names = {g.name for g in adapted}
     h = t.hidden_size
     return per + (2 * h if names & {"q_proj", "k_proj", "v_proj"} else 0) + (

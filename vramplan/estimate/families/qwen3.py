@@ -55,13 +55,14 @@ def layer_params(t: Qwen3Spec) -> int:
 
 
 def saved_bytes_per_token(t: Qwen3Spec, mode: str, lora, attn: str, seq: int, compute_bytes: int = 2,
-                          kbit_saves_inputs: bool = False, residual_bytes: int = 0) -> float:
+                          kbit_saves_inputs: bool = False, residual_bytes: int = 0,
+                          adapter_casts: bool = False) -> float:
     q, kv, a, akv = t.q_dim, t.kv_dim, t.num_attention_heads, t.num_key_value_heads
     per = (6 if mode == "full" else 4) * (q + kv) + 4 * (a + akv)
     if compute_bytes != 2:
         per = per * compute_bytes / 2
     return llama.saved_bytes_per_token(t, mode, lora, attn, seq, compute_bytes, kbit_saves_inputs,
-                                       residual_bytes) + per
+                                       residual_bytes, adapter_casts) + per
 
 
 chat_template = llama.chat_template
