@@ -37,8 +37,12 @@ def test_pinned_figures(scored):
     # -15.6% (docs/estimate.md#checked-against-reality); the bitsandbytes saved inputs do not touch it
     assert lq["within_15"] >= 21 / 26 - 1e-9
     assert s["full"]["median_abs_error"] <= 0.02
-    assert s["verdicts_agree"] >= 39 and s["verdicts_agree"] / s["verdicts"] >= 0.92
-    assert set(s["oom_predicted_fit"]) <= {"C063", "C092", "C137"}  # docs/estimate.md#checked-against-reality
+    # 39/42 before the plain-PyTorch autocast mechanisms (fp32 residual under k-bit, autocast weight casts;
+    # docs/estimate.md#activations): they turned C063, a real OOM, from "fits" to "OOM", and C117/C120, unsloth's
+    # HF+FA2 maximum-context thresholds, from "fits" to just over the card (allocated 88% and 99% of it; the
+    # allocator-reserve prior tips them): one fewer agreement, and no OOM predicted to fit among the QLoRA runs
+    assert s["verdicts_agree"] >= 38 and s["verdicts_agree"] / s["verdicts"] >= 0.90
+    assert set(s["oom_predicted_fit"]) <= {"C092", "C137"}  # docs/estimate.md#checked-against-reality
 
 
 def test_like_with_like_units(scored):
