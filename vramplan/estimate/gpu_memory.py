@@ -34,8 +34,7 @@ MASTER_BYTES = 4  # fp32 master weights (DeepSpeed's optimizer wrappers)
 FP32_GRAD_BYTES = 4  # fp32 gradients the DeepSpeed optimizer steps on: made inside step(), not kept (see
 #   _optimizer_states); DeepSpeed's estimate_zero2 charges them as 4 of its 18 B/param (runtime/zero/stage_1_and_2.py)
 
-HEAD_CAST = (" + the frozen fp32 lm_head's 16-bit autocast copy, kept by its matmul until the lm_head backward "
-             "(peft prepare_model_for_kbit_training; no engine cast)")
+HEAD_CAST = " + the frozen fp32 lm_head's 16-bit autocast copy (peft prepare_model_for_kbit_training)"
 ZERO_SOURCE = "ZeRO paper §5 (arXiv:1910.02054); DeepSpeed estimate_zero2/3_model_states_mem_needs"
 
 
@@ -219,19 +218,16 @@ def _activation_transients(
         out.append(Component("recompute_layer", act.llm_recompute, "transient",
                              "one decoder layer's activations while it is recomputed",
                              "gradient checkpointing; docs/estimate.md#activations"))
-    if act.weight_casts or act.head_cast:
-        out.append(Component(
-            "logits_loss_forward", act.logits_forward + act.head_cast, "transient",
-            f"{LOGIT_FORWARD_BYTES} B x tokens x vocab at the loss forward (16-bit logits, fp32 upcast, fp32 "
-            "log-softmax)" + (HEAD_CAST if act.head_cast else ""),
-            "transformers loss_utils.py ForCausalLMLoss; docs/estimate.md#activations"))
+    if act.weight_casts or act.head_cast:  # plain PyTorch under autocast (activations.py)
+        out.append(Component("logits_loss_forward", act.logits_forward + act.head_cast, "transient",
+                             f"{LOGIT_FORWARD_BYTES} B x tokens x vocab at the loss forward (16-bit logits, fp32 "
+                             "upcast, fp32 log-softmax)" + (HEAD_CAST if act.head_cast else ""),
+                             "transformers loss_utils.py ForCausalLMLoss"))
     if act.weight_casts:
-        out.append(Component(
-            "autocast_weight_casts", act.weight_casts, "transient",
-            f"fp32 trainable weights x {bc} B: autocast's cached 16-bit copies, "
-            + ("held through the forward and the loss forward (checkpointing)" if s.grad_ckpt
-               else "saved for backward by their matmuls"),
-            "torch aten/src/ATen/autocast_mode.cpp cached_cast; docs/estimate.md#activations"))
+        out.append(Component("autocast_weight_casts", act.weight_casts, "transient",
+                             f"fp32 trainable weights x {bc} B: autocast's cached 16-bit copies, "
+                             + ("held through the forward" if s.grad_ckpt else "saved for backward"),
+                             "torch aten/src/ATen/autocast_mode.cpp cached_cast; docs/estimate.md#activations"))
     if g.quantized_bytes and quant == Quant.NF4:
         out.append(Component("dequant_transient", int(g.largest_linear_elems * bc), "transient",
                              "largest 4-bit Linear dequantized to the compute dtype per matmul",
