@@ -41,3 +41,33 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+# The reliability figures (tests/reliability/figures.py): tallied by the tests, added up over pytest-xdist
+# workers (each hands its tallies to the controller in `workeroutput`), printed once at the end.
+def _figures():
+    from reliability import figures  # tests/ is on sys.path (rootdir conftest, prepend import mode)
+
+    return figures
+
+
+def pytest_sessionfinish(session):
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        f = _figures()
+        out["reliability_figures"] = dict(f.FIGURES)
+        out["reliability_exit_codes"] = {str(k): v for k, v in f.EXIT_CODES.items()}
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown (and never called) without xdist
+def pytest_testnodedown(node, error):
+    out = getattr(node, "workeroutput", {})
+    f = _figures()
+    f.FIGURES.update(out.get("reliability_figures", {}))
+    f.EXIT_CODES.update({int(k): v for k, v in out.get("reliability_exit_codes", {}).items()})
+
+
+def pytest_terminal_summary(terminalreporter):
+    f = _figures()
+    if f.FIGURES or f.EXIT_CODES:
+        terminalreporter.write_line(f.summary_line())

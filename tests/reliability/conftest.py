@@ -1,5 +1,4 @@
-"""Prints the reliability figures (tests/reliability/figures.py) at the end of a run that collected this suite;
-the `tiny` fixture (the tiny model)."""
+"""The `tiny` fixture (the tiny model). tests/conftest.py prints the reliability figures (figures.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from . import figures
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +19,3 @@ def tiny(tmp_path_factory) -> Path:
                    env=env, timeout=120)
     return out
 
-
-def pytest_terminal_summary(terminalreporter):
-    if figures.FIGURES or figures.EXIT_CODES:
-        terminalreporter.write_line(figures.summary_line())
