@@ -117,11 +117,17 @@ def image_tokens(v: VisionSpec) -> int:
 
 def saved_bytes_per_token(v: VisionSpec, lora) -> float:
     """Saved bytes per token of one layer; 0 when the tower has no adapters (frozen, no grad)."""
-    adapted = [g.name for g in linear_groups(v) if lora is not None and targeted(g, lora.targets)]
+    return vit_layer_saved_bytes(v, lora, linear_groups(v), mlp_act_bytes=6)
+
+
+def vit_layer_saved_bytes(v, lora, groups: list[LinearGroup], mlp_act_bytes: int) -> float:
+    """One pre-LN ViT encoder layer's saved bytes per token (CLIP, SigLIP); `mlp_act_bytes` per intermediate
+    element: 6 for quick_gelu (its input, the sigmoid, fc2's input), 4 for a one-op GELU (its input, fc2's)."""
+    adapted = list(dict.fromkeys(g.name for g in groups if lora is not None and targeted(g, lora.targets)))
     if not adapted:
         return 0.0
     h, i = v.hidden_size, v.intermediate_size
-    b = 16 * h + 6 * i + 4 * v.num_attention_heads + 8 + 2 * lora.r * len(adapted)
+    b = 16 * h + mlp_act_bytes * i + 4 * v.num_attention_heads + 8 + 2 * lora.r * len(adapted)
     if lora.dropout > 0:
         b += sum(2 * i if n == "fc2" else 3 * h for n in adapted)
         if any(n in adapted for n in ("q_proj", "k_proj", "v_proj")):
