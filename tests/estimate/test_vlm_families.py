@@ -48,7 +48,8 @@ def test_siglip_tower_params_exact(head):
 
 
 def test_siglip_config_defaults_are_the_config_class():
-    v, c = siglip.from_hf_config({"model_type": "siglip_vision_model"}, "config.json"), transformers.SiglipVisionConfig()
+    v = siglip.from_hf_config({"model_type": "siglip_vision_model"}, "config.json")
+    c = transformers.SiglipVisionConfig()
     assert (v.hidden_size, v.intermediate_size, v.num_layers, v.num_attention_heads, v.image_size, v.patch_size,
             v.use_head) == (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
                             c.image_size, c.patch_size, c.vision_use_head)
