@@ -267,3 +267,16 @@ def test_dataset_largest_image_sets_the_tokens(tiny_repos, tmp_path):
     assert any("largest image of --dataset" in a for a in data["assumptions"])
     default, _ = _plan(str(d))  # no size, no dataset: the pinpoint with the most tokens (56x56: 4 + 4 x 5)
     assert default["model"]["image_size"] == [56, 56] and default["model"]["image_tokens"] == 24
+
+
+def test_anyres_default_keeps_room_for_text(tmp_path):
+    """LLaVA-NeXT's released layout at its default (672x672: 2,928 image tokens) outgrows the recipe's 2048:
+    the sequence grows to hold the recipe's text, and says so; an explicit --seq-len below it is refused."""
+    from vramplan.errors import UsageError
+
+    transformers.LlavaNextConfig(text_config=transformers.MistralConfig()).save_pretrained(tmp_path)
+    data, _ = _plan(str(tmp_path))
+    assert data["model"]["image_tokens"] == 2928 and data["model"]["tower_tokens_per_image"] == 5 * 577
+    assert data["seq_len"] > 2928 and any("leaves no room for text" in a for a in data["assumptions"])
+    with pytest.raises(UsageError, match="--seq-len: 2000 leaves no room"):
+        _plan(str(tmp_path), seq_len=2000)

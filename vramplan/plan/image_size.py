@@ -39,6 +39,13 @@ def size_matters(model) -> bool:
     return getattr(module_for(model.projector), "IMAGE_SIZE_MATTERS", True)
 
 
+def default_note(model) -> str:
+    """What image_size None stands for: the family's DEFAULT_SIZE_NOTE, else the processor's default size."""
+    from vramplan.estimate.families import module_for
+
+    return getattr(module_for(model.projector), "DEFAULT_SIZE_NOTE", "the processor's default size")
+
+
 def resolve_image_size(o, model, report, assumptions: list[str]):
     """The model with its planned image size: --image-size, else --dataset's largest image (`report`, a
     DatasetReport or None), else the processor's default (image_size None). Says which in `assumptions`."""
@@ -49,9 +56,9 @@ def resolve_image_size(o, model, report, assumptions: list[str]):
     elif report is not None and report.largest_image is not None and size_matters(model):
         size, source = report.largest_image, "the largest image of --dataset"
     else:
-        size, source = None, "the processor's default size"
+        size, source = None, default_note(model)
         if report is not None and size_matters(model):
-            source += " (no image of --dataset could be measured)"
+            source += "; no image of --dataset could be measured"
     model = replace(model, image_size=size)
     if o.image_size is None and not size_matters(model):
         return model  # LLaVA-1.5 and the like: a fixed resize, nothing to say

@@ -172,9 +172,14 @@ def resolve_data(o: EstimateOptions, model, recipe, ctx: Context, rep=None) -> D
     if o.samples is not None:
         samples = o.samples
     dataset_bytes, source = _dataset_disk(o, recipe, samples, dataset_bytes, ctx)
-    seq = min(recipe.max_length, model.image_tokens * (1 if images_per_sample else 0) + text_tokens)
+    image = model.image_tokens * (1 if images_per_sample else 0)
+    seq = min(recipe.max_length, image + text_tokens)
     if o.seq_len is not None:
         seq = o.seq_len
+    elif image and recipe.max_length <= image:  # anyres images outgrow LLaVA-1.5's 2048: keep the text
+        seq = image + text_tokens
+        ctx.assumptions.append(f"seq {seq} tokens: the recipe's max_length {recipe.max_length} leaves no room for "
+                               f"text after {image} image tokens (--seq-len sets it)")
     seq = max(seq, 1)
     return DataFacts(max(1, samples), dataset_bytes, images_per_sample, seq, min(mean_seq, seq) if mean_seq else 0,
                      source, bool(o.dataset))

@@ -27,7 +27,8 @@ Projector families (ROLE "projector", a VLM wrapper: HF_MODEL_TYPES are VLM conf
   llm_tokens_per_image(p, v, image_size) -> int     tokens the image takes in the LLM's sequence;
   image_size is (height, width) in pixels, or None for the processor's default size. Optional:
   projector_tokens_per_image(p, v, image_size) (tokens the projector maps, when not the LLM's: before
-  unpadding or pooling), default_image_size(p, v) (the size None stands for), IMAGE_SIZE_MATTERS = False
+  unpadding or pooling), default_image_size(p, v) (the size None stands for) with DEFAULT_SIZE_NOTE (how the
+  output names it), IMAGE_SIZE_MATTERS = False
   (tokens do not depend on the image size: a --dataset scan then skips reading image headers).
 docs/architecture.md#adding-a-model-family lists what adding one takes.
 """

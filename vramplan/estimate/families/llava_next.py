@@ -31,6 +31,7 @@ from vramplan.estimate.families.llava import LlavaParts, read_parts, select_stra
 ROLE = "projector"
 HF_MODEL_TYPES = ("llava_next",)
 PROFILE_FIELDS = {"kind": (str, True, None)}
+DEFAULT_SIZE_NOTE = "no --image-size or --dataset: the grid resolution with the most image tokens"
 # LlavaNextConfig's default image_grid_pinpoints, (height, width)
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 

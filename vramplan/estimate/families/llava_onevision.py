@@ -23,6 +23,7 @@ from vramplan.contract import ContractError, require, shown
 from vramplan.estimate.families import llava_next as _next
 from vramplan.estimate.families.llava import LlavaParts, read_parts, select_strategy
 from vramplan.estimate.families.llava_next import (  # noqa: F401 (the family's functions: LLaVA-NeXT's)
+    DEFAULT_SIZE_NOTE,
     default_image_size,
     linear_groups,
     llm_tokens_per_image,
