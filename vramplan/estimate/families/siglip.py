@@ -19,40 +19,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vramplan.contract import ContractError, require
 from vramplan.estimate.families import LinearGroup
+from vramplan.estimate.families import clip as _clip
 from vramplan.estimate.families.clip import checkpointed_bytes_per_token, vit_layer_saved_bytes  # noqa: F401
 
 ROLE = "vision"
 HF_MODEL_TYPES = ("siglip_vision_model", "siglip")
-PROFILE_FIELDS = {
-    "num_layers": (int, True, 1), "hidden_size": (int, True, 1), "intermediate_size": (int, True, 1),
-    "num_attention_heads": (int, True, 1), "image_size": (int, True, 1), "patch_size": (int, True, 1),
-    "num_channels": (int, False, 1), "feature_layer": (int, False, None), "use_head": (bool, False, None),
-}
+PROFILE_FIELDS = {**_clip.PROFILE_FIELDS, "use_head": (bool, False, None)}
 # transformers' SiglipVisionConfig defaults, for keys a config.json may omit
 HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                "image_size": 224, "patch_size": 16, "num_channels": 3, "vision_use_head": True}
 
 
 @dataclass(frozen=True)
-class VisionSpec:
-    """A SigLIP ViT tower's config."""
+class VisionSpec(_clip.VisionSpec):
+    """A SigLIP ViT tower's config: CLIP's fields, no CLS, and the pooling head."""
 
     family: ClassVar[str] = "siglip"
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    feature_layer: int = -1
     use_head: bool = True  # vision_use_head: the attention-pooling head holds weights
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
     @property
     def num_positions(self) -> int:
@@ -65,26 +49,8 @@ SPEC = VisionSpec
 def from_hf_config(cfg: dict, where: str, defaults: dict | None = None, feature_layer: int = -1,
                    prefix: str = "") -> VisionSpec:
     """VisionSpec from a `SiglipVisionConfig`-shaped dict (or a SiglipConfig holding `vision_config`)."""
-    if cfg.get("model_type") == "siglip" and "vision_config" in cfg:
-        cfg = require(cfg, "vision_config", dict, where, label=prefix + "vision_config")
-        prefix += "vision_config."
-    d = {**HF_DEFAULTS, **(defaults or {})}
-
-    def get(key, kind=int, minimum=1):
-        v = require(cfg, key, kind, where, label=prefix + key, min=minimum, allow_none=True, default=None)
-        return d.get(key) if v is None else v
-
-    spec = VisionSpec(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
-                      intermediate_size=get("intermediate_size"), num_attention_heads=get("num_attention_heads"),
-                      image_size=get("image_size"), patch_size=get("patch_size"), num_channels=get("num_channels"),
-                      feature_layer=feature_layer, use_head=get("vision_use_head", bool, None))
-    if spec.patch_size > spec.image_size:
-        raise ContractError(f"{where}: {prefix}patch_size: {spec.patch_size} is larger than image_size "
-                            f"{spec.image_size} (no patch fits)")
-    if not -(spec.num_layers + 1) <= feature_layer <= spec.num_layers:  # hidden_states: embeddings + each layer
-        raise ContractError(f"{where}: vision_feature_layer: {feature_layer} is not a layer of a "
-                            f"{spec.num_layers}-layer tower (in [{-(spec.num_layers + 1)}, {spec.num_layers}])")
-    return spec
+    return _clip.read_vit_config(cfg, where, VisionSpec, "siglip", {**HF_DEFAULTS, **(defaults or {})},
+                                 feature_layer, prefix, {"use_head": ("vision_use_head", bool)})
 
 
 # --- parameters --------------------------------------------------------------------------------------------
