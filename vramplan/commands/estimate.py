@@ -70,6 +70,9 @@ def estimate_options(f):
         click.option("--grad-ckpt/--no-grad-ckpt", "grad_ckpt", default=None, help="Only with/without checkpointing."),
         click.option("--dataset", type=click.Path(), help="LLaVA-format JSON: samples and text lengths come from it."),
         click.option("--images", type=click.Path(), help="Image folder of --dataset."),
+        click.option("--image-size", "image_size",
+                     help="Image size in pixels, HxW (e.g. 672x336) or N for NxN: sets a VLM's image tokens "
+                     "(default: the largest image of --dataset, else the processor's default size)."),
         click.option("--cpu-ram", "cpu_ram", help="CPU RAM per node, e.g. 128GiB (default on this host: measured)."),
         click.option("--disk", help="Free disk for the run, e.g. 500GB (default on this host: measured)."),
         click.option("--context", type=int, default=4096, show_default=True, help="Inference: KV-cache tokens."),

@@ -61,6 +61,16 @@ def _family(m: dict) -> str:
     return f" ({m['family']})" if m.get("family") else ""
 
 
+def _image(m: dict) -> str:
+    """"576 image": the LLM's image tokens per image, and the tower's when they differ (crops, CLS)."""
+    tower = m.get("tower_tokens_per_image")
+    if not m["image_tokens"] or not tower or tower == m["image_tokens"]:
+        return f"{m['image_tokens']} image"
+    size = m.get("image_size")
+    at = f" at {size[0]}x{size[1]}" if size else ""
+    return f"{m['image_tokens']} image; the tower processes {tower} per image{at}"
+
+
 def _header(con, data: dict) -> None:
     from rich.text import Text
 
@@ -69,7 +79,7 @@ def _header(con, data: dict) -> None:
     lines = [
         f"model     {m['name']}{_family(m)}: {size} params, {m['trainable_params'] / 1e6:.1f} M trainable"
         f" ({data['quant']} LLM, {data['compute_dtype']} compute)",
-        f"recipe    {r['name']}: seq {data['seq_len']} tokens ({m['image_tokens']} image), "
+        f"recipe    {r['name']}: seq {data['seq_len']} tokens ({_image(m)}), "
         f"{data['samples']} samples x {data['epochs']} epoch(s), global batch {r['global_batch']}",
         f"hardware  {hw['nodes']} node(s) x {hw['gpus_per_node']} x {hw['gpu_name']} "
         f"({hw['memory_bytes'] / GiB:.1f} GiB each; {data['gpus_source']}); headroom {data['headroom']:.0%}",
@@ -210,6 +220,12 @@ def _explain(con, c: dict, data: dict) -> None:
         con.print(Text(f"  time {name}: {sec:.3f} s per step = {sources.get(name, '')}"))
     pg = data["param_groups"]
     con.print(Text("  params " + ", ".join(f"{k} {v:,}" for k, v in pg.items())))
+    m = data["model"]
+    if m.get("image_tokens"):
+        size = m.get("image_size")
+        con.print(Text(f"  image tokens per image{f' at {size[0]}x{size[1]} (height x width)' if size else ''}: "
+                       f"{m['image_tokens']} in the LLM's sequence, {m.get('tower_tokens_per_image')} through the "
+                       "vision tower (the projector family's counts; docs/estimate.md#model-families)"))
 
 
 def render_infer(con, data: dict) -> None:

@@ -72,17 +72,20 @@ class ActivationBreakdown:
 
 
 def _vision(
-    v: VisionSpec, lora: LoraSpec | None, images: float, grad_ckpt: bool, compute_bytes: int
+    v: VisionSpec, lora: LoraSpec | None, images: float, grad_ckpt: bool, compute_bytes: int,
+    tower_tokens: int | None = None,
 ) -> tuple[float, float]:
-    """(saved, forward transient) of the vision tower for `images` images."""
+    """(saved, forward transient) of the vision tower for `images` images of `tower_tokens` tokens each (all
+    crops; None: one crop of the family's tokens_per_image)."""
     fam = module_for(v)
-    vtok = fam.tokens_per_image(v) * images
+    per_crop = fam.tokens_per_image(v)
+    vtok = (per_crop if tower_tokens is None else tower_tokens) * images
     per_layer = fam.saved_bytes_per_token(v, lora) * vtok
     if per_layer and grad_ckpt:
         saved = v.num_layers * fam.checkpointed_bytes_per_token(v, compute_bytes) * vtok + per_layer
     else:
         saved = v.num_layers * per_layer
-    return saved, fam.forward_transient_bytes(v, images, compute_bytes)
+    return saved, fam.forward_transient_bytes(v, vtok / per_crop, compute_bytes)  # in crops of per_crop tokens
 
 
 def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq: int, images_per_sample: float,
@@ -90,12 +93,15 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
                      grad_ckpt: bool, attn: str = "sdpa", compute_bytes: int = 2,
                      projector: ProjectorSpec | None = None, projector_trained: bool = True,
                      kbit_saves_inputs: bool = False, residual_bytes: int = 0, cast_params: int = 0,
-                     llm_cast_params: int = 0, head_cast: bool = False) -> ActivationBreakdown:
+                     llm_cast_params: int = 0, head_cast: bool = False, tower_tokens: int | None = None,
+                     projector_tokens: int | None = None) -> ActivationBreakdown:
     """kbit_saves_inputs: the LLM's Linears are 4-bit ones of a bitsandbytes release that keeps each
     Linear's input for backward (Job.kbit_saves_inputs; the text family's kbit_input_bytes_per_token).
     Plain PyTorch under autocast (module text): residual_bytes, the residual stream's dtype (0: the compute
     dtype); cast_params, the fp32 trainable parameters autocast casts (llm_cast_params of them in the
-    decoder layers); head_cast, the lm_head is a frozen fp32 weight cast per forward."""
+    decoder layers); head_cast, the lm_head is a frozen fp32 weight cast per forward. tower_tokens and
+    projector_tokens: per image, from the projector family at the planned image size (ModelSpec.tower_tokens,
+    .projector_tokens); None: one crop of the vision family's."""
     text = module_for(t)
     tokens = micro_batch * seq
     rb = residual_bytes or compute_bytes
@@ -110,9 +116,10 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
     vision_saved = vision_transient = projector_saved = 0
     if v is not None and images_per_sample > 0:
         n_img = micro_batch * images_per_sample
-        vision_saved, vision_transient = _vision(v, vision_lora, n_img, grad_ckpt, compute_bytes)
+        vision_saved, vision_transient = _vision(v, vision_lora, n_img, grad_ckpt, compute_bytes, tower_tokens)
         if projector_trained and projector is not None:
-            image_tokens = module_for(v).image_tokens(v) * n_img
+            per_image = module_for(v).image_tokens(v) if projector_tokens is None else projector_tokens
+            image_tokens = per_image * n_img
             projector_saved = int(
                 image_tokens * module_for(projector).saved_bytes_per_image_token(projector, compute_bytes)
             )

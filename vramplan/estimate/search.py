@@ -100,6 +100,7 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
                            vision_lora=r.vision_lora, grad_ckpt=s.grad_ckpt, attn=job.attn, compute_bytes=bc,
                            projector=job.model.projector, projector_trained=r.train_projector,
                            kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4,
+                           tower_tokens=job.model.tower_tokens, projector_tokens=job.model.projector_tokens,
                            **autocast_upcast(job, groups, s))
     buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32

@@ -39,6 +39,7 @@ class ModelSpec:
     stored_total_bytes: int | None = None  # exact, from safetensors headers, when known
     stored_bytes_by_dtype: dict = field(default_factory=dict)
     image_token_added: bool = True  # an <image> token is added to the vocab (HF LLaVA); XTuner adds none
+    image_size: tuple[int, int] | None = None  # (height, width) of the planned images; None = the processor's default
 
     @property
     def family(self) -> str:
@@ -47,14 +48,49 @@ class ModelSpec:
             return self.text.family
         return f"{self.projector.family if self.projector else 'vlm'}: {self.text.family} + {self.vision.family}"
 
-    @property
-    def image_tokens(self) -> int:
-        """LLM tokens per image."""
+    def _tokens(self, projector_fn: str, vision_fn: str) -> int:
+        """Tokens per image from the projector family's `projector_fn(p, v, image_size)` (the seam,
+        vramplan/estimate/families/__init__.py), else the vision family's `vision_fn(v)`; 0 without a tower."""
         if self.vision is None:
             return 0
         from vramplan.estimate.families import module_for
 
-        return module_for(self.vision).image_tokens(self.vision)
+        proj = module_for(self.projector) if self.projector is not None else None
+        if proj is not None and hasattr(proj, projector_fn):
+            return int(getattr(proj, projector_fn)(self.projector, self.vision, self.image_size))
+        return int(getattr(module_for(self.vision), vision_fn)(self.vision))
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM tokens per image (its place in the sequence) at `image_size`."""
+        return self._tokens("llm_tokens_per_image", "image_tokens")
+
+    @property
+    def tower_tokens(self) -> int:
+        """Tokens the vision tower processes per image at `image_size` (every crop or tile, CLS included)."""
+        return self._tokens("tower_tokens_per_image", "tokens_per_image")
+
+    @property
+    def projector_tokens(self) -> int:
+        """Tokens the projector maps per image (before any unpadding or pooling): the family's
+        projector_tokens_per_image where it differs from the LLM's tokens, else those."""
+        if self.projector is not None and self.vision is not None:
+            from vramplan.estimate.families import module_for
+
+            proj = module_for(self.projector)
+            if hasattr(proj, "projector_tokens_per_image"):
+                return int(proj.projector_tokens_per_image(self.projector, self.vision, self.image_size))
+        return self.image_tokens
+
+    @property
+    def default_image_size(self) -> tuple[int, int] | None:
+        """The image size the family plans for when none is given (its processor's), where it names one."""
+        if self.vision is None or self.projector is None:
+            return None
+        from vramplan.estimate.families import module_for
+
+        fn = getattr(module_for(self.projector), "default_image_size", None)
+        return tuple(fn(self.projector, self.vision)) if fn else None
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,7 @@ def sample_work(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_
     layers = model.text.num_layers
     matmul = w
     if model.vision is not None and images:
-        vis = module_for(model.vision)
-        positions = vis.tokens_per_image(model.vision)
+        positions = model.tower_tokens  # every crop the tower processes per image
         v_fwd = images * 2 * (c.vision_total + g.trainable_vision_lora) * positions
         fwd += v_fwd
         if vision_trainable:
@@ -81,7 +80,7 @@ def sample_work(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_
         layers += model.vision.num_layers
         matmul += c.vision_total
     if c.projector and images:
-        p_fwd = images * 2 * c.projector * model.image_tokens
+        p_fwd = images * 2 * c.projector * model.projector_tokens
         fwd += p_fwd
         bwd += 2 * p_fwd if g.trainable_projector else 0
         matmul += c.projector

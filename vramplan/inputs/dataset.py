@@ -63,6 +63,7 @@ class DatasetReport:
     errors: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     chars_per_token: float = CHARS_PER_TOKEN
+    largest_image: tuple[int, int] | None = None  # (height, width) of the largest image by area (image_sizes=True)
 
     @property
     def ok(self) -> bool:
@@ -169,6 +170,8 @@ class _Tally:
     unreadable: int = 0
     image_bytes: int = 0
     seen: set = field(default_factory=set)
+    sizes: bool = False  # read each image's size from its header (Pillow's lazy open decodes no pixels)
+    largest: tuple[int, int] | None = None
 
     def bad(self, i: int, rec, problem: str) -> None:
         self.error_count += 1
@@ -191,11 +194,25 @@ def _image_problems(image: str, root: Path, pil: bool, t: _Tally) -> list[str]:
     if path not in t.seen:
         t.seen.add(path)
         t.image_bytes += size
+        if t.sizes:
+            _note_size(path, t)
     err = _open_image(path) if pil else None
     if err:
         t.unreadable += 1
         return [f"image {image!r} does not open: {err}"]
     return []
+
+
+def _note_size(path: Path, t: _Tally) -> None:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - Pillow missing or not an image: no size (the open check reports it)
+        return
+    if t.largest is None or h * w > t.largest[0] * t.largest[1]:
+        t.largest = (h, w)
 
 
 def _scan_record(i: int, rec, root: Path, pil: bool, t: _Tally) -> None:
@@ -214,8 +231,9 @@ def _scan_record(i: int, rec, root: Path, pil: bool, t: _Tally) -> None:
 
 
 def scan_dataset(json_path: Path, images_dir: Path | None, *, open_images: bool = True,
-                 max_errors: int = 5) -> DatasetReport:
-    """Validate every record of a LLaVA-format JSON file and measure it.
+                 max_errors: int = 5, image_sizes: bool = False) -> DatasetReport:
+    """Validate every record of a LLaVA-format JSON file and measure it; with `image_sizes`, the largest
+    image's (height, width) from the image headers too.
 
     Image paths resolve against `images_dir`, or the JSON file's folder when it is None (noted).
     Raises DatasetError for a file that cannot be read, is not JSON, or is not a list of records.
@@ -227,7 +245,7 @@ def scan_dataset(json_path: Path, images_dir: Path | None, *, open_images: bool 
         [f"no images folder given: image paths resolved against the dataset's folder {root}"]
     pil, mode_notes = _image_mode(open_images, bool(data))
     notes += mode_notes
-    t = _Tally(max_errors)
+    t = _Tally(max_errors, sizes=image_sizes)
     if not data:
         t.bad(0, None, "the dataset has no records")
     for i, rec in enumerate(data):
@@ -236,4 +254,4 @@ def scan_dataset(json_path: Path, images_dir: Path | None, *, open_images: bool 
         path=str(json_path), images_dir=str(root), samples=len(data), with_image=t.with_image, images_found=t.found,
         images_missing=t.missing, images_unreadable=t.unreadable, image_bytes=t.image_bytes, images_opened=pil,
         text_chars=_stats(t.chars), text_tokens=_stats(t.tokens), error_count=t.error_count, errors=tuple(t.errors),
-        notes=tuple(notes))
+        notes=tuple(notes), largest_image=t.largest)

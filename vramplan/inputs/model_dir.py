@@ -163,12 +163,15 @@ def load_model_dir(path: str | os.PathLike, headers: dict | None = None, name: s
     common = dict(name=name or d.name, source=str(cfg_path), path=str(d.resolve()) if local_weights else None,
                   stored_total_bytes=total,
                   stored_bytes_by_dtype=by_dtype, stored_dtype=_dtype(cfg, by_dtype))
-    from vramplan.estimate.families import for_model_type, known_model_types, llava, module_for
+    from vramplan.estimate.families import for_model_type, known_model_types, module_for
 
-    hint = ("vramplan reads LLaVA (LlavaForConditionalGeneration) dirs and decoders of type "
-            + ", ".join(known_model_types("text")) + "; or use a built-in profile (`vramplan profiles`)")
-    if mt in llava.HF_MODEL_TYPES:
-        parts = _parse(llava.from_hf_config, cfg, where, hint)
+    hint = ("vramplan reads the VLMs of type " + ", ".join(known_model_types("projector"))
+            + " and decoders of type " + ", ".join(known_model_types("text")) + "; or use a built-in profile "
+            "(`vramplan profiles`)")
+    vlm_family = for_model_type("projector", mt) if isinstance(mt, str) else None
+    if vlm_family is not None:
+        processor = read_processor_config(d)
+        parts = _parse(lambda c, w: vlm_family.from_hf_config(c, w, processor=processor), cfg, where, hint)
         text_family = module_for(parts.text)
         return ModelSpec(text=parts.text, vision=parts.vision, projector=parts.projector,
                          hf_ids={"llava": hf_id},
@@ -180,6 +183,29 @@ def load_model_dir(path: str | os.PathLike, headers: dict | None = None, name: s
         return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": hf_id},
                          chat_template=text_family.chat_template(text), image_token_added=False, **common)
     raise UsageError(f"{where}: model_type {mt!r} is not supported", hint)
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def read_processor_config(d: Path) -> dict | None:
+    """The image processor's settings: preprocessor_config.json, with processor_config.json's keys over them
+    (transformers processing_utils.py reads both; newer repos nest the image processor's under
+    "image_processor"). None when the dir has neither; a file that is not a JSON object is a UsageError."""
+    out = None
+    for name in PROCESSOR_FILES:
+        f = d / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, RecursionError) as e:
+            raise UsageError(f"{f}: unreadable ({str(e)[:200]})", f"re-download {name}") from None
+        nested = data.get("image_processor")
+        out = {**(out or {}), **data, **(nested if isinstance(nested, dict) else {})}
+    return out
 
 
 def _parse(from_hf_config, cfg: dict, where: str, hint: str):

@@ -38,6 +38,7 @@ class EstimateOptions:
     grad_ckpt: bool | None = None  # --grad-ckpt/--no-grad-ckpt: restrict
     dataset: str | None = None  # --dataset JSON
     images: str | None = None  # --images DIR
+    image_size: str | None = None  # --image-size HxW or N (square): the images' size (default: --dataset's largest)
     cpu_ram: str | None = None  # --cpu-ram 64GiB
     disk: str | None = None  # --disk 500GB
     output_dir: str | None = None  # --output: where checkpoints go (disk measured there)
@@ -120,6 +121,10 @@ class EstimateOptions:
             bad("--bnb-version", f"must be a release number like 0.43.1, not {self.bnb_version!r}")
         if self.dataset is not None and not Path(self.dataset).is_file():
             bad("--dataset", f"no such file: {self.dataset}", "give the path of a LLaVA-format JSON file")
+        if self.image_size is not None:
+            from vramplan.plan.image_size import parse_image_size
+
+            parse_image_size(self.image_size)
         if self.images is not None and not Path(self.images).is_dir():
             bad("--images", f"no such directory: {self.images}")
 
@@ -135,6 +140,7 @@ def version_tuple(v: str) -> tuple[int, int, int]:
 
 # the string flags, by field: an empty value is refused (it would silently mean "not given")
 STR_FLAGS = {"model": "--model", "recipe": "--recipe", "gpus": "--gpus", "dataset": "--dataset", "images": "--images",
+             "image_size": "--image-size",
              "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration",
              "bnb_version": "--bnb-version"}
 

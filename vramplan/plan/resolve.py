@@ -128,16 +128,27 @@ def resolve_bnb(o: EstimateOptions, quant: str, ctx: Context) -> bool:
     return saves
 
 
-def resolve_data(o: EstimateOptions, model, recipe, ctx: Context) -> DataFacts:
-    """Samples, bytes, images and token lengths: from --dataset when given, else the recipe's defaults."""
+def scan(o: EstimateOptions, model):
+    """The --dataset scan (None without it); with image sizes when the model's image tokens depend on them."""
+    if not o.dataset:
+        return None
+    from vramplan.inputs.dataset import scan_dataset
+    from vramplan.plan.image_size import size_matters
+
+    return scan_dataset(Path(o.dataset), Path(o.images) if o.images else None, open_images=False,
+                        image_sizes=o.image_size is None and size_matters(model))
+
+
+def resolve_data(o: EstimateOptions, model, recipe, ctx: Context, rep=None) -> DataFacts:
+    """Samples, bytes, images and token lengths: from --dataset (its scan `rep`) when given, else the
+    recipe's defaults."""
     samples, dataset_bytes = recipe.samples, recipe.dataset_bytes
     images_per_sample = 1.0 if model.vision else 0.0
     text_tokens, mean_seq = recipe.text_tokens, 0
     if o.dataset:
-        from vramplan.inputs.dataset import scan_dataset
         from vramplan.inputs.token_count import token_stats
 
-        rep = scan_dataset(Path(o.dataset), Path(o.images) if o.images else None, open_images=False)
+        rep = rep or scan(o, model)
         if rep.error_count:
             ctx.assumptions.append(f"--dataset has {rep.error_count} bad record(s), e.g. {rep.errors[0]}; "
                                    "the trainer will stop on them (`vramplan preflight --dataset` lists them)")
@@ -161,9 +172,14 @@ def resolve_data(o: EstimateOptions, model, recipe, ctx: Context) -> DataFacts:
     if o.samples is not None:
         samples = o.samples
     dataset_bytes, source = _dataset_disk(o, recipe, samples, dataset_bytes, ctx)
-    seq = min(recipe.max_length, model.image_tokens * (1 if images_per_sample else 0) + text_tokens)
+    image = model.image_tokens * (1 if images_per_sample else 0)
+    seq = min(recipe.max_length, image + text_tokens)
     if o.seq_len is not None:
         seq = o.seq_len
+    elif image and recipe.max_length <= image:  # anyres images outgrow LLaVA-1.5's 2048: keep the text
+        seq = image + text_tokens
+        ctx.assumptions.append(f"seq {seq} tokens: the recipe's max_length {recipe.max_length} leaves no room for "
+                               f"text after {image} image tokens (--seq-len sets it)")
     seq = max(seq, 1)
     return DataFacts(max(1, samples), dataset_bytes, images_per_sample, seq, min(mean_seq, seq) if mean_seq else 0,
                      source, bool(o.dataset))
@@ -226,16 +242,19 @@ def build_job(o: EstimateOptions):
     from vramplan.estimate.types import Job, Offload
     from vramplan.inputs.model_dir import resolve_model
     from vramplan.inputs.profiles import load_recipe
+    from vramplan.plan.image_size import resolve_image_size
 
     ctx = Context()
     model = resolve_model(o.model or DEFAULT_MODEL)
+    rep = scan(o, model)
+    model = resolve_image_size(o, model, rep, ctx.assumptions)
     recipe = _apply_overrides(load_recipe(o.recipe), o, model)
     sel = resolve_hardware(o, ctx)
     device = o.device or ("npu" if sel.hardware.vendor == "ascend" else "cuda")
     refuse_untrainable(o, recipe, device, sel.hardware)
     recipe, quant, compute = _dtypes(recipe, sel.hardware, device, ctx)
     kbit_saves_inputs = resolve_bnb(o, quant, ctx)
-    data = resolve_data(o, model, recipe, ctx)
+    data = resolve_data(o, model, recipe, ctx, rep)
     cpu_ram, disk = resolve_host(o, ctx)
     calibration = resolve_calibration(o, ctx)
     cores = 0 if ctx.gpus_source == "--gpus" else (__import__("psutil").cpu_count(logical=False) or 0)

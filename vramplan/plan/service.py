@@ -26,10 +26,12 @@ class EstimateResult:
 
     def data(self) -> dict:
         j = self.job
+        from vramplan.plan.image_size import image_facts
+
         g = param_groups(j.model, j.recipe)
         return {
             "model": {"name": j.model.name, "family": j.model.family, "path": j.model.path, "params": g.total_params,
-                      "trainable_params": g.trainable, "image_tokens": j.model.image_tokens},
+                      "trainable_params": g.trainable, **image_facts(j.model)},
             "recipe": recipe_dict(j.recipe),
             "hardware": self.context.selection,
             "gpus_source": self.context.gpus_source,
@@ -72,6 +74,7 @@ def run_inference_estimate(o: EstimateOptions) -> dict:
     from vramplan.estimate.inference import infer_candidates, infer_dtypes, inference_recipe
     from vramplan.estimate.params import count_params
     from vramplan.estimate.types import Quant
+    from vramplan.plan.image_size import image_facts
 
     job, ctx = build_job(replace(o, quant=Quant.NONE))  # the dtypes come from infer_dtypes, not the recipe
     dtypes, notes = infer_dtypes(job, o.quant)
@@ -91,7 +94,7 @@ def run_inference_estimate(o: EstimateOptions) -> dict:
             "path": m.path,
             "params": count_params(m).total,
             "trainable_params": 0,
-            "image_tokens": m.image_tokens,
+            **image_facts(m),
             "stored_dtype": m.stored_dtype,
         },
         "recipe": recipe_dict(inference_recipe(job.recipe)),

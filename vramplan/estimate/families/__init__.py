@@ -16,8 +16,20 @@ Every family module defines:
 Text families add: saved_bytes_per_token, checkpointed_bytes_per_token, final_norm_bytes_per_token,
   attention_flops_per_token, kv_bytes_per_token, kv_cache_tokens (tokens a layer's KV cache holds for a context:
   the context, or less under a sliding window), prefill_bytes_per_token, layer_params, chat_template.
-Vision families add: saved_bytes_per_token, tokens_per_image, image_tokens, forward_transient_bytes.
-Projector families add: saved_bytes_per_image_token.
+Vision families add: saved_bytes_per_token, tokens_per_image (one crop at the tower's size), image_tokens,
+  forward_transient_bytes(v, images, compute_bytes) (`images` counts crops of tokens_per_image tokens: the
+  generic code passes tower tokens / tokens_per_image, so a family may keep images x its own tokens).
+Projector families (ROLE "projector", a VLM wrapper: HF_MODEL_TYPES are VLM config.json model_types) add:
+  from_hf_config(cfg, where, processor=None) -> LlavaParts-like (text, vision, projector, image_token_added),
+    `processor` the parsed preprocessor_config.json / processor_config.json or None;
+  saved_bytes_per_image_token(p, compute_bytes);
+  tower_tokens_per_image(p, v, image_size) -> int   tokens the tower processes per image (all crops or tiles);
+  llm_tokens_per_image(p, v, image_size) -> int     tokens the image takes in the LLM's sequence;
+  image_size is (height, width) in pixels, or None for the processor's default size. Optional:
+  projector_tokens_per_image(p, v, image_size) (tokens the projector maps, when not the LLM's: before
+  unpadding or pooling), default_image_size(p, v) (the size None stands for) with DEFAULT_SIZE_NOTE (how the
+  output names it), IMAGE_SIZE_MATTERS = False
+  (tokens do not depend on the image size: a --dataset scan then skips reading image headers).
 docs/architecture.md#adding-a-model-family lists what adding one takes.
 """
 

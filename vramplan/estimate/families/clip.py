@@ -62,19 +62,26 @@ def from_hf_config(cfg: dict, where: str, defaults: dict | None = None, feature_
                    prefix: str = "") -> VisionSpec:
     """VisionSpec from a `CLIPVisionConfig`-shaped dict (or a full CLIPConfig holding `vision_config`).
     A key that is absent or null takes CLIPVisionConfig's default; a wrong type or range is a ContractError."""
-    if cfg.get("model_type") == "clip" and "vision_config" in cfg:
+    return read_vit_config(cfg, where, VisionSpec, "clip", {**HF_DEFAULTS, **(defaults or {})}, feature_layer, prefix)
+
+
+def read_vit_config(cfg: dict, where: str, spec_cls, composite_type: str, d: dict, feature_layer: int, prefix: str,
+                    extra: dict | None = None):
+    """A ViT tower's spec (CLIP, SigLIP) from its config dict, or from the `vision_config` of a composite config
+    of `composite_type`; `d` holds the defaults, `extra` {field: (config key, type)} more keys."""
+    if cfg.get("model_type") == composite_type and "vision_config" in cfg:
         cfg = require(cfg, "vision_config", dict, where, label=prefix + "vision_config")
         prefix += "vision_config."
-    d = {**HF_DEFAULTS, **(defaults or {})}
 
-    def get(key):
-        v = require(cfg, key, int, where, label=prefix + key, min=1, allow_none=True, default=None)
+    def get(key, kind=int):
+        v = require(cfg, key, kind, where, label=prefix + key, min=1 if kind is int else None, allow_none=True,
+                    default=None)
         return d.get(key) if v is None else v
 
-    spec = VisionSpec(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
-                      intermediate_size=get("intermediate_size"), num_attention_heads=get("num_attention_heads"),
-                      image_size=get("image_size"), patch_size=get("patch_size"), num_channels=get("num_channels"),
-                      feature_layer=feature_layer)
+    spec = spec_cls(num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
+                    intermediate_size=get("intermediate_size"), num_attention_heads=get("num_attention_heads"),
+                    image_size=get("image_size"), patch_size=get("patch_size"), num_channels=get("num_channels"),
+                    feature_layer=feature_layer, **{f: get(k, t) for f, (k, t) in (extra or {}).items()})
     if spec.patch_size > spec.image_size:
         raise ContractError(f"{where}: {prefix}patch_size: {spec.patch_size} is larger than image_size "
                             f"{spec.image_size} (no patch fits)")
@@ -117,11 +124,17 @@ def image_tokens(v: VisionSpec) -> int:
 
 def saved_bytes_per_token(v: VisionSpec, lora) -> float:
     """Saved bytes per token of one layer; 0 when the tower has no adapters (frozen, no grad)."""
-    adapted = [g.name for g in linear_groups(v) if lora is not None and targeted(g, lora.targets)]
+    return vit_layer_saved_bytes(v, lora, linear_groups(v), mlp_act_bytes=6)
+
+
+def vit_layer_saved_bytes(v, lora, groups: list[LinearGroup], mlp_act_bytes: int) -> float:
+    """One pre-LN ViT encoder layer's saved bytes per token (CLIP, SigLIP); `mlp_act_bytes` per intermediate
+    element: 6 for quick_gelu (its input, the sigmoid, fc2's input), 4 for a one-op GELU (its input, fc2's)."""
+    adapted = list(dict.fromkeys(g.name for g in groups if lora is not None and targeted(g, lora.targets)))
     if not adapted:
         return 0.0
     h, i = v.hidden_size, v.intermediate_size
-    b = 16 * h + 6 * i + 4 * v.num_attention_heads + 8 + 2 * lora.r * len(adapted)
+    b = 16 * h + mlp_act_bytes * i + 4 * v.num_attention_heads + 8 + 2 * lora.r * len(adapted)
     if lora.dropout > 0:
         b += sum(2 * i if n == "fc2" else 3 * h for n in adapted)
         if any(n in adapted for n in ("q_proj", "k_proj", "v_proj")):
