@@ -203,3 +203,105 @@ def test_qwen_merger_saved_bytes():
         x = torch.randn(4 * 24, p.in_features, dtype=torch.bfloat16)
         assert qwen2_vl.saved_bytes_per_image_token(p, 2) * 24 == saved_bytes(lambda: merger(x),
                                                                                list(merger.parameters()))
+
+
+# --- Idefics3 / SmolVLM ------------------------------------------------------------------------------------------
+IDEFICS_VISION = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=56, patch_size=14)
+TILE_PROC = {"size": {"longest_edge": 168}, "max_image_size": {"longest_edge": 56}}
+
+
+def _idefics_config(name, tie=False):
+    cls = transformers.SmolVLMConfig if name == "smolvlm" else transformers.Idefics3Config
+    return cls(vision_config=IDEFICS_VISION, text_config={**TEXT, "model_type": "llama", "tie_word_embeddings": True},
+               tie_word_embeddings=tie)
+
+
+@pytest.mark.parametrize("name,tie", [("idefics3", False), ("idefics3", True), ("smolvlm", False)])
+def test_idefics_counts_equal_meta_device_instantiation(name, tie):
+    from vramplan.estimate.families import idefics3
+
+    cfg = _idefics_config(name, tie)
+    parts = idefics3.from_hf_config(cfg.to_dict(), "config.json")
+    assert parts.text.family == "llama" and parts.text.tie_word_embeddings == tie
+    with torch.device("meta"):
+        model = getattr(transformers, type(cfg).__name__.replace("Config", "ForConditionalGeneration"))(cfg)
+    _check_counts(_spec(parts), model)
+
+
+def _tiny_tokenizer():
+    """A word-level tokenizer that knows the processors' special tokens and merges "\\n\\n" (as Llama-3's does)."""
+    from tokenizers import Tokenizer, models
+
+    specials = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"] + \
+        [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "\n": 1, "\n\n": 2}, unk_token="[UNK]"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]",
+                                                additional_special_tokens=specials)
+
+
+@pytest.mark.parametrize("proc", [TILE_PROC, {**TILE_PROC, "do_image_splitting": False},
+                                  {"image_processor": {"size": {"longest_edge": 300},
+                                                       "max_image_size": {"longest_edge": 56}}}])
+def test_idefics_image_tokens_equal_the_processor(proc):
+    """Tower patches from the processor's frames; LLM tokens = the processor's input_ids for a prompt "<image>"."""
+    from PIL import Image
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from vramplan.estimate.families import idefics3
+
+    parts = idefics3.from_hf_config(_idefics_config("idefics3").to_dict(), "config.json", processor=proc)
+    p, v = parts.projector, parts.vision
+    ip = Idefics3ImageProcessorPil(**proc.get("image_processor", proc))
+    processor = transformers.Idefics3Processor(image_processor=ip, tokenizer=_tiny_tokenizer(), image_seq_len=4)
+    for h, w in SIZES:
+        out = processor(text="<image>", images=[Image.new("RGB", (w, h))])
+        assert idefics3.tower_tokens_per_image(p, v, (h, w)) == out["pixel_values"].shape[1] * 16
+        assert idefics3.llm_tokens_per_image(p, v, (h, w)) == len(out["input_ids"][0])
+
+
+def test_smolvlm_frames_equal_its_image_processor():
+    from PIL import Image
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    from vramplan.estimate.families import idefics3
+
+    parts = idefics3.from_hf_config(_idefics_config("smolvlm").to_dict(), "config.json", processor=TILE_PROC)
+    ip = SmolVLMImageProcessorPil(**TILE_PROC)
+    for h, w in SIZES:
+        out = ip(Image.new("RGB", (w, h)), return_row_col_info=True)
+        rows, cols = out["rows"][0][0], out["cols"][0][0]
+        assert module_for(parts.vision).tiles(parts.vision, (h, w)) == (rows, cols)
+        frames = len(out["pixel_values"][0])
+        assert idefics3.tower_tokens_per_image(parts.projector, parts.vision, (h, w)) == frames * 16
+
+
+def _idefics_vit_saved(layers, targets, r, dropout):
+    peft = pytest.importorskip("peft")
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
+
+    from tests.estimate.act_measure import saved_bytes
+    from train.trace_fake import cuda_dropout
+
+    torch.manual_seed(0)
+    vc = transformers.Idefics3VisionConfig(**{**IDEFICS_VISION, "num_hidden_layers": layers})
+    vc._attn_implementation = "sdpa"
+    model = Idefics3VisionTransformer(vc).to(torch.bfloat16).train()
+    model.requires_grad_(False)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=16, lora_dropout=dropout,
+                                                       target_modules=list(targets)),
+                                autocast_adapter_dtype=False).to(torch.bfloat16)
+    px = torch.randn(2, 3, 56, 56, dtype=torch.bfloat16)
+    with cuda_dropout():
+        return saved_bytes(lambda: model(pixel_values=px).last_hidden_state, list(model.parameters()))
+
+
+@pytest.mark.parametrize("targets,r,dropout", [(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), 8, 0.0),
+                                               (("v_proj", "out_proj", "fc1"), 4, 0.05)])
+def test_idefics_vit_saved_bytes_with_lora(targets, r, dropout):
+    from vramplan.estimate.families import idefics3
+
+    measured = (_idefics_vit_saved(3, targets, r, dropout) - _idefics_vit_saved(2, targets, r, dropout)) / 32
+    v = idefics3.from_hf_config(_idefics_config("idefics3").to_dict(), "config.json").vision
+    lora = LoraSpec(r=r, alpha=16, dropout=dropout, targets=targets)
+    assert module_for(v).saved_bytes_per_token(v, lora) == measured
