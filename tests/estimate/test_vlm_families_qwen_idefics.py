@@ -253,11 +253,14 @@ def test_idefics_image_tokens_equal_the_processor(proc):
     parts = idefics3.from_hf_config(_idefics_config("idefics3").to_dict(), "config.json", processor=proc)
     p, v = parts.projector, parts.vision
     ip = Idefics3ImageProcessorPil(**proc.get("image_processor", proc))
-    processor = transformers.Idefics3Processor(image_processor=ip, tokenizer=_tiny_tokenizer(), image_seq_len=4)
+    tokenizer = _tiny_tokenizer()
+    processor = transformers.Idefics3Processor(image_processor=ip, tokenizer=tokenizer, image_seq_len=4)
     for h, w in SIZES:
         out = processor(text="<image>", images=[Image.new("RGB", (w, h))])
         assert idefics3.tower_tokens_per_image(p, v, (h, w)) == out["pixel_values"].shape[1] * 16
         assert idefics3.llm_tokens_per_image(p, v, (h, w)) == len(out["input_ids"][0])
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        assert idefics3.projector_tokens_per_image(p, v, (h, w)) == out["input_ids"][0].count(image_id)
 
 
 def test_smolvlm_frames_equal_its_image_processor():
@@ -305,3 +308,12 @@ def test_idefics_vit_saved_bytes_with_lora(targets, r, dropout):
     v = idefics3.from_hf_config(_idefics_config("idefics3").to_dict(), "config.json").vision
     lora = LoraSpec(r=r, alpha=16, dropout=dropout, targets=targets)
     assert module_for(v).saved_bytes_per_token(v, lora) == measured
+
+
+def test_towers_are_read_only_with_their_wrapper():
+    """A LLaVA config naming one of these towers is one clear line, not a crash."""
+    from vramplan.estimate.families import llava
+
+    for vt in ("qwen2_vl_vision", "idefics3_vision"):
+        with pytest.raises(ValueError, match="read only from its own model's config.json"):
+            llava.from_hf_config({"model_type": "llava", "vision_config": {"model_type": vt}}, "config.json")

@@ -65,6 +65,16 @@ def tower_tokens_per_image(p: ProjectorSpec, v, image_size: tuple[int, int] | No
     return vit.tokens_per_image(v, image_size)
 
 
+def projector_tokens_per_image(p: ProjectorSpec, v, image_size: tuple[int, int] | None = None) -> int:
+    """Features the connector maps: image_seq_len per frame (the LLM's tile markers are text embeddings)."""
+    return vit.image_tokens(v, image_size)
+
+
+def default_image_size(p: ProjectorSpec, v) -> tuple[int, int]:
+    """Tokens follow the aspect ratio (every image is resized to the longest edge): idefics3_vit.DEFAULT_IMAGE_SIZE."""
+    return vit.DEFAULT_IMAGE_SIZE
+
+
 def llm_tokens_per_image(p: ProjectorSpec, v, image_size: tuple[int, int] | None = None) -> int:
     """The image's tokens in the LLM sequence: <image> tokens and the tile markers around them."""
     seq = v.num_patches // v.scale_factor**2

@@ -63,6 +63,14 @@ class VisionSpec(clip.VisionSpec):
 
 
 SPEC = VisionSpec
+
+
+def from_hf_config(cfg: dict, where: str, *args, **kwargs) -> VisionSpec:
+    """Refused: this tower is read with its wrapper (families/idefics3.py), which also reads the processor config."""
+    raise ValueError(f"a {cfg.get('model_type')} vision tower is read only from its own model's config.json "
+                     "(model_type idefics3 or smolvlm)")
+
+
 linear_groups = clip.linear_groups
 largest_tensor_params = clip.largest_tensor_params
 checkpointed_bytes_per_token = clip.checkpointed_bytes_per_token

@@ -83,6 +83,11 @@ def llm_tokens_per_image(p: ProjectorSpec, v, image_size: tuple[int, int] | None
     return vit.image_tokens(v, image_size)
 
 
+def default_image_size(p: ProjectorSpec, v) -> tuple[int, int]:
+    """The processor keeps an image's own resolution: without a stated size, qwen2_vl_vit.DEFAULT_IMAGE_SIZE."""
+    return vit.DEFAULT_IMAGE_SIZE
+
+
 def from_hf_config(cfg: dict, where: str, processor: dict | None = None) -> LlavaParts:
     """The parts of a `Qwen2VLConfig` / `Qwen2_5_VLConfig`-shaped dict and its processor config."""
     mt = require(cfg, "model_type", str, where, choices=HF_MODEL_TYPES)

@@ -74,6 +74,12 @@ class VisionSpec:
 SPEC = VisionSpec
 
 
+def from_hf_config(cfg: dict, where: str, *args, **kwargs) -> VisionSpec:
+    """Refused: this tower is read with its wrapper (families/qwen2_vl.py), which also reads the processor config."""
+    raise ValueError(f"a {cfg.get('model_type')} vision tower is read only from its own model's config.json "
+                     "(model_type qwen2_vl or qwen2_5_vl)")
+
+
 # --- parameters --------------------------------------------------------------------------------------------
 def linear_groups(v: VisionSpec) -> list[LinearGroup]:
     d, i, L = v.hidden_size, v.intermediate_size, v.num_layers
