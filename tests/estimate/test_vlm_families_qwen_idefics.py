@@ -190,8 +190,8 @@ def test_qwen_vit_saved_bytes_with_lora(name, targets, r, dropout):
     assert module_for(v).saved_bytes_per_token(v, None) == 0
 
 
-def test_qwen_merger_saved_bytes():
-    """A trained PatchMerger over a frozen tower's output, per merged token."""
+def test_projector_saved_bytes():
+    """A trained PatchMerger / Idefics3 connector over a frozen tower's output, per LLM image token."""
     from tests.estimate.act_measure import saved_bytes
 
     for name in ("qwen2_vl", "qwen2_5_vl"):
@@ -203,6 +203,16 @@ def test_qwen_merger_saved_bytes():
         x = torch.randn(4 * 24, p.in_features, dtype=torch.bfloat16)
         assert qwen2_vl.saved_bytes_per_image_token(p, 2) * 24 == saved_bytes(lambda: merger(x),
                                                                                list(merger.parameters()))
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    from vramplan.estimate.families import idefics3
+
+    cfg = _idefics_config("idefics3")
+    connector = Idefics3Connector(cfg).to(torch.bfloat16).train()
+    p = idefics3.from_hf_config(cfg.to_dict(), "config.json").projector
+    x = torch.randn(3, 16, 32, dtype=torch.bfloat16)  # 3 frames of 4x4 patches -> 3 x 4 image tokens
+    assert idefics3.saved_bytes_per_image_token(p, 2) * 12 == saved_bytes(lambda: connector(x),
+                                                                          list(connector.parameters()))
 
 
 # --- Idefics3 / SmolVLM ------------------------------------------------------------------------------------------
