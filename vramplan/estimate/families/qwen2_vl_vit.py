@@ -176,7 +176,8 @@ def saved_bytes_per_token(v: VisionSpec, lora) -> float:
     output and the activation's sigmoid (quick_gelu, 4i) or the gate, SiLU output and up (SwiGLU, 6i).
     Qwen2-VL 16h + 4i + 4a + 8, Qwen2.5-VL 20h + 6i + 4a + 8, plus per adapted Linear 2r (the A output) and its
     input: 2*d_in, shared by adapters that read the same tensor, or 3*d_in each with lora_dropout > 0 (the
-    dropped copy and its 1-byte mask). Measured (tests/estimate/test_vlm_families_qwen_idefics.py)."""
+    dropped copy and its 1-byte mask). Measured (tests/estimate/test_vlm_families_qwen_idefics.py). Once per tower,
+    not per block, the rotary cos/sin tables (fp32, 8*d_head B per patch) are saved too: not counted."""
     adapted = [g for g in linear_groups(v) if lora is not None and targeted(g, lora.targets)]
     if not adapted:
         return 0.0
