@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vramplan.estimate.families import module_for
 from vramplan.estimate.specs import ModelSpec, RecipeSpec
 from vramplan.estimate.types import Quant
 
@@ -69,6 +70,8 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
     llm_lin = [g for g in groups if g.component == "llm"]
     llm_lora = lora_params(groups, recipe.llm_lora, "llm") if recipe.llm_lora else 0
     t = model.text
+    on_params = getattr(module_for(t), "parameter_lora_params", None)  # PEFT target_parameters (MoE experts)
+    llm_lora += on_params(t, recipe.llm_lora) if on_params and recipe.llm_lora else 0
     if recipe.llm_lora and "lm_head" in recipe.llm_lora.targets:
         # PEFT adapts lm_head only when named (its "all-linear" skips it): A is r x h, B is V x r
         llm_lora += recipe.llm_lora.r * (t.hidden_size + t.vocab_size)
