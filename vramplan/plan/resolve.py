@@ -226,9 +226,10 @@ def build_job(o: EstimateOptions):
     from vramplan.estimate.types import Job, Offload
     from vramplan.inputs.model_dir import resolve_model
     from vramplan.inputs.profiles import load_recipe
+    from vramplan.plan.moe_layout import resolve_expert_layout
 
     ctx = Context()
-    model = resolve_model(o.model or DEFAULT_MODEL)
+    model = resolve_expert_layout(o, resolve_model(o.model or DEFAULT_MODEL), ctx)  # a MoE: the expert layout
     recipe = _apply_overrides(load_recipe(o.recipe), o, model)
     sel = resolve_hardware(o, ctx)
     device = o.device or ("npu" if sel.hardware.vendor == "ascend" else "cuda")
