@@ -107,8 +107,9 @@ def _moe_layer_saved_bytes(name, mode, b, s, lora=None):
         if lora is not None:
             import peft
 
+            targets = lora.targets[0] if lora.targets == ("all-linear",) else list(lora.targets)
             m = peft.get_peft_model(m, peft.LoraConfig(r=lora.r, lora_alpha=16, lora_dropout=lora.dropout,
-                                                       target_modules=list(lora.targets)),
+                                                       target_modules=targets),
                                     autocast_adapter_dtype=False).to(torch.bfloat16)
         inner = m.base_model.model.model if lora is not None else m.model
         m.train()
@@ -118,19 +119,50 @@ def _moe_layer_saved_bytes(name, mode, b, s, lora=None):
     return out[1] - out[0]
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
-@pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
-def test_moe_layer_activation_bytes_against_saved_tensors(tmp_path, name, mode):
+@pytest.mark.parametrize("name,mode,targets", [
+    ("mixtral", "frozen", None), ("mixtral", "full", None), ("mixtral", "lora", ("q_proj", "w1", "w3", "w2")),
+    ("qwen2_moe", "lora", "all-linear"), ("qwen2_moe", "full", None), ("qwen3_moe", "lora", "all-linear")])
+def test_moe_layer_activation_bytes_against_saved_tensors(tmp_path, name, mode, targets):
+    """Per token (router, dispatch, k copies of the expert activations) and, for adapters PEFT puts on the
+    fused experts, per layer (the merged weight)."""
     from vramplan.estimate.activations import llm_layer_bytes_per_token
+    from vramplan.estimate.families import module_for
     from vramplan.estimate.specs import LoraSpec
 
-    lora = LoraSpec(r=8, alpha=16, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")) \
-        if mode == "lora" else None
+    lora = LoraSpec(r=8, alpha=16, dropout=0.0, targets=targets) if targets else None
     spec = _spec(tmp_path, name, layers=1).text
     b, s = 2, 48
     measured = _moe_layer_saved_bytes(name, "frozen" if mode == "lora" else mode, b, s, lora)
-    predicted = llm_layer_bytes_per_token(spec, mode, lora, "sdpa", s) * b * s
+    predicted = llm_layer_bytes_per_token(spec, mode, lora, "sdpa", s) * b * s + module_for(
+        spec).saved_bytes_per_layer(spec, lora)
     assert predicted == pytest.approx(measured, rel=0.02), (predicted, measured)
+
+
+def test_transformers_4_layout_quantizes_and_adapts_every_expert(tmp_path):
+    """--transformers-version 4.x: one nn.Linear per expert (w1/w3/w2) and the router `gate`, all 4-bit under
+    QLoRA and adapted per expert; 5.x: the fused experts stay 16-bit."""
+    from vramplan.estimate.param_groups import param_groups
+    from vramplan.estimate.specs import LoraSpec
+    from vramplan.inputs.profiles import load_recipe
+    from vramplan.plan.moe_layout import resolve_expert_layout
+    from vramplan.plan.request import EstimateOptions
+    from vramplan.plan.resolve import Context
+
+    spec = _spec(tmp_path, "mixtral")
+    lora = LoraSpec(r=4, alpha=8, dropout=0.0, targets=("w1", "w3", "w2"))
+    rec = _replace(load_recipe("qlora"), llm_lora=lora)
+    h, i, e, L = 64, 96, 4, 2
+    g = {}
+    for ver in ("4.45.2", "5.23.0"):
+        ctx = Context()
+        m = resolve_expert_layout(EstimateOptions(transformers_version=ver), spec, ctx)
+        assert f"transformers {ver} (--transformers-version)" in ctx.assumptions[0]
+        g[ver] = param_groups(m, rec)
+    attention = L * (64 * 64 * 2 + 64 * 32 * 2)
+    assert g["4.45.2"].quantized_params == attention + L * e * (3 * h * i + h)
+    assert g["4.45.2"].trainable_llm_lora == L * e * 3 * 4 * (h + i)
+    assert g["5.23.0"].quantized_params == attention
+    assert g["4.45.2"].total_params == g["5.23.0"].total_params
 
 
 def test_flops_use_the_routed_experts_and_decode_reads_them():

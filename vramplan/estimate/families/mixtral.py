@@ -184,26 +184,27 @@ def largest_tensor_params(t) -> int:
     return max(llama.largest_tensor_params(t), fused)
 
 
-def parameter_lora_params(t, lora, mapping: dict[str, str] | None = None) -> int:
-    """LoRA on the fused parameters, as PEFT maps the 4.x target names onto them (module text): gate_up_proj
-    at rank 2r when both of its halves are named (PEFT refuses one alone), down_proj, the router weight."""
-    if lora is None or not t.fused_experts or not t.sparse_layers:
-        return 0
-    gate, up, down = mapping_names(mapping)
-    names, h, ie, e, r = set(lora.targets), t.hidden_size, t.expert_width, t.num_experts, lora.r
+def fused_adapted(t, lora, mapping=None) -> set[str]:
+    """The fused parameters PEFT adapts (module text): "gate_up" when both of its halves are named (PEFT
+    refuses one alone), "down", "router" (`gate`); all of them for "all-linear". mapping: the 4.x names of
+    gate, up and down that PEFT maps for this model_type; () when it maps none (qwen2_moe)."""
+    if lora is None or not t.fused_experts or not t.sparse_layers or mapping == ():
+        return set()
+    gate, up, down = tuple(mapping or EXPERT_NAMES)
+    names = set(lora.targets)
     every = ALL_LINEAR in names
-    per = 0
-    if every or {gate, up} <= names:
-        per += 2 * r * e * (h + 2 * ie)
-    if every or down in names:
-        per += r * e * (ie + h)
-    if every or "gate" in names:
-        per += r * (h + e)
+    return ({"gate_up"} if every or {gate, up} <= names else set()) | (
+        {"down"} if every or down in names else set()) | ({"router"} if every or "gate" in names else set())
+
+
+def parameter_lora_params(t, lora, mapping=None) -> int:
+    """LoRA on the fused parameters: gate_up_proj at rank 2r, r*E*(in + out) each (module text)."""
+    on, h, ie, e = fused_adapted(t, lora, mapping), t.hidden_size, t.expert_width, t.num_experts
+    if not on:
+        return 0
+    per = (2 * lora.r * e * (h + 2 * ie) if "gate_up" in on else 0) + (
+        lora.r * e * (ie + h) if "down" in on else 0) + (lora.r * (h + e) if "router" in on else 0)
     return per * t.sparse_layers
-
-
-def mapping_names(mapping) -> tuple[str, str, str]:
-    return tuple(mapping or EXPERT_NAMES)
 
 
 # --- activations (bytes per token) -----------------------------------------------------------------------
@@ -232,17 +233,22 @@ def moe_block_bytes_per_token(t, mode: str, routing_weight_bytes: int, residual_
 
 def moe_saved_bytes_per_token(t, base, mode: str, lora, attn: str, seq: int, compute_bytes: int,
                               kbit_saves_inputs: bool, residual_bytes: int, adapter_casts: bool,
-                              routing_weight_bytes: int, linear_names: tuple[str, ...]) -> float:
+                              routing_weight_bytes: int, linear_names: tuple[str, ...], mapping=None) -> float:
     """Mean over the layers: `base` (the decoder family's saved_bytes_per_token) on the layer without its
     routed experts (the shared expert as its MLP, or none), plus the MoE block; dense layers are `base`'s.
     LoRA targets are narrowed to the Linear modules the layer has (`linear_names`); adapters PEFT puts on fused
-    parameters save as the merged weight, not per token (saved_bytes_per_layer)."""
+    parameters keep their inputs (the gathered copies 2h for gate_up, the down input 2i, the router's 2h) per
+    token and the merged weight per layer (saved_bytes_per_layer)."""
     narrowed = _narrow(lora, linear_names)
     args = (mode, narrowed, attn, seq, compute_bytes, kbit_saves_inputs, residual_bytes, adapter_casts)
     sparse = base(replace(t, intermediate_size=t.shared_intermediate_size), *args)
     block = moe_block_bytes_per_token(t, mode, routing_weight_bytes, residual_bytes)
     if t.shared_intermediate_size:
         block += 2 + 2 * t.hidden_size  # the shared expert's sigmoid gate and the output it scales
+    if mode != "full":  # adapted fused weights need their inputs for the adapters' gradients
+        on, k = fused_adapted(t, lora, mapping), t.experts_per_token
+        block += k * ((2 * t.hidden_size if "gate_up" in on else 0) + (2 * t.expert_width if "down" in on else 0))
+        block += 2 * t.hidden_size if "router" in on else 0
     if compute_bytes != 2:
         block *= compute_bytes / 2
     if t.output_router_logits:
@@ -266,20 +272,17 @@ def saved_bytes_per_token(t: MixtralSpec, mode: str, lora, attn: str, seq: int, 
                           adapter_casts: bool = False) -> float:
     names = ("q_proj", "k_proj", "v_proj", "o_proj") + (() if t.fused_experts else (*EXPERT_NAMES, "gate"))
     return moe_saved_bytes_per_token(t, llama.saved_bytes_per_token, mode, lora, attn, seq, compute_bytes,
-                                     kbit_saves_inputs, residual_bytes, adapter_casts, FP32, names)
+                                     kbit_saves_inputs, residual_bytes, adapter_casts, FP32, names, EXPERT_NAMES)
 
 
 def saved_bytes_per_layer(t, lora, compute_bytes: int = 2, mapping=None) -> int:
-    """Saved bytes per MoE layer that do not scale with tokens: PEFT's ParamWrapper merges W + B@A through a
-    torch parametrization each forward, and grouped_mm keeps the merged 16-bit weight for backward (its input
-    gradient), one per adapted fused parameter (peft tuners/lora/layer.py ParamWrapper._activate_lora).
-    Derived from the code, not traced."""
-    if lora is None or not t.fused_experts or not t.sparse_layers:
-        return 0
-    gate, up, down = mapping_names(mapping)
-    names, h, ie, e = set(lora.targets), t.hidden_size, t.expert_width, t.num_experts
-    every = ALL_LINEAR in names
-    b = (2 * e * h * ie if (every or {gate, up} <= names) else 0) + (e * h * ie if (every or down in names) else 0)
+    """Saved bytes per layer that do not scale with tokens: PEFT's ParamWrapper merges W + B@A through a torch
+    parametrization each forward (peft tuners/lora/layer.py ParamWrapper._activate_lora) and the matmul keeps the
+    merged 16-bit weight for backward, one per adapted fused parameter (measured with the per-token terms by
+    tests/estimate/test_moe_families.py)."""
+    on, h, ie, e = fused_adapted(t, lora, mapping), t.hidden_size, t.expert_width, t.num_experts
+    b = (2 * e * h * ie if "gate_up" in on else 0) + (e * h * ie if "down" in on else 0) + (
+        e * h if "router" in on else 0)
     return int(b * compute_bytes * t.sparse_layers / t.num_layers)
 
 

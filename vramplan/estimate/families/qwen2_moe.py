@@ -85,7 +85,7 @@ def saved_bytes_per_token(t: Qwen2MoeSpec, mode: str, lora, attn: str, seq: int,
                           adapter_casts: bool = False) -> float:
     names = LINEAR_NAMES + (() if t.fused_experts else ("gate",))
     return mixtral.moe_saved_bytes_per_token(t, llama.saved_bytes_per_token, mode, lora, attn, seq, compute_bytes,
-                                             kbit_saves_inputs, residual_bytes, adapter_casts, 2, names)
+                                             kbit_saves_inputs, residual_bytes, adapter_casts, 2, names, ())
 
 
 def saved_bytes_per_layer(t: Qwen2MoeSpec, lora, compute_bytes: int = 2) -> int:

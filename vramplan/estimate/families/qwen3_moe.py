@@ -74,7 +74,8 @@ def saved_bytes_per_token(t: Qwen3MoeSpec, mode: str, lora, attn: str, seq: int,
     names = ATTENTION + (("gate_proj", "up_proj", "down_proj") if t.dense_layers else ()) + (
         () if t.fused_experts else (*EXPERT_NAMES, "gate"))
     return mixtral.moe_saved_bytes_per_token(t, qwen3.saved_bytes_per_token, mode, lora, attn, seq, compute_bytes,
-                                             kbit_saves_inputs, residual_bytes, adapter_casts, 2, names)
+                                             kbit_saves_inputs, residual_bytes, adapter_casts, 2, names,
+                                             EXPERT_NAMES)
 
 
 kv_cache_tokens = qwen2.kv_cache_tokens
