@@ -17,20 +17,12 @@ FUSED_SINCE = (5, 0, 0)
 
 def resolve_expert_layout(o, model, ctx):
     """The model with its MoE text spec's `fused_experts` set from the transformers release; others unchanged."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from vramplan.plan.request import version_tuple
+    from vramplan.plan.request import release, version_tuple
 
     t = model.text
     if not hasattr(t, "fused_experts"):
         return model
-    if o.transformers_version:
-        ver, where = o.transformers_version, "--transformers-version"
-    else:
-        try:
-            ver, where = version("transformers"), "installed"
-        except PackageNotFoundError:
-            ver, where = PINNED_TRANSFORMERS, "not installed: the pinned version assumed"
+    ver, where = release(o.transformers_version, "--transformers-version", "transformers", PINNED_TRANSFORMERS)
     fused = version_tuple(ver) >= FUSED_SINCE
     ctx.assumptions.append(
         f"transformers {ver} ({where}): the {t.num_experts} experts per layer are "

@@ -136,6 +136,18 @@ def version_tuple(v: str) -> tuple[int, int, int]:
     return tuple((nums + [0, 0, 0])[:3])
 
 
+def release(given: str | None, flag: str, package: str, pinned: str) -> tuple[str, str]:
+    """(version, where it came from): the flag's, else the installed package's (metadata only), else the pinned."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if given:
+        return given, flag
+    try:
+        return version(package), "installed"
+    except PackageNotFoundError:
+        return pinned, "not installed: the pinned version assumed"
+
+
 # the string flags, by field: an empty value is refused (it would silently mean "not given")
 STR_FLAGS = {"model": "--model", "recipe": "--recipe", "gpus": "--gpus", "dataset": "--dataset", "images": "--images",
              "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration",

@@ -17,6 +17,18 @@ from typing import ClassVar
 
 from vramplan.estimate.families import LinearGroup, llama, mixtral, qwen2, qwen3
 from vramplan.estimate.families.mixtral import MoeFields
+from vramplan.estimate.families.qwen2_moe import (  # noqa: F401 (the MoE hooks, shared with Qwen2-MoE)
+    active_intermediate_size,
+    active_matmul_params,
+    attention_flops_per_token,
+    chat_template,
+    checkpointed_bytes_per_token,
+    final_norm_bytes_per_token,
+    kv_bytes_per_token,
+    largest_tensor_params,
+    prefill_bytes_per_token,
+    unread_params,
+)
 from vramplan.estimate.families.qwen3 import Qwen3Spec
 
 ROLE = "text"
@@ -79,13 +91,3 @@ def saved_bytes_per_token(t: Qwen3MoeSpec, mode: str, lora, attn: str, seq: int,
 
 
 kv_cache_tokens = qwen2.kv_cache_tokens
-chat_template = llama.chat_template
-largest_tensor_params = mixtral.largest_tensor_params
-checkpointed_bytes_per_token = mixtral.checkpointed_bytes_per_token
-final_norm_bytes_per_token = llama.final_norm_bytes_per_token
-attention_flops_per_token = llama.attention_flops_per_token
-kv_bytes_per_token = llama.kv_bytes_per_token
-prefill_bytes_per_token = mixtral.prefill_bytes_per_token
-active_matmul_params = mixtral.active_matmul_params
-unread_params = mixtral.unread_params
-active_intermediate_size = mixtral.active_intermediate_size
