@@ -56,6 +56,7 @@ class ParamGroups:
     total_params: int  # base model params (no adapters)
     largest_linear_elems: int  # largest LLM Linear weight (the 4-bit dequant transient)
     decoder_layer_params: int
+    layer_fused_params: int = 0  # a MoE layer's fused expert and router tensors: never quantized (families/mixtral.py)
 
     @property
     def trainable(self) -> int:
@@ -101,5 +102,7 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
         frozen += projector
     largest = max((g.d_in * g.d_out for g in llm_lin), default=0)
 
+    other = module_for(t).other_params(t)
+    fused = (other.get("experts", 0) + other.get("router", 0)) // max(1, getattr(t, "sparse_layers", t.num_layers))
     return ParamGroups(q_params, q_bytes, q_tensors, frozen, llm_lora, vis_lora, projector, full, counts.total,
-                       largest, decoder_layer_params(model))
+                       largest, decoder_layer_params(model), fused)
