@@ -18,6 +18,9 @@ Text families add: saved_bytes_per_token, checkpointed_bytes_per_token, final_no
   the context, or less under a sliding window), prefill_bytes_per_token, layer_params, chat_template.
 Vision families add: saved_bytes_per_token, tokens_per_image, image_tokens, forward_transient_bytes.
 Projector families add: saved_bytes_per_image_token.
+Optional text hooks (mixtures of experts, families/mixtral.py): parameter_lora_params (LoRA PEFT puts on non-Linear
+  parameters), saved_bytes_per_layer (saves that do not scale with tokens), active_matmul_params and
+  active_intermediate_size (what one token computes), unread_params (weights a decode step skips).
 docs/architecture.md#adding-a-model-family lists what adding one takes.
 """
 
