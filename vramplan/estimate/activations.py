@@ -106,6 +106,8 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
     if grad_ckpt:
         llm_saved = t.num_layers * text.checkpointed_bytes_per_token(t, rb) * tokens  # layer inputs only
         llm_recompute = per_layer + llm_cast_params * compute_bytes / t.num_layers  # + that layer's casts
+        if hasattr(text, "dispatch_bytes_per_token"):  # + a MoE layer's dispatch buffers (families/mixtral.py)
+            llm_recompute += text.dispatch_bytes_per_token(t) * tokens
     else:
         llm_saved = t.num_layers * per_layer
         llm_recompute = 0

@@ -20,7 +20,8 @@ Vision families add: saved_bytes_per_token, tokens_per_image, image_tokens, forw
 Projector families add: saved_bytes_per_image_token.
 Optional text hooks (mixtures of experts, families/mixtral.py): parameter_lora_params (LoRA PEFT puts on non-Linear
   parameters), saved_bytes_per_layer (saves that do not scale with tokens), active_matmul_params and
-  active_intermediate_size (what one token computes), unread_params (weights a decode step skips).
+  active_intermediate_size (what one token computes), unread_params (weights a decode step skips),
+  dispatch_bytes_per_token (a layer's forward buffers, added to the recomputed layer).
 docs/architecture.md#adding-a-model-family lists what adding one takes.
 """
 

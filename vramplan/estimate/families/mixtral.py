@@ -286,6 +286,18 @@ def saved_bytes_per_layer(t, lora, compute_bytes: int = 2, mapping=None) -> int:
     return int(b * compute_bytes * t.sparse_layers / t.num_layers)
 
 
+def dispatch_bytes_per_token(t, routing_weight_bytes: int = FP32) -> float:
+    """A MoE layer's forward buffers beyond what it saves, live together at the block's end (derived from the
+    code, not traced). Fused (integrations/moe.py grouped_mm_experts_forward, frozen experts): the gathered
+    inputs (2h per copy, held by the function until it returns), the weighted outputs in the routing weights'
+    dtype and their un-permuted copy (2 x routing_weight_bytes x h per copy), their sum (routing_weight_bytes x h).
+    transformers 4.x's loop: the output buffer (2h) and one expert's tensors at a time (k/E of the tokens)."""
+    k, h = t.experts_per_token, t.hidden_size
+    if not t.fused_experts:
+        return 2 * h + k / t.num_experts * (4 * h + 6 * t.expert_width)
+    return 2 * k * h + 2 * routing_weight_bytes * k * h + routing_weight_bytes * h
+
+
 def checkpointed_bytes_per_token(t, compute_bytes: int) -> float:
     """The layer input, plus the aux loss's per-layer softmax (kept outside the checkpointed layers)."""
     return compute_bytes * t.hidden_size + (2 * t.num_experts if t.output_router_logits else 0)

@@ -92,6 +92,10 @@ def saved_bytes_per_layer(t: Qwen2MoeSpec, lora, compute_bytes: int = 2) -> int:
     return 0  # no adapter on a fused parameter (parameter_lora_params)
 
 
+def dispatch_bytes_per_token(t: Qwen2MoeSpec) -> float:
+    return mixtral.dispatch_bytes_per_token(t, 2)  # routing weights in the compute dtype
+
+
 kv_cache_tokens = qwen2.kv_cache_tokens
 chat_template = llama.chat_template
 largest_tensor_params = mixtral.largest_tensor_params
