@@ -200,3 +200,11 @@ def test_hub_id_plans_a_moe_model(tmp_path, monkeypatch):
     assert spec.text.family == "qwen3_moe"
     assert count_params(spec) == count_params(load_model_dir(tmp_path / "repo"))
     assert count_params(spec).total == sum(p.numel() for p in model.parameters())
+
+
+def test_transformers_version_flag_is_checked():
+    from vramplan.errors import UsageError
+    from vramplan.plan.request import EstimateOptions
+
+    with pytest.raises(UsageError, match="--transformers-version: must be a release number"):
+        EstimateOptions(transformers_version="five")
