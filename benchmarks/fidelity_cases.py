@@ -8,8 +8,9 @@ One entry per case id: either `missing` (the capability vramplan lacks to expres
   unit   GiB | GB: the unit the source used (read from the case's memory field)
   per    gpu | total (a total over all GPUs, divided by the GPU count)
   verdict_only  the case has no comparable figure: only its fits/OOM outcome is scored
-Models outside vramplan's built-in profiles are given as a config.json (benchmarks/cases/models/): every
-one is a Llama-layout decoder (RMSNorm, SwiGLU, RoPE, GQA) whose sizes are its published config.json's.
+Models outside vramplan's built-in profiles are given as a config.json (benchmarks/cases/models/): a
+Llama-layout decoder (RMSNorm, SwiGLU, RoPE, GQA) whose sizes are its published config.json's, or the
+published config.json itself (mixtral-8x7b).
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ CASES: dict[str, dict] = {
     "C059": dict(missing=FSDP), "C060": dict(missing=FSDP),
     "C063": dict(FMS, model=M + "llama-2-70b", recipe="qlora", micro_batch=4, gpus="1xA100-80G", double_quant=True,
                  verdict_only=True),
-    "C065": dict(missing="Mixtral (mixture of experts): no such text family"),
+    # transformers 4.45 (the case's requirements): one nn.Linear per expert, all 4-bit; LoRA on the attention only
+    "C065": dict(FMS, model=M + "mixtral-8x7b", recipe="qlora", micro_batch=4, gpus="1xA100-80G", double_quant=True,
+                 transformers_version="4.45.2", value_key="torch_peak_alloc_bytes"),
     "C066": dict(missing=FSDP), "C068": dict(missing=FSDP),
     "C071": dict(zero="none", trainable_dtype="bf16", model=M + "llama-2-7b", recipe="qlora", lora_r=64,
                  lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj", micro_batch=8,

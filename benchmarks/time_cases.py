@@ -26,6 +26,9 @@ ARCH = {
     "qwen2.5-14b": (48, 5120, 13824, 40, 8, 152064, False, True),  # Qwen/Qwen2.5-14B-Instruct
     "qwen2.5-72b": (80, 8192, 29568, 64, 8, 152064, False, True),  # Qwen/Qwen2.5-72B-Instruct
 }
+# mixtures of experts: their published config.json (benchmarks/cases/models/), and whether the run's transformers
+# fused the experts (5.x) or kept one Linear per expert (4.x: fms-acceleration's bench ran 4.45)
+MOE = {"mixtral-8x7b": False}
 # Qwen-VL-Chat's ViT-bigG tower (Qwen/Qwen-VL-Chat visual config: 48 layers, width 1664, mlp 8192, 16 heads,
 # 448 px, patch 14); its resampler gives the LLM 256 tokens per image.
 QWEN_VL_VISION = (48, 1664, 8192, 16, 448, 14)
@@ -109,8 +112,7 @@ TRAIN = [
     c("C057", "mistral-7b", "a100-80gb", "lora", 3353.809, FMS, mb=8, seq=4096, lora=QKVO, r=16),
     c("C059", "mistral-7b", "a100-80gb", "qlora", 2949.205, FMS + "; FSDP full shard, 2 GPUs", gpus=2, mb=2,
       seq=4096, zero=3, lora=QKVO, r=16),
-    c("C065", "mixtral", "a100-80gb", "qlora", 1528.07, FMS, mb=4, seq=4096,
-      skip="Mixtral-8x7B is a mixture of experts: vramplan's families have no MoE layer"),
+    c("C065", "mixtral-8x7b", "a100-80gb", "qlora", 1528.07, FMS, mb=4, seq=4096, lora=QKVO, r=16),
     c("C066", "llama-2-7b", "rtx-3090", "qlora", 1024 * 512 / 2 / 1082, AAI + ", context 512, batch 1",
       gpus=2, seq=512, zero=3, lora=NO_O, r=64),
     c("C068", "llama-2-7b", "rtx-3090", "lora", 1024 * 2048 / 2 / 3090, AAI + ", context 2048, batch 1",

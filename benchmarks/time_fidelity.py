@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_cases import ARCH, DECODE, QWEN_VL_VISION, TRAIN
+from time_cases import ARCH, DECODE, MOE, QWEN_VL_VISION, TRAIN
 
 from vramplan.contract import LoraSpec
 from vramplan.estimate.families.clip import VisionSpec
@@ -33,6 +33,7 @@ from vramplan.estimate.params import count_params
 from vramplan.estimate.specs import ModelSpec, RecipeSpec
 from vramplan.estimate.timing import estimate_time
 from vramplan.estimate.types import Strategy
+from vramplan.inputs.model_dir import load_model_dir
 from vramplan.inputs.profiles import load_hardware, load_model
 
 # AWS's A10G has no NVIDIA datasheet and no shipped profile: the A10 profile (same GA102, 24 GB, 600 GB/s) with the
@@ -56,6 +57,9 @@ def _fields() -> set:
 def model_spec(arch: str, vision: str | None = None) -> ModelSpec:
     if arch.startswith("llava"):
         return load_model(arch)
+    if arch in MOE:  # its config.json, with the expert layout of the run's transformers
+        spec = load_model_dir(Path(__file__).resolve().parent / "cases/models" / arch)
+        return replace(spec, text=replace(spec.text, fused_experts=MOE[arch]))
     L, h, i, a, kv, V, tied, bias = ARCH[arch]
     text = TextSpec(L, h, i, a, kv, V, tie_word_embeddings=tied, attention_bias=bias)
     vis = proj = None

@@ -97,6 +97,9 @@ def estimate_options(f):
         click.option("--bnb-version", "bnb_version",
                      help="bitsandbytes release the run will use, e.g. 0.41.1 (default: the installed one; "
                      "before 0.43.2 every 4-bit Linear keeps its input for backward: more memory)."),
+        click.option("--transformers-version", "transformers_version",
+                     help="transformers release the run will use, e.g. 4.45.2 (default: the installed one; "
+                     "before 5 a mixture of experts keeps one Linear per expert, quantized under QLoRA)."),
     ]
     for o in reversed(opts):
         f = o(f)

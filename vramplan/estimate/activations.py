@@ -107,9 +107,13 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
     rb = residual_bytes or compute_bytes
     per_layer = text.saved_bytes_per_token(t, llm_mode, llm_lora, attn, seq, compute_bytes,
                                            kbit_saves_inputs, residual_bytes, cast_params > 0) * tokens
+    if hasattr(text, "saved_bytes_per_layer"):  # saves that do not scale with tokens (merged MoE adapter weights)
+        per_layer += text.saved_bytes_per_layer(t, llm_lora, compute_bytes)
     if grad_ckpt:
         llm_saved = t.num_layers * text.checkpointed_bytes_per_token(t, rb) * tokens  # layer inputs only
         llm_recompute = per_layer + llm_cast_params * compute_bytes / t.num_layers  # + that layer's casts
+        if hasattr(text, "dispatch_bytes_per_token"):  # + a MoE layer's dispatch buffers (families/mixtral.py)
+            llm_recompute += text.dispatch_bytes_per_token(t) * tokens
     else:
         llm_saved = t.num_layers * per_layer
         llm_recompute = 0

@@ -180,8 +180,10 @@ def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int, train
                 f" + allgather bucket {b.allgather_bucket:.3g} el x {bc} B, each capped at the trainable count")
     elif z == 3:
         layer_bytes = g.decoder_layer_params * bc
-        if g.quantized_params:
-            layer_bytes = int(g.decoder_layer_params * bc * g.quantized_bytes / max(1, g.quantized_params * bc))
+        if g.quantized_params:  # the layer at the k-bit storage's bytes per weight, fused MoE experts 16-bit
+            rest = g.decoder_layer_params - g.layer_fused_params
+            layer_bytes = int(rest * bc * g.quantized_bytes / max(1, g.quantized_params * bc)
+                              + g.layer_fused_params * bc)
         live = min(b.stage3_max_live_parameters * bc, 2 * layer_bytes + b.stage3_prefetch_bucket * bc)
         size = live + min(b.reduce_bucket, max(T, 1)) * bc
         form = "gathered params: min(stage3_max_live_parameters, 2 decoder layers + prefetch bucket) + reduce bucket"

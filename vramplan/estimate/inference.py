@@ -103,6 +103,20 @@ def _layout(job: Job, dtype: str, context: int, batch: int) -> _Layout:
     )
 
 
+def _unread_expert_bytes(job: Job, dtype: str, batch: int) -> float:
+    """A mixture of experts' weights a decode step does not read: the experts no token of the step is routed
+    to (families/mixtral.py unread_params, uniform routing assumed), at their storage's bytes per weight."""
+    t = job.model.text
+    fam = module_for(t)
+    if not hasattr(fam, "unread_params"):
+        return 0.0
+    per = COMPUTE_BYTES[act_dtype(job, dtype)]
+    if dtype in Quant.KBIT and not t.fused_experts:  # transformers 4.x: the experts are quantized Linears
+        g = param_groups(job.model, replace(inference_recipe(job.recipe), quant=dtype))
+        per = g.quantized_bytes / max(1, g.quantized_params)
+    return fam.unread_params(t, batch) * per
+
+
 def _candidate(job: Job, dtype: str, lay: _Layout, n: int, batch: int, context: int) -> Candidate:
     layers_total = job.model.text.num_layers
     layers = [layers_total // n + (1 if i < layers_total % n else 0) for i in range(n)]
@@ -115,7 +129,8 @@ def _candidate(job: Job, dtype: str, lay: _Layout, n: int, batch: int, context: 
     smi = int(alloc * ALLOCATOR_RESERVE_FACTOR) + CUDA_CONTEXT_BYTES
     usable = job.hardware.memory_bytes * (1 - job.headroom)
     reasons = [] if smi <= usable else [f"needs {gib(smi)} on the fullest GPU > {gib(usable)} usable"]
-    terms = decode_terms(job.model, job.hardware, weight_bytes=sum(x[0] for x in per_gpu), context=context,
+    read = sum(x[0] for x in per_gpu) - _unread_expert_bytes(job, dtype, batch)
+    terms = decode_terms(job.model, job.hardware, weight_bytes=read, context=context,
                          batch=batch, act_bytes=lay.act_bytes, kernel="bnb" if dtype in Quant.KBIT else "")
     step_s = sum(terms.values())  # layers run one GPU at a time
     prefill_s = prefill_seconds(job.model, job.hardware, context=context, batch=batch,

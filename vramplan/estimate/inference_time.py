@@ -55,6 +55,7 @@ def prefill_seconds(model: ModelSpec, hw: HardwareSpec, *, context: int, batch: 
     """The prompt's forward: FLOPs / (peak x utilisation) + the host ops of one pass."""
     t = model.text
     peak = (hw.bf16_tflops if compute_dtype == "bf16" else hw.fp16_tflops) * 1e12 * utilisation(hw)
-    flops = batch * context * (2 * llm_matmul_params(model) + module_for(t).attention_flops_per_token(t, context))
+    per_token = 2 * llm_matmul_params(model, active=True) + module_for(t).attention_flops_per_token(t, context)
+    flops = batch * context * per_token
     host = (t.num_layers * LAYER_FORWARD_OPS + TOKEN_OPS) * HOST_OP_S
     return (flops / peak if peak > 0 else float("inf")) + host

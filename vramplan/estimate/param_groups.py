@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vramplan.estimate.families import module_for
 from vramplan.estimate.specs import ModelSpec, RecipeSpec
 from vramplan.estimate.types import Quant
 
@@ -55,6 +56,7 @@ class ParamGroups:
     total_params: int  # base model params (no adapters)
     largest_linear_elems: int  # largest LLM Linear weight (the 4-bit dequant transient)
     decoder_layer_params: int
+    layer_fused_params: int = 0  # a MoE layer's fused expert and router tensors: never quantized (families/mixtral.py)
 
     @property
     def trainable(self) -> int:
@@ -69,6 +71,8 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
     llm_lin = [g for g in groups if g.component == "llm"]
     llm_lora = lora_params(groups, recipe.llm_lora, "llm") if recipe.llm_lora else 0
     t = model.text
+    on_params = getattr(module_for(t), "parameter_lora_params", None)  # PEFT target_parameters (MoE experts)
+    llm_lora += on_params(t, recipe.llm_lora) if on_params and recipe.llm_lora else 0
     if recipe.llm_lora and "lm_head" in recipe.llm_lora.targets:
         # PEFT adapts lm_head only when named (its "all-linear" skips it): A is r x h, B is V x r
         llm_lora += recipe.llm_lora.r * (t.hidden_size + t.vocab_size)
@@ -98,5 +102,7 @@ def param_groups(model: ModelSpec, recipe: RecipeSpec) -> ParamGroups:
         frozen += projector
     largest = max((g.d_in * g.d_out for g in llm_lin), default=0)
 
+    other = module_for(t).other_params(t)
+    fused = (other.get("experts", 0) + other.get("router", 0)) // max(1, getattr(t, "sparse_layers", t.num_layers))
     return ParamGroups(q_params, q_bytes, q_tensors, frozen, llm_lora, vis_lora, projector, full, counts.total,
-                       largest, decoder_layer_params(model))
+                       largest, decoder_layer_params(model), fused)

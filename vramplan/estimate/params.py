@@ -35,7 +35,7 @@ class ParamCounts:
     llm_linear: int  # weights + biases of the decoder Linear layers (what bitsandbytes quantizes)
     llm_embed: int  # embed_tokens
     llm_lm_head: int  # 0 if tied
-    llm_norms: int  # every norm weight incl. the final norm
+    llm_norms: int  # every norm weight incl. the final norm, and other non-Linear tensors (fused MoE experts)
     vision_linear: int  # vision tower Linear weights + biases
     vision_other: int  # vision tower embeddings and norms
     projector: int
@@ -60,7 +60,8 @@ def count_params(model: ModelSpec) -> ParamCounts:
     vision_other = sum(module_for(model.vision).other_params(model.vision).values()) if model.vision else 0
     projector_other = sum(module_for(model.projector).other_params(model.projector).values()) if model.projector else 0
     return ParamCounts(llm_linear=by["llm"], llm_embed=text["embed"], llm_lm_head=text["lm_head"],
-                       llm_norms=text["norms"], vision_linear=by["vision"], vision_other=vision_other,
+                       llm_norms=sum(v for k, v in text.items() if k not in ("embed", "lm_head")),
+                       vision_linear=by["vision"], vision_other=vision_other,
                        projector=by["projector"] + projector_other)
 
 

@@ -82,9 +82,10 @@ def utilisation(hw: HardwareSpec) -> float:
 def forward_ops_per_layer(model: ModelSpec, lora: LoraSpec | None, quant: str) -> int:
     """Eager ops of one decoder layer's forward: the layer, its LoRA adapters, its 4-bit Linears."""
     groups = module_for(model.text).linear_groups(model.text)
-    adapted = sum(1 for g in groups if lora is not None and targeted(g, lora.targets))
-    kbit = len(groups) if quant in Quant.KBIT else 0
-    return LAYER_FORWARD_OPS + LORA_FORWARD_OPS * adapted + KBIT_FORWARD_OPS * kbit
+    per_layer = [(g, g.count / model.text.num_layers) for g in groups]  # per-expert Linears: E per layer
+    adapted = sum(n for g, n in per_layer if lora is not None and targeted(g, lora.targets))
+    kbit = sum(n for _, n in per_layer) if quant in Quant.KBIT else 0
+    return LAYER_FORWARD_OPS + round(LORA_FORWARD_OPS * adapted + KBIT_FORWARD_OPS * kbit)
 
 
 def _micro_step(model, hw, g, s, *, seq, images, quant, compute_dtype, vision_trainable, lora, device,

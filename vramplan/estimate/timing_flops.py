@@ -34,12 +34,21 @@ class SampleWork:
         return self.forward_flops + self.backward_flops
 
 
-def llm_matmul_params(model: ModelSpec) -> int:
-    """Weights the LLM multiplies by: every decoder Linear plus lm_head (the tied embedding when tied)."""
+def llm_matmul_params(model: ModelSpec, active: bool = False) -> int:
+    """Weights the LLM multiplies by: every decoder Linear plus lm_head (the tied embedding when tied), and a
+    mixture of experts' fused expert and router tensors. active: only those one token multiplies by, its k
+    routed experts of E (families/mixtral.py active_matmul_params); FLOPs use these, weight reads all."""
     from vramplan.estimate.params import count_params
 
-    c = count_params(model)
-    return c.llm_linear + model.text.vocab_size * model.text.hidden_size
+    c, t = count_params(model), model.text
+    fam = module_for(t)
+    head = t.vocab_size * t.hidden_size
+    if not hasattr(fam, "active_matmul_params"):
+        return c.llm_linear + head
+    if active:
+        return fam.active_matmul_params(t, c.llm_linear) + head
+    other = fam.other_params(t)
+    return c.llm_linear + other.get("experts", 0) + other.get("router", 0) + head
 
 
 def elementwise_bytes_per_token(model: ModelSpec, compiled: bool) -> float:
@@ -50,10 +59,12 @@ def elementwise_bytes_per_token(model: ModelSpec, compiled: bool) -> float:
     residual adds and reshapes (~20h); torch.compile (Inductor) fuses each chain into one kernel that reads its
     inputs and writes its output once (~8h per norm, 4 (q + kv) rotary, 6i, 4h)."""
     t = model.text
+    fam = module_for(t)  # a mixture of experts: the k routed copies (+ shared expert) of the MLP per token
+    i = fam.active_intermediate_size(t) if hasattr(fam, "active_intermediate_size") else t.intermediate_size
     if compiled:
-        per = 20 * t.hidden_size + 4 * (t.q_dim + t.kv_dim) + 6 * t.intermediate_size
+        per = 20 * t.hidden_size + 4 * (t.q_dim + t.kv_dim) + 6 * i
     else:
-        per = 100 * t.hidden_size + 28 * (t.q_dim + t.kv_dim) + 10 * t.intermediate_size
+        per = 100 * t.hidden_size + 28 * (t.q_dim + t.kv_dim) + 10 * i
     return float(per * t.num_layers)
 
 
@@ -62,7 +73,7 @@ def sample_work(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_
     from vramplan.estimate.params import count_params
 
     c = count_params(model)
-    w = llm_matmul_params(model)
+    w = llm_matmul_params(model, active=True)
     lora = g.trainable_llm_lora
     full = w if g.trainable_llm_full else 0
     attn = module_for(model.text).attention_flops_per_token(model.text, seq)
@@ -70,7 +81,7 @@ def sample_work(model: ModelSpec, g: ParamGroups, seq: int, images: float, grad_
     bwd = seq * (2 * (w + lora) + 2 * (full + lora) + 2 * attn)
     llm_fwd = fwd
     layers = model.text.num_layers
-    matmul = w
+    matmul = llm_matmul_params(model)  # a pass over many tokens reads every expert
     if model.vision is not None and images:
         positions = model.tower_tokens  # every crop the tower processes per image
         v_fwd = images * 2 * (c.vision_total + g.trainable_vision_lora) * positions

@@ -56,6 +56,7 @@ class EstimateOptions:
     double_quant: bool | None = None  # --double-quant/--no-double-quant
     modules_to_save: str | None = None  # --modules-to-save embed_tokens,lm_head
     bnb_version: str | None = None  # --bnb-version 0.41.1: plan for another machine's bitsandbytes
+    transformers_version: str | None = None  # --transformers-version 4.45.2: a MoE's expert layout (plan/moe_layout.py)
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
@@ -119,6 +120,8 @@ class EstimateOptions:
             bad("--attn", f"must be {' or '.join(ATTN_IMPLEMENTATIONS)}, not {self.attn!r}")
         if self.bnb_version is not None and not _VERSION.match(str(self.bnb_version)):
             bad("--bnb-version", f"must be a release number like 0.43.1, not {self.bnb_version!r}")
+        if self.transformers_version is not None and not _VERSION.match(str(self.transformers_version)):
+            bad("--transformers-version", f"must be a release number like 4.45.2, not {self.transformers_version!r}")
         if self.dataset is not None and not Path(self.dataset).is_file():
             bad("--dataset", f"no such file: {self.dataset}", "give the path of a LLaVA-format JSON file")
         if self.image_size is not None:
@@ -138,11 +141,23 @@ def version_tuple(v: str) -> tuple[int, int, int]:
     return tuple((nums + [0, 0, 0])[:3])
 
 
+def release(given: str | None, flag: str, package: str, pinned: str) -> tuple[str, str]:
+    """(version, where it came from): the flag's, else the installed package's (metadata only), else the pinned."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if given:
+        return given, flag
+    try:
+        return version(package), "installed"
+    except PackageNotFoundError:
+        return pinned, "not installed: the pinned version assumed"
+
+
 # the string flags, by field: an empty value is refused (it would silently mean "not given")
 STR_FLAGS = {"model": "--model", "recipe": "--recipe", "gpus": "--gpus", "dataset": "--dataset", "images": "--images",
              "image_size": "--image-size",
              "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration",
-             "bnb_version": "--bnb-version"}
+             "bnb_version": "--bnb-version", "transformers_version": "--transformers-version"}
 
 
 # flags of training only: given with --task infer they would be silently ignored

@@ -109,18 +109,10 @@ PINNED_BNB = "0.50.2"  # constraints.txt's bitsandbytes: assumed where none is i
 def resolve_bnb(o: EstimateOptions, quant: str, ctx: Context) -> bool:
     """Whether bitsandbytes' MatMul4Bit keeps each 4-bit Linear's input (Job.kbit_saves_inputs): before
     priors.BNB_DROPS_KBIT_INPUT. --bnb-version, else the installed one (metadata only), else the pinned one."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from vramplan.estimate.priors import BNB_DROPS_KBIT_INPUT
-    from vramplan.plan.request import version_tuple
+    from vramplan.plan.request import release, version_tuple
 
-    if o.bnb_version:
-        ver, where = o.bnb_version, "--bnb-version"
-    else:
-        try:
-            ver, where = version("bitsandbytes"), "installed"
-        except PackageNotFoundError:
-            ver, where = PINNED_BNB, "not installed: the pinned version assumed"
+    ver, where = release(o.bnb_version, "--bnb-version", "bitsandbytes", PINNED_BNB)
     saves = version_tuple(ver) < BNB_DROPS_KBIT_INPUT
     if quant == Quant.NF4:
         what = "every 4-bit Linear's input for backward" if saves else "no 4-bit Linear's input"
@@ -243,9 +235,10 @@ def build_job(o: EstimateOptions):
     from vramplan.inputs.model_dir import resolve_model
     from vramplan.inputs.profiles import load_recipe
     from vramplan.plan.image_size import resolve_image_size
+    from vramplan.plan.moe_layout import resolve_expert_layout
 
     ctx = Context()
-    model = resolve_model(o.model or DEFAULT_MODEL)
+    model = resolve_expert_layout(o, resolve_model(o.model or DEFAULT_MODEL), ctx)  # a MoE: the expert layout
     rep = scan(o, model)
     model = resolve_image_size(o, model, rep, ctx.assumptions)
     recipe = _apply_overrides(load_recipe(o.recipe), o, model)

@@ -30,6 +30,10 @@ Projector families (ROLE "projector", a VLM wrapper: HF_MODEL_TYPES are VLM conf
   unpadding or pooling), default_image_size(p, v) (the size None stands for) with DEFAULT_SIZE_NOTE (how the
   output names it), IMAGE_SIZE_MATTERS = False
   (tokens do not depend on the image size: a --dataset scan then skips reading image headers).
+Optional text hooks (mixtures of experts, families/mixtral.py): parameter_lora_params (LoRA PEFT puts on non-Linear
+  parameters), saved_bytes_per_layer (saves that do not scale with tokens), active_matmul_params and
+  active_intermediate_size (what one token computes), unread_params (weights a decode step skips),
+  dispatch_bytes_per_token (a layer's forward buffers, added to the recomputed layer).
 docs/architecture.md#adding-a-model-family lists what adding one takes.
 """
 
