@@ -45,6 +45,12 @@ BNB_LIT_2023 = "0.41.0"  # lit-gpt requirements-all.txt of 2023 pins bitsandbyte
 BNB_2024_H1 = "0.43.1"  # runs of Jan-Jul 2024 (LitGPT config_hub 2024-03/04, Answer.AI fsdp_qlora 2024-02/03,
 #                        XTuner issue 2024-03, LLaMA-Factory issue 2024-07-11): before the fix was released
 BNB_QLORA_2023 = "0.39.0"  # artidoro/qlora (May 2023): the release that introduced 4-bit (CHANGELOG 0.39.0)
+# Qwen-1's inference profile (README "Inference Performance", profile.py): "generating 2048 tokens"; the
+# Qwen-72B-Chat model card's table of the same profile gives "Context Length 1, Generation Length 2048": a 1-token
+# prompt (--prompt 1) whose KV cache grows to 2049 tokens (--context 2049). Its "GPU Memory Usage" is not what
+# nvidia-smi shows: the 7B figure (16.99 GB) is below weights + 2049-token KV cache + any CUDA context (the weights
+# alone are 15.44 GB), so it is torch's peak allocated, as in the same team's Qwen2.5 speed benchmark
+QWEN_PROFILE = dict(INFER, quant="none", context=2049, prompt=1, stat="allocated", unit="GB")
 # Qwen2.5's speed benchmark (docs/source/benchmark/speed_benchmark.rst) says "GB", but the 7B bf16 figure
 # (14.38) is below its weights in GB: GiB of torch's peak allocated (the case's notes)
 
@@ -127,11 +133,10 @@ CASES: dict[str, dict] = {
                  seq_len=2048, gpus="4xA100-80G", per="total"),
     "C096": dict(missing=GPTQ),
     "C098": dict(missing="naive model parallelism (device_map over 4 GPUs) for training; seq_len not stated"),
-    "C099": dict(INFER, model=M + "qwen-7b", quant="none", context=2048, gpus="1xA100-80G", stat="smi", unit="GB"),
+    "C099": dict(QWEN_PROFILE, model=M + "qwen-7b", gpus="1xA100-80G"),
     "C100": dict(missing=GPTQ),
-    "C101": dict(INFER, model=M + "qwen-14b", quant="none", context=2048, gpus="1xA100-80G", stat="smi", unit="GB"),
-    "C102": dict(INFER, model=M + "qwen-72b", quant="none", context=2048, gpus="2xA100-80G", stat="smi", unit="GB",
-                 per="total"),
+    "C101": dict(QWEN_PROFILE, model=M + "qwen-14b", gpus="1xA100-80G"),
+    "C102": dict(QWEN_PROFILE, model=M + "qwen-72b", gpus="2xA100-80G", per="total"),
     "C103": dict(missing=GPTQ),
     "C104": dict(INFER, model=M + "qwen2.5-7b", quant="none", context=2049, gpus="1xA100-80G", stat="allocated",
                  unit="GiB"),

@@ -73,6 +73,8 @@ def estimate_options(f):
         click.option("--cpu-ram", "cpu_ram", help="CPU RAM per node, e.g. 128GiB (default on this host: measured)."),
         click.option("--disk", help="Free disk for the run, e.g. 500GB (default on this host: measured)."),
         click.option("--context", type=int, default=4096, show_default=True, help="Inference: KV-cache tokens."),
+        click.option("--prompt", type=int, help="Inference: prompt tokens prefilled at once (default: all of "
+                     "--context; the rest of the context is generated one token at a time)."),
         click.option("--batch", type=int, default=1, show_default=True, help="Inference: concurrent sequences."),
         click.option("--device", type=click.Choice(["cuda", "npu", "cpu"]), help="Override the device kind."),
         click.option(

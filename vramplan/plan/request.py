@@ -42,6 +42,7 @@ class EstimateOptions:
     disk: str | None = None  # --disk 500GB
     output_dir: str | None = None  # --output: where checkpoints go (disk measured there)
     context: int = 4096  # --context (infer): tokens of KV cache per sequence
+    prompt: int | None = None  # --prompt (infer): tokens prefilled at once (default: the whole --context)
     batch: int = 1  # --batch (infer): concurrent sequences
     calibration: str | None = None  # --calibration FILE
     device: str | None = None  # --device cuda|npu|cpu (default: from the GPUs)
@@ -69,7 +70,8 @@ class EstimateOptions:
         for flag, v in (("--samples", self.samples), ("--epochs", self.epochs), ("--seq-len", self.seq_len),
                         ("--micro-batch", self.micro_batch), ("--grad-accum", self.grad_accum),
                         ("--global-batch", self.global_batch), ("--lora-r", self.lora_r),
-                        ("--save-steps", self.save_steps), ("--context", self.context), ("--batch", self.batch)):
+                        ("--save-steps", self.save_steps), ("--context", self.context), ("--batch", self.batch),
+                        ("--prompt", self.prompt)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(flag, f"must be a positive integer, got {v!r}")
         if None not in (self.global_batch, self.micro_batch, self.grad_accum):
@@ -83,6 +85,9 @@ class EstimateOptions:
                 raise UsageError(f"{train_only[0]} with --task infer: a training setting the inference estimate "
                                  "does not use (it uses --context and --batch)",
                                  f"leave {train_only[0]} out, or use --task train")
+        if self.prompt is not None and (self.task != "infer" or self.prompt > self.context):
+            bad("--prompt", f"{self.prompt}: the prompt tokens of --task infer, at most --context ({self.context})",
+                "the KV cache holds the prompt and the generated tokens: --context >= --prompt")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             bad("--keep-checkpoints", "must be at least 1 (the last good checkpoint is never deleted)")
         if not 0 <= self.headroom < 0.9:
