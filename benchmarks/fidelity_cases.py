@@ -167,8 +167,13 @@ CASES: dict[str, dict] = {
     "C135": dict(model="llava-v1.5-7b", recipe="lora", zero=3, offload="none", seq_len=2048, grad_ckpt=True,
                  gpus="8xRTX3090", verdict_only=True, any_micro_batch=True),
     "C136": dict(missing="no figure (an upper bound '<8 GB') and no GPU named"),
+    # `srun --ntasks-per-node=1 --nodes=2 deepspeed train_mem.py ...` with no hostfile: each node's DeepSpeed
+    # launcher finds none and "will proceed with training with local resources only" (launcher/runner.py
+    # fetch_hostfile; the resource pool becomes localhost, master_addr 127.0.0.1), so the two nodes ran two
+    # separate 4-GPU jobs. ZeRO-2 shards over 4, not 8. Buckets as LLaVA's scripts/zero2.json leaves them:
+    # reduce_bucket_size "auto" (hidden^2 from the HF Trainer), allgather_bucket_size unset (DeepSpeed's 5e8)
     "C137": dict(model="llava-v1.5-7b", recipe="full", zero=2, offload="none", micro_batch=1, seq_len=2048,
-                 grad_ckpt=True, gpus="8xA100-40G", verdict_only=True),
+                 grad_ckpt=True, gpus="4xA100-40G", world_gpus=4, ds_buckets="auto,5e8", verdict_only=True),
     "C139": dict(missing="DeepSpeed stage and micro-batch not stated"),
     "C141": dict(model="llava-v1.5-13b", recipe="qlora", micro_batch=16, seq_len=2048, grad_ckpt=True,
                  gpus="1xRTX3090", verdict_only=True, any_stage=True, bnb_version=BNB_2024_H1),

@@ -93,6 +93,9 @@ def estimate_options(f):
             "flash = FlashAttention-2, CUDA only).",
         ),
         click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
+        click.option("--ds-buckets", "ds_buckets",
+                     help="ZeRO-1/2 reduce,allgather bucket sizes in elements of the DeepSpeed config the run uses, "
+                     "e.g. auto,5e8 (auto = hidden^2, as the HF Trainer fills it; default: vramplan's 2e8,2e8)."),
         click.option("--bnb-version", "bnb_version",
                      help="bitsandbytes release the run will use, e.g. 0.41.1 (default: the installed one; "
                      "before 0.43.2 every 4-bit Linear keeps its input for backward: more memory)."),

@@ -172,12 +172,17 @@ def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int, train
                          "DDP gradient buckets: a copy of every grad" if size else "no DeepSpeed, no DDP (1 GPU)",
                          "torch DistributedDataParallel Reducer; docs/estimate.md#peak-and-overheads")
     if z in (1, 2):
-        rb = min(b.reduce_bucket, max(T, 1)) * bc * (2 if b.overlap_comm else 1)
-        ab = min(b.allgather_bucket, max(T, 1)) * bc
-        size = rb + ab
+        # the pinned DeepSpeed allocates the reduce buckets at the start of backward (setup_buckets) and frees
+        # them in the reduction epilogue (_release_ipg_buffers): not alive in step(). The post-step all-gather
+        # writes straight into the flat 16-bit buffer (runtime/utils.py all_gather_dp_groups ->
+        # all_gather_into_tensor), so allgather_bucket_size allocates nothing.
+        size = min(b.reduce_bucket, max(T, 1)) * bc * (2 if b.overlap_comm else 1)
         form = (f"reduce bucket {b.reduce_bucket:.3g} el x {bc} B"
-                f"{' x 2 (overlap_comm double-buffers)' if b.overlap_comm else ''}"
-                f" + allgather bucket {b.allgather_bucket:.3g} el x {bc} B, each capped at the trainable count")
+                f"{' x 2 (overlap_comm double-buffers)' if b.overlap_comm else ''}, capped at the trainable "
+                f"count, during backward; the all-gather after step() needs no bucket (all_gather_into_tensor)")
+        return Component("deepspeed_buffers", int(size), "transient", form,
+                         "DeepSpeed runtime/zero/stage_1_and_2.py setup_buckets, _release_ipg_buffers; "
+                         "runtime/utils.py all_gather_dp_groups")
     elif z == 3:
         layer_bytes = g.decoder_layer_params * bc
         if g.quantized_params:
@@ -266,12 +271,13 @@ def _phases(g: ParamGroups, s: Strategy, d: dict[str, int], load_bytes_per_param
     if not offloads_params(s.offload):
         unpartitioned = (g.frozen_params + g.trainable) * load_bytes_per_param
         load = d.get("weights_quantized", 0) + (_div(unpartitioned, s.gpus) if s.zero_stage == 3 else unpartitioned)
-    # the optimizer step and the save come after backward: the activations are freed by then
+    # the optimizer step and the save come after backward: the activations (and ZeRO-1/2's buckets) are freed
+    step_buffers = 0 if s.zero_stage in (1, 2) and s.engine != TORCH else d["deepspeed_buffers"]
     return {"forward/backward": persistent + saved + backward_peak + d["deepspeed_buffers"],
             "loss forward": persistent + d["activations_saved"] + casts + d.get("logits_loss_forward", 0)
             + d["deepspeed_buffers"],
             "vision forward": persistent + d["vision_forward_transient"] + d["deepspeed_buffers"],
-            "optimizer step": persistent + d["deepspeed_buffers"] + d.get("optimizer_step_transient", 0),
+            "optimizer step": persistent + step_buffers + d.get("optimizer_step_transient", 0),
             "checkpoint save": persistent + d.get("save_gather", 0),
             "model load": load}
 

@@ -101,7 +101,7 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
                            projector=job.model.projector, projector_trained=r.train_projector,
                            kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4,
                            **autocast_upcast(job, groups, s))
-    buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
+    buckets = buckets_for(job.model.text.hidden_size, groups.trainable, job.ds_buckets)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
     return gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
                       load_bytes_per_param=load_b, optimizer=r.optimizer,
@@ -184,7 +184,7 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
     margin = int(job.hardware.memory_bytes * (1 - job.headroom)) - vram_smi
     ds = None
     if s.engine != TORCH:
-        buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
+        buckets = buckets_for(job.model.text.hidden_size, groups.trainable, job.ds_buckets)
         ds = make_ds_config(s, buckets, compute_dtype=job.compute_dtype, hidden_size=job.model.text.hidden_size,
                             optimizer=job.recipe.optimizer)
     return Candidate(

@@ -56,6 +56,7 @@ class EstimateOptions:
     double_quant: bool | None = None  # --double-quant/--no-double-quant
     modules_to_save: str | None = None  # --modules-to-save embed_tokens,lm_head
     bnb_version: str | None = None  # --bnb-version 0.41.1: plan for another machine's bitsandbytes
+    ds_buckets: str | None = None  # --ds-buckets auto,5e8: ZeRO-1/2 reduce,allgather bucket elements of a given config
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
@@ -123,6 +124,8 @@ class EstimateOptions:
             bad("--attn", f"must be {' or '.join(ATTN_IMPLEMENTATIONS)}, not {self.attn!r}")
         if self.bnb_version is not None and not _VERSION.match(str(self.bnb_version)):
             bad("--bnb-version", f"must be a release number like 0.43.1, not {self.bnb_version!r}")
+        if self.ds_buckets is not None:
+            parse_ds_buckets(self.ds_buckets)
         if self.dataset is not None and not Path(self.dataset).is_file():
             bad("--dataset", f"no such file: {self.dataset}", "give the path of a LLaVA-format JSON file")
         if self.images is not None and not Path(self.images).is_dir():
@@ -130,6 +133,27 @@ class EstimateOptions:
 
 
 _VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.+-]?[0-9A-Za-z]+)*$")
+
+
+def parse_ds_buckets(text: str) -> tuple[int, int]:
+    """--ds-buckets REDUCE,ALLGATHER: a DeepSpeed config's zero_optimization reduce_bucket_size and
+    allgather_bucket_size in elements (5e8 or 500000000); "auto" (0 here) is what the HF Trainer fills in
+    (reduce: hidden^2, transformers integrations/deepspeed.py)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    out = []
+    for p in parts:
+        try:
+            v = 0 if p == "auto" else float(p)
+        except ValueError:
+            v = -1
+        if v < 0 or v != int(v) or (p != "auto" and v < 1):
+            out = []
+            break
+        out.append(int(v))
+    if len(out) != 2 or len(parts) != 2:
+        raise UsageError(f"--ds-buckets: {text!r} is not REDUCE,ALLGATHER bucket sizes in elements",
+                         "e.g. --ds-buckets auto,5e8 (LLaVA's scripts/zero2.json under the HF Trainer)")
+    return out[0], out[1]
 
 
 def version_tuple(v: str) -> tuple[int, int, int]:
@@ -141,14 +165,15 @@ def version_tuple(v: str) -> tuple[int, int, int]:
 # the string flags, by field: an empty value is refused (it would silently mean "not given")
 STR_FLAGS = {"model": "--model", "recipe": "--recipe", "gpus": "--gpus", "dataset": "--dataset", "images": "--images",
              "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration",
-             "bnb_version": "--bnb-version"}
+             "bnb_version": "--bnb-version", "ds_buckets": "--ds-buckets"}
 
 
 # flags of training only: given with --task infer they would be silently ignored
 TRAIN_ONLY = {"--samples": "samples", "--epochs": "epochs", "--micro-batch": "micro_batch",
               "--grad-accum": "grad_accum", "--global-batch": "global_batch", "--lora-r": "lora_r",
               "--save-steps": "save_steps", "--keep-checkpoints": "keep_checkpoints", "--zero": "zero",
-              "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt", "--bnb-version": "bnb_version"}
+              "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt", "--bnb-version": "bnb_version",
+              "--ds-buckets": "ds_buckets"}
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:
