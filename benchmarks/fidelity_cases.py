@@ -121,8 +121,10 @@ CASES: dict[str, dict] = {
                  micro_batch=1, seq_len=528, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=True,
                  optimizer="paged_adamw_32bit", attn="eager", verdict_only=True, trainable_dtype="bf16",
                  note="qlora.py casts the LoRA layers to bf16 under --bf16", bnb_version=BNB_QLORA_2023),
+    # finetune.py's LoRA (emb): peft's ModulesToSaveWrapper deep-copies wte and lm_head in the model's bf16 (Qwen's
+    # modeling_qwen.py casts the model to bf16), and only the LoRA factors are fp32: --trainable-dtype peft
     "C087": dict(QWEN, model=M + "qwen-7b", recipe="lora", seq_len=2048, gpus="1xA100-80G",
-                 modules_to_save="embed_tokens,lm_head"),
+                 modules_to_save="embed_tokens,lm_head", trainable_dtype="peft"),
     "C088": dict(missing=GPTQ),
     "C091": dict(model=M + "qwen-7b", recipe="full", zero=3, offload="none", micro_batch=1, seq_len=1024,
                  grad_ckpt=True, gpus="2xA100-80G", stat="smi", unit="GB", per="total"),

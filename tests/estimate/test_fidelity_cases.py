@@ -35,7 +35,7 @@ def test_pinned_figures(scored):
     assert lq["median_abs_error"] <= 0.041  # 12.9% on the base commit (benchmarks/results/fidelity-before.txt)
     # 21/26 before the Qwen-1 inference profile rows (C099/C101/C102) were expressed as their model card states
     # them (a 1-token prompt, --prompt 1) in the statistic they are (torch's peak allocated)
-    assert lq["within_15"] >= 23 / 26 - 1e-9
+    assert lq["within_15"] >= 24 / 26 - 1e-9  # 24 with C087 as peft leaves its dtypes (--trainable-dtype peft)
     assert s["full"]["median_abs_error"] <= 0.02
     # 39/42 before the plain-PyTorch autocast mechanisms (fp32 residual under k-bit, autocast weight casts;
     # docs/estimate.md#activations): they turned C063, a real OOM, from "fits" to "OOM", and C117/C120, unsloth's

@@ -57,8 +57,9 @@ def estimate_options(f):
                      help="Only this ZeRO stage; none = plain PyTorch (HF Trainer without DeepSpeed)."),
         click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)),
                      help="Optimizer (HF `optim`; default: the recipe's). 8-bit: bitsandbytes blockwise states."),
-        click.option("--trainable-dtype", "trainable_dtype", type=click.Choice(["fp32", "bf16"]),
-                     help="Plain PyTorch: dtype of the trained weights and their states (bf16 = pure bf16)."),
+        click.option("--trainable-dtype", "trainable_dtype", type=click.Choice(["fp32", "bf16", "peft"]),
+                     help="Plain PyTorch: dtype of the trained weights and their states (bf16 = pure bf16; peft = "
+                     "fp32 adapters, modules_to_save copies in the model's dtype, as peft leaves them)."),
         click.option("--lora-targets", "lora_targets",
                      help="LLM LoRA target modules, comma-separated (e.g. q_proj,v_proj; all-linear; lm_head)."),
         click.option("--lora-dropout", "lora_dropout", type=float, help="LLM LoRA dropout (0 saves no dropped copy)."),

@@ -62,7 +62,7 @@ def _div(x: float, n: int) -> int:
     return int(-(-x // n)) if n > 1 else int(x)
 
 
-def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: int = 4) -> list[Component]:
+def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: float = 4) -> list[Component]:
     n, part_w, off_par = s.gpus, s.zero_stage == 3, offloads_params(s.offload)
     plain = s.engine == TORCH
     out = []
@@ -83,14 +83,14 @@ def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: 
                             else " (module cast to the compute dtype)")
                          + (" / GPUs" if part_w else " (replicated)"), ZERO_SOURCE))
     T, tb = g.trainable, (trainable_bytes if plain else bc)
-    out.append(Component("weights_trainable", 0 if off_par else (_div(T * tb, n) if part_w else T * tb), "persistent",
-                         f"trainable params x {tb} B" + (" / GPUs" if part_w else "")
+    out.append(Component("weights_trainable", 0 if off_par else int(_div(T * tb, n) if part_w else T * tb),
+                         "persistent", f"trainable params x {tb:.3g} B" + (" / GPUs" if part_w else "")
                          + (" (plain PyTorch: the weights the optimizer steps)" if plain else ""), ZERO_SOURCE))
     return out
 
 
 def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "adamw_torch",
-                      trainable_bytes: int = 4) -> list[Component]:
+                      trainable_bytes: float = 4) -> list[Component]:
     """Gradients, optimizer states (+ DeepSpeed's fp32 master) and the step's transient fp32 gradients.
 
     plain PyTorch: grads and states in the trainable dtype, nothing else (torch/optim/adam.py); the foreach
@@ -113,7 +113,7 @@ def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "ad
         tmp = T * tb if optimizer not in EIGHT_BIT else 0
         pg = paged(optimizer)
         return [
-            Component("gradients", T * tb, "persistent", f"trainable x {tb} B (grads in the weights' dtype)",
+            Component("gradients", int(T * tb), "persistent", f"trainable x {tb:.3g} B (grads in the weights' dtype)",
                       "torch autograd; transformers Trainer without DeepSpeed"),
             Component("optimizer_states_paged" if pg else "optimizer_states", int(T * st), "paged" if pg else
                       "persistent", describe(optimizer, tb) + " on the trainable weights (no master copy)"
@@ -162,7 +162,7 @@ def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "ad
     ]
 
 
-def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int, trainable_bytes: int = 4) -> Component:
+def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int, trainable_bytes: float = 4) -> Component:
     z, T = s.zero_stage, g.trainable
     if s.engine == TORCH:
         # DDP's Reducer copies every grad into its flat buckets (torch/nn/parallel/distributed.py,
@@ -301,7 +301,7 @@ def _overheads(peak: int, gpus: int, device: str) -> list[Component]:
 
 def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: DsBuckets, *,
                compute_bytes: int = 2, quant: str = Quant.NF4, device: str = "cuda",
-               load_bytes_per_param: int = 2, optimizer: str = "adamw_torch", trainable_bytes: int = 4,
+               load_bytes_per_param: int = 2, optimizer: str = "adamw_torch", trainable_bytes: float = 4,
                largest_trainable: int = 0) -> GpuMemory:
     """Per-GPU peak memory of one candidate, as named components. `trainable_bytes`: the trainable weights'
     dtype under plain PyTorch (DeepSpeed casts them to the compute dtype and keeps an fp32 master)."""

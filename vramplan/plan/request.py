@@ -50,7 +50,7 @@ class EstimateOptions:
     attn: str = "sdpa"  # --attn sdpa|eager|flash: eager saves the attention probabilities (much more memory)
     speed_tolerance: float = SPEED_TOLERANCE  # --speed-tolerance: the pick's time window, a fraction
     optimizer: str | None = None  # --optimizer (default: the recipe's)
-    trainable_dtype: str | None = None  # --trainable-dtype fp32|bf16 (plain PyTorch)
+    trainable_dtype: str | None = None  # --trainable-dtype fp32|bf16|peft (plain PyTorch)
     lora_targets: str | None = None  # --lora-targets q_proj,v_proj
     lora_dropout: float | None = None  # --lora-dropout
     double_quant: bool | None = None  # --double-quant/--no-double-quant
@@ -106,7 +106,7 @@ class EstimateOptions:
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             bad("--optimizer", f"must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.trainable_dtype is not None and self.trainable_dtype not in TRAINABLE_DTYPES:
-            bad("--trainable-dtype", f"must be fp32 or bf16, not {self.trainable_dtype!r}")
+            bad("--trainable-dtype", f"must be fp32, bf16 or peft, not {self.trainable_dtype!r}")
         if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
             bad("--lora-dropout", f"must be a fraction in [0, 1), got {self.lora_dropout}")
         if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
