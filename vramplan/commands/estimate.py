@@ -95,7 +95,8 @@ def estimate_options(f):
         ),
         click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
         click.option("--ds-buckets", "ds_buckets",
-                     help="ZeRO-1/2 reduce,allgather bucket sizes in elements of the DeepSpeed config the run uses, "
+                     help="reduce,allgather bucket sizes in elements of the DeepSpeed config the run uses (reduce: "
+                     "ZeRO-1/2/3; allgather: ZeRO-1/2), "
                      "e.g. auto,5e8 (auto = hidden^2, as the HF Trainer fills it; default: vramplan's 2e8,2e8)."),
         click.option("--bnb-version", "bnb_version",
                      help="bitsandbytes release the run will use, e.g. 0.41.1 (default: the installed one; "
