@@ -93,7 +93,7 @@ class Job:
     # bitsandbytes' MatMul4Bit keeps each 4-bit Linear's input for backward (releases before
     # priors.BNB_DROPS_KBIT_INPUT; set by vramplan.plan.resolve from the installed version or --bnb-version)
     kbit_saves_inputs: bool = False
-    # ZeRO-1/2 (reduce, allgather) bucket elements of a DeepSpeed config the user gives (--ds-buckets; 0 = "auto",
+    # (reduce, allgather) bucket elements of a DeepSpeed config the user gives (--ds-buckets; 0 = "auto",
     # which the HF Trainer fills with hidden^2); () = vramplan's own (ds_config.buckets_for)
     ds_buckets: tuple[int, ...] = ()
     cpu_ram_bytes: int | None = None  # per node, when known
