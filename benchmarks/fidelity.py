@@ -32,7 +32,8 @@ from vramplan.plan.resolve import PINNED_BNB  # noqa: E402
 from vramplan.plan.service import run_estimate, run_inference_estimate  # noqa: E402
 
 GiB = 2**30
-SPEC_KEYS = {"missing", "stat", "unit", "per", "verdict_only", "value_key", "note", "any_micro_batch", "any_stage"}
+SPEC_KEYS = {"missing", "stat", "unit", "per", "verdict_only", "value_key", "note", "any_micro_batch", "any_stage",
+             "world_gpus"}
 OPTION_NAMES = {f.name for f in fields(EstimateOptions)}
 
 
@@ -116,7 +117,7 @@ def score_case(case: dict) -> dict:
     if "missing" in spec:
         return {**row, "expressed": False, "why": spec["missing"]}
     kw, dropped = options_for(spec)
-    n = case["num_gpus"]
+    n = spec.get("world_gpus", case["num_gpus"])  # the GPUs one training job (one DeepSpeed world) spans
     try:
         est, fits, phase = (_infer if kw.get("task") == "infer" else _train)(spec, kw, n)
     except UsageError as e:

@@ -46,6 +46,12 @@ BNB_LIT_2023 = "0.41.0"  # lit-gpt requirements-all.txt of 2023 pins bitsandbyte
 BNB_2024_H1 = "0.43.1"  # runs of Jan-Jul 2024 (LitGPT config_hub 2024-03/04, Answer.AI fsdp_qlora 2024-02/03,
 #                        XTuner issue 2024-03, LLaMA-Factory issue 2024-07-11): before the fix was released
 BNB_QLORA_2023 = "0.39.0"  # artidoro/qlora (May 2023): the release that introduced 4-bit (CHANGELOG 0.39.0)
+# Qwen-1's inference profile (README "Inference Performance", profile.py): "generating 2048 tokens"; the
+# Qwen-72B-Chat model card's table of the same profile gives "Context Length 1, Generation Length 2048": a 1-token
+# prompt (--prompt 1) whose KV cache grows to 2049 tokens (--context 2049). Its "GPU Memory Usage" is not what
+# nvidia-smi shows: the 7B figure (16.99 GB) is below weights + 2049-token KV cache + any CUDA context (the weights
+# alone are 15.44 GB), so it is torch's peak allocated, as in the same team's Qwen2.5 speed benchmark
+QWEN_PROFILE = dict(INFER, quant="none", context=2049, prompt=1, stat="allocated", unit="GB")
 # Qwen2.5's speed benchmark (docs/source/benchmark/speed_benchmark.rst) says "GB", but the 7B bf16 figure
 # (14.38) is below its weights in GB: GiB of torch's peak allocated (the case's notes)
 
@@ -118,8 +124,10 @@ CASES: dict[str, dict] = {
                  micro_batch=1, seq_len=528, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=True,
                  optimizer="paged_adamw_32bit", attn="eager", verdict_only=True, trainable_dtype="bf16",
                  note="qlora.py casts the LoRA layers to bf16 under --bf16", bnb_version=BNB_QLORA_2023),
+    # finetune.py's LoRA (emb): peft's ModulesToSaveWrapper deep-copies wte and lm_head in the model's bf16 (Qwen's
+    # modeling_qwen.py casts the model to bf16), and only the LoRA factors are fp32: --trainable-dtype peft
     "C087": dict(QWEN, model=M + "qwen-7b", recipe="lora", seq_len=2048, gpus="1xA100-80G",
-                 modules_to_save="embed_tokens,lm_head"),
+                 modules_to_save="embed_tokens,lm_head", trainable_dtype="peft"),
     "C088": dict(missing=GPTQ),
     "C091": dict(model=M + "qwen-7b", recipe="full", zero=3, offload="none", micro_batch=1, seq_len=1024,
                  grad_ckpt=True, gpus="2xA100-80G", stat="smi", unit="GB", per="total"),
@@ -130,11 +138,10 @@ CASES: dict[str, dict] = {
                  seq_len=2048, gpus="4xA100-80G", per="total"),
     "C096": dict(missing=GPTQ),
     "C098": dict(missing="naive model parallelism (device_map over 4 GPUs) for training; seq_len not stated"),
-    "C099": dict(INFER, model=M + "qwen-7b", quant="none", context=2048, gpus="1xA100-80G", stat="smi", unit="GB"),
+    "C099": dict(QWEN_PROFILE, model=M + "qwen-7b", gpus="1xA100-80G"),
     "C100": dict(missing=GPTQ),
-    "C101": dict(INFER, model=M + "qwen-14b", quant="none", context=2048, gpus="1xA100-80G", stat="smi", unit="GB"),
-    "C102": dict(INFER, model=M + "qwen-72b", quant="none", context=2048, gpus="2xA100-80G", stat="smi", unit="GB",
-                 per="total"),
+    "C101": dict(QWEN_PROFILE, model=M + "qwen-14b", gpus="1xA100-80G"),
+    "C102": dict(QWEN_PROFILE, model=M + "qwen-72b", gpus="2xA100-80G", per="total"),
     "C103": dict(missing=GPTQ),
     "C104": dict(INFER, model=M + "qwen2.5-7b", quant="none", context=2049, gpus="1xA100-80G", stat="allocated",
                  unit="GiB"),
@@ -165,8 +172,13 @@ CASES: dict[str, dict] = {
     "C135": dict(model="llava-v1.5-7b", recipe="lora", zero=3, offload="none", seq_len=2048, grad_ckpt=True,
                  gpus="8xRTX3090", verdict_only=True, any_micro_batch=True),
     "C136": dict(missing="no figure (an upper bound '<8 GB') and no GPU named"),
+    # `srun --ntasks-per-node=1 --nodes=2 deepspeed train_mem.py ...` with no hostfile: each node's DeepSpeed
+    # launcher finds none and "will proceed with training with local resources only" (launcher/runner.py
+    # fetch_hostfile; the resource pool becomes localhost, master_addr 127.0.0.1), so the two nodes ran two
+    # separate 4-GPU jobs. ZeRO-2 shards over 4, not 8. Buckets as LLaVA's scripts/zero2.json leaves them:
+    # reduce_bucket_size "auto" (hidden^2 from the HF Trainer), allgather_bucket_size unset (DeepSpeed's 5e8)
     "C137": dict(model="llava-v1.5-7b", recipe="full", zero=2, offload="none", micro_batch=1, seq_len=2048,
-                 grad_ckpt=True, gpus="8xA100-40G", verdict_only=True),
+                 grad_ckpt=True, gpus="4xA100-40G", world_gpus=4, ds_buckets="auto,5e8", verdict_only=True),
     "C139": dict(missing="DeepSpeed stage and micro-batch not stated"),
     "C141": dict(model="llava-v1.5-13b", recipe="qlora", micro_batch=16, seq_len=2048, grad_ckpt=True,
                  gpus="1xRTX3090", verdict_only=True, any_stage=True, bnb_version=BNB_2024_H1),

@@ -135,8 +135,8 @@ class TrainConfig:
                 "use --recipe lora for no quantization" if self.recipe == "qlora" else "use --quant none")
         if self.ds_config is not None and not isinstance(self.ds_config, dict):
             bad("--deepspeed", "the DeepSpeed config must be a JSON object")
-        if self.trainable_dtype not in ("fp32", "bf16"):
-            bad("recipe.trainable_dtype", f"must be fp32 or bf16, not {self.trainable_dtype!r}")
+        if self.trainable_dtype not in ("fp32", "bf16", "peft"):
+            bad("recipe.trainable_dtype", f"must be fp32, bf16 or peft, not {self.trainable_dtype!r}")
 
     def _fill_recipe_defaults(self) -> None:
         unset = [k for k in RECIPE_FIELDS if getattr(self, k) is RECIPE_DEFAULT]

@@ -264,7 +264,9 @@ def prepare(model, cfg: TrainConfig):
     # trainable weights in fp32 (the optimizer's master copy); "pure bf16" (trainable_dtype bf16, plain
     # PyTorch only: DeepSpeed keeps its own fp32 master) trains them in bf16 (vramplan optimizers.py)
     want = torch.bfloat16 if cfg.trainable_dtype == "bf16" and cfg.ds_config is None else torch.float32
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != want:
+    # "peft": as peft leaves them, only the adapters in fp32; modules_to_save copies keep the model's dtype
+    keep = cfg.trainable_dtype == "peft" and cfg.ds_config is None
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.dtype != want and not (keep and "lora_" not in n):
             p.data = p.data.to(want)
     return model

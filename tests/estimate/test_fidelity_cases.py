@@ -32,17 +32,18 @@ def test_pinned_figures(scored):
     _, s = scored
     lq = s["lora/qlora+inference"]
     assert lq["n"] >= 26
-    assert lq["median_abs_error"] <= 0.056  # 12.9% on the base commit (benchmarks/results/fidelity-before.txt)
-    # 22/26 before the 12 B loss moved C071 (a QLoRA run whose peak is the loss backward) from -10.4% to
-    # -15.6% (docs/estimate.md#checked-against-reality); the bitsandbytes saved inputs do not touch it
-    assert lq["within_15"] >= 21 / 26 - 1e-9
+    assert lq["median_abs_error"] <= 0.041  # 12.9% on the base commit (benchmarks/results/fidelity-before.txt)
+    # 21/26 before the Qwen-1 inference profile rows (C099/C101/C102) were expressed as their model card states
+    # them (a 1-token prompt, --prompt 1) in the statistic they are (torch's peak allocated)
+    assert lq["within_15"] >= 24 / 26 - 1e-9  # 24 with C087 as peft leaves its dtypes (--trainable-dtype peft)
     assert s["full"]["median_abs_error"] <= 0.02
     # 39/42 before the plain-PyTorch autocast mechanisms (fp32 residual under k-bit, autocast weight casts;
     # docs/estimate.md#activations): they turned C063, a real OOM, from "fits" to "OOM", and C117/C120, unsloth's
     # HF+FA2 maximum-context thresholds, from "fits" to just over the card (allocated 88% and 99% of it; the
     # allocator-reserve prior tips them): one fewer agreement, and no OOM predicted to fit among the QLoRA runs
-    assert s["verdicts_agree"] >= 38 and s["verdicts_agree"] / s["verdicts"] >= 0.90
-    assert set(s["oom_predicted_fit"]) <= {"C092", "C137"}  # docs/estimate.md#checked-against-reality
+    # 39 since C137 is expressed as launched (one 4-GPU DeepSpeed job per node: no hostfile) with zero2.json's buckets
+    assert s["verdicts_agree"] >= 39 and s["verdicts_agree"] / s["verdicts"] >= 0.92
+    assert set(s["oom_predicted_fit"]) <= {"C092"}  # docs/estimate.md#checked-against-reality
 
 
 def test_like_with_like_units(scored):

@@ -125,3 +125,15 @@ def test_kbit_weight_bytes_are_param_groups_exact_storage():
     d = infer(gpus="1x24G")
     for t in d["dtypes"]:
         assert rows(d, t)[0]["vram_breakdown"]["weights"] == weight_bytes(job, t)
+
+
+def test_prompt_prefills_only_the_prompt_the_kv_cache_holds_the_context():
+    """--prompt: the prompt is prefilled at once, the rest of --context is generated token by token (transformers
+    generate), so the prefill temporaries follow the prompt and the KV cache the whole context."""
+    full = rows(infer(gpus="1x80G", context=2049, quant="none"), "fp16")[0]
+    short = rows(infer(gpus="1x80G", context=2049, prompt=1, quant="none"), "fp16")[0]
+    assert short["vram_breakdown"]["kv_cache"] == full["vram_breakdown"]["kv_cache"]
+    assert short["vram_breakdown"]["prefill_transient"] * 2049 == full["vram_breakdown"]["prefill_transient"]
+    for bad in (dict(task="infer", context=64, prompt=65), dict(task="train", prompt=8), dict(task="infer", prompt=0)):
+        with pytest.raises(Exception, match="--prompt"):
+            EstimateOptions(**bad)

@@ -512,6 +512,14 @@ def test_plan_state_fields_reach_the_model(tiny, tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in trained.values())  # pure bf16 without DeepSpeed
     assert any("lm_head.lora_A" in n for n in trained) and any("embed_tokens.modules_to_save" in n for n in trained)
     assert engine.training_args(cfg, "cpu", 1).optim.value == "adamw_8bit"  # HF `optim`: bitsandbytes AdamW8bit
+    # "peft": as peft leaves them, fp32 adapters and the modules_to_save copies in the model's dtype
+    plan["recipe"]["trainable_dtype"] = "peft"
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cfg = from_plan(str(tmp_path / "plan.json"), {})
+    model = prepare(load_base(cfg.model_path, cfg, "cpu")[0], cfg)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert {d for n, d in trained.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in trained.items() if "lora_" not in n} == {torch.bfloat16}
     with pytest.raises(UsageError, match="trainable_dtype"):
         _cfg(tiny, trainable_dtype="fp8")
 

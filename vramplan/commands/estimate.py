@@ -57,8 +57,9 @@ def estimate_options(f):
                      help="Only this ZeRO stage; none = plain PyTorch (HF Trainer without DeepSpeed)."),
         click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)),
                      help="Optimizer (HF `optim`; default: the recipe's). 8-bit: bitsandbytes blockwise states."),
-        click.option("--trainable-dtype", "trainable_dtype", type=click.Choice(["fp32", "bf16"]),
-                     help="Plain PyTorch: dtype of the trained weights and their states (bf16 = pure bf16)."),
+        click.option("--trainable-dtype", "trainable_dtype", type=click.Choice(["fp32", "bf16", "peft"]),
+                     help="Plain PyTorch: dtype of the trained weights and their states (bf16 = pure bf16; peft = "
+                     "fp32 adapters, modules_to_save copies in the model's dtype, as peft leaves them)."),
         click.option("--lora-targets", "lora_targets",
                      help="LLM LoRA target modules, comma-separated (e.g. q_proj,v_proj; all-linear; lm_head)."),
         click.option("--lora-dropout", "lora_dropout", type=float, help="LLM LoRA dropout (0 saves no dropped copy)."),
@@ -76,6 +77,8 @@ def estimate_options(f):
         click.option("--cpu-ram", "cpu_ram", help="CPU RAM per node, e.g. 128GiB (default on this host: measured)."),
         click.option("--disk", help="Free disk for the run, e.g. 500GB (default on this host: measured)."),
         click.option("--context", type=int, default=4096, show_default=True, help="Inference: KV-cache tokens."),
+        click.option("--prompt", type=int, help="Inference: prompt tokens prefilled at once (default: all of "
+                     "--context; the rest of the context is generated one token at a time)."),
         click.option("--batch", type=int, default=1, show_default=True, help="Inference: concurrent sequences."),
         click.option("--device", type=click.Choice(["cuda", "npu", "cpu"]), help="Override the device kind."),
         click.option(
@@ -94,6 +97,10 @@ def estimate_options(f):
             "flash = FlashAttention-2, CUDA only).",
         ),
         click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
+        click.option("--ds-buckets", "ds_buckets",
+                     help="reduce,allgather bucket sizes in elements of the DeepSpeed config the run uses (reduce: "
+                     "ZeRO-1/2/3; allgather: ZeRO-1/2), "
+                     "e.g. auto,5e8 (auto = hidden^2, as the HF Trainer fills it; default: vramplan's 2e8,2e8)."),
         click.option("--bnb-version", "bnb_version",
                      help="bitsandbytes release the run will use, e.g. 0.41.1 (default: the installed one; "
                      "before 0.43.2 every 4-bit Linear keeps its input for backward: more memory)."),

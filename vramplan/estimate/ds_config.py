@@ -17,11 +17,15 @@ from vramplan.estimate.types import DsBuckets, Offload, Strategy, offloads_optim
 SUB_GROUP_SIZE = 1_000_000_000  # ZeRO-3 elements stepped at once (the fp32 grads made per sub-group: gpu_memory.py)
 
 
-def buckets_for(hidden_size: int, trainable: int) -> DsBuckets:
+def buckets_for(hidden_size: int, trainable: int, given: tuple[int, ...] = ()) -> DsBuckets:
     """Bucket sizes: HF's ZeRO-3 "auto" rules (reduce = h^2, prefetch = 0.9 h^2; transformers
-    integration/deepspeed.py fill_match) and a 2e8 cap for ZeRO-1/2 buckets."""
+    integration/deepspeed.py fill_match) and a 2e8 cap for ZeRO-1/2 buckets. `given` (--ds-buckets): the
+    ZeRO-1/2 (reduce, allgather) elements of the user's config, 0 = "auto" (h^2, the HF Trainer's fill)."""
     h2 = hidden_size * hidden_size
-    return DsBuckets(reduce_bucket=DEFAULT_BUCKET_ELEMS, allgather_bucket=DEFAULT_BUCKET_ELEMS, overlap_comm=True,
+    reduce, allgather = DEFAULT_BUCKET_ELEMS, DEFAULT_BUCKET_ELEMS
+    if given:
+        reduce, allgather = (v or h2 for v in given)
+    return DsBuckets(reduce_bucket=reduce, allgather_bucket=allgather, overlap_comm=True,
                      stage3_prefetch_bucket=int(0.9 * h2), stage3_max_live_parameters=1_000_000_000)
 
 

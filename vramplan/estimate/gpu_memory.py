@@ -62,7 +62,7 @@ def _div(x: float, n: int) -> int:
     return int(-(-x // n)) if n > 1 else int(x)
 
 
-def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: int = 4) -> list[Component]:
+def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: float = 4) -> list[Component]:
     n, part_w, off_par = s.gpus, s.zero_stage == 3, offloads_params(s.offload)
     plain = s.engine == TORCH
     out = []
@@ -83,14 +83,14 @@ def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: 
                             else " (module cast to the compute dtype)")
                          + (" / GPUs" if part_w else " (replicated)"), ZERO_SOURCE))
     T, tb = g.trainable, (trainable_bytes if plain else bc)
-    out.append(Component("weights_trainable", 0 if off_par else (_div(T * tb, n) if part_w else T * tb), "persistent",
-                         f"trainable params x {tb} B" + (" / GPUs" if part_w else "")
+    out.append(Component("weights_trainable", 0 if off_par else int(_div(T * tb, n) if part_w else T * tb),
+                         "persistent", f"trainable params x {tb:.3g} B" + (" / GPUs" if part_w else "")
                          + (" (plain PyTorch: the weights the optimizer steps)" if plain else ""), ZERO_SOURCE))
     return out
 
 
 def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "adamw_torch",
-                      trainable_bytes: int = 4) -> list[Component]:
+                      trainable_bytes: float = 4) -> list[Component]:
     """Gradients, optimizer states (+ DeepSpeed's fp32 master) and the step's transient fp32 gradients.
 
     plain PyTorch: grads and states in the trainable dtype, nothing else (torch/optim/adam.py); the foreach
@@ -113,7 +113,7 @@ def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "ad
         tmp = T * tb if optimizer not in EIGHT_BIT else 0
         pg = paged(optimizer)
         return [
-            Component("gradients", T * tb, "persistent", f"trainable x {tb} B (grads in the weights' dtype)",
+            Component("gradients", int(T * tb), "persistent", f"trainable x {tb:.3g} B (grads in the weights' dtype)",
                       "torch autograd; transformers Trainer without DeepSpeed"),
             Component("optimizer_states_paged" if pg else "optimizer_states", int(T * st), "paged" if pg else
                       "persistent", describe(optimizer, tb) + " on the trainable weights (no master copy)"
@@ -162,7 +162,7 @@ def _optimizer_states(g: ParamGroups, s: Strategy, bc: int, optimizer: str = "ad
     ]
 
 
-def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int, trainable_bytes: int = 4) -> Component:
+def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int, trainable_bytes: float = 4) -> Component:
     z, T = s.zero_stage, g.trainable
     if s.engine == TORCH:
         # DDP's Reducer copies every grad into its flat buckets (torch/nn/parallel/distributed.py,
@@ -172,12 +172,17 @@ def _deepspeed_buffers(g: ParamGroups, s: Strategy, b: DsBuckets, bc: int, train
                          "DDP gradient buckets: a copy of every grad" if size else "no DeepSpeed, no DDP (1 GPU)",
                          "torch DistributedDataParallel Reducer; docs/estimate.md#peak-and-overheads")
     if z in (1, 2):
-        rb = min(b.reduce_bucket, max(T, 1)) * bc * (2 if b.overlap_comm else 1)
-        ab = min(b.allgather_bucket, max(T, 1)) * bc
-        size = rb + ab
+        # the pinned DeepSpeed allocates the reduce buckets at the start of backward (setup_buckets) and frees
+        # them in the reduction epilogue (_release_ipg_buffers): not alive in step(). The post-step all-gather
+        # writes straight into the flat 16-bit buffer (runtime/utils.py all_gather_dp_groups ->
+        # all_gather_into_tensor), so allgather_bucket_size allocates nothing.
+        size = min(b.reduce_bucket, max(T, 1)) * bc * (2 if b.overlap_comm else 1)
         form = (f"reduce bucket {b.reduce_bucket:.3g} el x {bc} B"
-                f"{' x 2 (overlap_comm double-buffers)' if b.overlap_comm else ''}"
-                f" + allgather bucket {b.allgather_bucket:.3g} el x {bc} B, each capped at the trainable count")
+                f"{' x 2 (overlap_comm double-buffers)' if b.overlap_comm else ''}, capped at the trainable "
+                f"count, during backward; the all-gather after step() needs no bucket (all_gather_into_tensor)")
+        return Component("deepspeed_buffers", int(size), "transient", form,
+                         "DeepSpeed runtime/zero/stage_1_and_2.py setup_buckets, _release_ipg_buffers; "
+                         "runtime/utils.py all_gather_dp_groups")
     elif z == 3:
         layer_bytes = g.decoder_layer_params * bc
         if g.quantized_params:  # the layer at the k-bit storage's bytes per weight, fused MoE experts 16-bit
@@ -268,12 +273,13 @@ def _phases(g: ParamGroups, s: Strategy, d: dict[str, int], load_bytes_per_param
     if not offloads_params(s.offload):
         unpartitioned = (g.frozen_params + g.trainable) * load_bytes_per_param
         load = d.get("weights_quantized", 0) + (_div(unpartitioned, s.gpus) if s.zero_stage == 3 else unpartitioned)
-    # the optimizer step and the save come after backward: the activations are freed by then
+    # the optimizer step and the save come after backward: the activations (and ZeRO-1/2's buckets) are freed
+    step_buffers = 0 if s.zero_stage in (1, 2) and s.engine != TORCH else d["deepspeed_buffers"]
     return {"forward/backward": persistent + saved + backward_peak + d["deepspeed_buffers"],
             "loss forward": persistent + d["activations_saved"] + casts + d.get("logits_loss_forward", 0)
             + d["deepspeed_buffers"],
             "vision forward": persistent + d["vision_forward_transient"] + d["deepspeed_buffers"],
-            "optimizer step": persistent + d["deepspeed_buffers"] + d.get("optimizer_step_transient", 0),
+            "optimizer step": persistent + step_buffers + d.get("optimizer_step_transient", 0),
             "checkpoint save": persistent + d.get("save_gather", 0),
             "model load": load}
 
@@ -297,7 +303,7 @@ def _overheads(peak: int, gpus: int, device: str) -> list[Component]:
 
 def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: DsBuckets, *,
                compute_bytes: int = 2, quant: str = Quant.NF4, device: str = "cuda",
-               load_bytes_per_param: int = 2, optimizer: str = "adamw_torch", trainable_bytes: int = 4,
+               load_bytes_per_param: int = 2, optimizer: str = "adamw_torch", trainable_bytes: float = 4,
                largest_trainable: int = 0) -> GpuMemory:
     """Per-GPU peak memory of one candidate, as named components. `trainable_bytes`: the trainable weights'
     dtype under plain PyTorch (DeepSpeed casts them to the compute dtype and keeps an fp32 master)."""

@@ -67,7 +67,7 @@ def host_needs(g: ParamGroups, s: Strategy, *, compute_bytes: int, deepspeed: bo
                device: str = "cuda", dataset_on_disk: bool = False, dataset_source: str = "assumed",
                weights_source: str = "assumed", steps: int | None = None,
                save_steps: int | None = None, optimizer: str = "adamw_torch",
-               trainable_bytes: int = 4) -> HostNeeds:
+               trainable_bytes: float = 4) -> HostNeeds:
     """`steps` and `save_steps` (both given) bound the checkpoints by the saves the run makes; without
     them keep-N + 1 are counted. `*_source` name where the dataset / base-weight sizes came from."""
     T = g.trainable
@@ -103,7 +103,7 @@ def host_needs(g: ParamGroups, s: Strategy, *, compute_bytes: int, deepspeed: bo
         }
     else:
         ckpt = {
-            "adapter_and_projector": T * trainable_bytes,  # the trainable weights as trained (no engine cast)
+            "adapter_and_projector": int(T * trainable_bytes),  # the trainable weights as trained (no engine cast)
             "optimizer_pt": int(T * state_bytes(optimizer, trainable_bytes)),  # optimizer.pt: m + v (optimizers.py)
             "trainer_state": CHECKPOINT_EXTRA_BYTES,
         }

@@ -84,7 +84,7 @@ def weight_bytes(job: Job, dtype: str) -> int:
     return g.quantized_bytes + (g.total_params - g.quantized_params) * bc
 
 
-def _layout(job: Job, dtype: str, context: int, batch: int) -> _Layout:
+def _layout(job: Job, dtype: str, context: int, batch: int, prompt: int | None = None) -> _Layout:
     m = job.model
     t, text = m.text, module_for(m.text)
     bc = COMPUTE_BYTES[act_dtype(job, dtype)]
@@ -99,7 +99,8 @@ def _layout(job: Job, dtype: str, context: int, batch: int) -> _Layout:
         decoder_layer=layer, first=first, last=weight_bytes(job, dtype) - first - t.num_layers * layer,
         kv_per_layer=round(text.kv_bytes_per_token(t, bc) * text.kv_cache_tokens(t, context) * batch),
         logits=batch * t.vocab_size * 4,  # last-token logits (generate keeps 1 position), fp32
-        prefill=batch * context * text.prefill_bytes_per_token(t, bc), act_bytes=bc,
+        # the prompt is prefilled at once; generated tokens pass one at a time (transformers generate)
+        prefill=batch * (prompt or context) * text.prefill_bytes_per_token(t, bc), act_bytes=bc,
     )
 
 
@@ -187,13 +188,15 @@ def pick_dtype(job: Job, cands: list[Candidate], dtypes: list[str]) -> tuple[int
     return None, "nothing fits: " + "; ".join(said)
 
 
-def infer_candidates(job: Job, context: int, batch: int, dtypes: list[str]) -> tuple[list[Candidate], int | None, str]:
+def infer_candidates(job: Job, context: int, batch: int, dtypes: list[str],
+                     prompt: int | None = None) -> tuple[list[Candidate], int | None, str]:
     """For each dtype (most precise first), one candidate per GPU count (1, 2, 4, 8 and all); the pick
-    (an index into the candidates, or None) and the reason for it."""
+    (an index into the candidates, or None) and the reason for it. `prompt`: tokens prefilled at once (default
+    the whole context); the KV cache holds the whole context either way."""
     counts = sorted({1, *[k for k in (2, 4, 8) if k <= job.total_gpus], job.total_gpus})
     cands = []
     for d in dtypes:
-        lay = _layout(job, d, context, batch)
+        lay = _layout(job, d, context, batch, prompt)
         cands += [_candidate(job, d, lay, n, batch, context) for n in counts]
     best, reason = pick_dtype(job, cands, dtypes)
     return cands, best, reason

@@ -28,7 +28,19 @@ DEEPSPEED, TORCH = "deepspeed", "torch"
 ENGINES = (DEEPSPEED, TORCH)
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
-TRAINABLE_DTYPES = {"fp32": 4, "bf16": 2}
+TRAINABLE_DTYPES = {"fp32": 4, "bf16": 2, "peft": 4}
+# "peft": what HF Trainer + peft leave without DeepSpeed: the adapters (LoRA factors) upcast to fp32 (peft
+# tuners_utils `cast_adapter_dtype`, autocast_adapter_dtype=True, only BaseTunerLayer adapters) and every other
+# trained tensor (modules_to_save copies: embed_tokens, lm_head, the projector) in the model's dtype, because
+# peft's ModulesToSaveWrapper deep-copies the original module (utils/other.py) and nothing casts it
+
+
+def mean_trainable_bytes(trainable_dtype: str, trainable: int, adapters: int, compute_bytes: int) -> float:
+    """Bytes per trainable parameter under plain PyTorch: the dtype's, or for "peft" fp32 adapters and 16-bit
+    full copies (the mean over both, so that weights, grads and torch's states sum right)."""
+    if trainable_dtype != "peft" or not trainable:
+        return TRAINABLE_DTYPES[trainable_dtype]
+    return (adapters * 4 + (trainable - adapters) * compute_bytes) / trainable
 BNB_8BIT_BLOCK = 256  # bitsandbytes Optimizer8bit blockwise quantization: elements per fp32 absmax
 DS_ALLREDUCE_BUCKET = 500_000_000  # runtime/engine.py allreduce_gradients: elements_per_buffer=500000000
 
@@ -58,4 +70,4 @@ def paged(optimizer: str) -> bool:
 def describe(optimizer: str, stepped_bytes: int) -> str:
     if optimizer in EIGHT_BIT:
         return f"{optimizer}: 2 x (1 + 4/{BNB_8BIT_BLOCK}) B (bitsandbytes 8-bit blockwise m, v + absmax)"
-    return f"{optimizer}: m + v x {stepped_bytes} B"
+    return f"{optimizer}: m + v x {stepped_bytes:.3g} B"

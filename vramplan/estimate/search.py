@@ -7,7 +7,7 @@ from vramplan.estimate.activations import activation_bytes
 from vramplan.estimate.ds_config import buckets_for, make_ds_config
 from vramplan.estimate.gpu_memory import GpuMemory, gpu_memory
 from vramplan.estimate.host import HostNeeds, host_needs, trainer_steps
-from vramplan.estimate.optimizers import DEEPSPEED, TORCH, TRAINABLE_DTYPES
+from vramplan.estimate.optimizers import DEEPSPEED, TORCH, TRAINABLE_DTYPES, mean_trainable_bytes
 from vramplan.estimate.param_groups import ParamGroups, param_groups
 from vramplan.estimate.timing import TimeEstimate, estimate_time, time_detail
 from vramplan.estimate.types import Candidate, Job, Offload, Quant, Strategy, offloads_optimizer
@@ -87,6 +87,8 @@ def autocast_upcast(job: Job, groups: ParamGroups, s: Strategy) -> dict:
     # embed_tokens is no autocast op: its trained copy (modules_to_save) is not cast
     cast = groups.trainable - (job.model.text.vocab_size * job.model.text.hidden_size
                                if "embed_tokens" in r.modules_to_save else 0)
+    if r.trainable_dtype == "peft" and not kbit:  # only the fp32 adapters are cast; the copies are 16-bit
+        cast = groups.trainable_llm_lora + groups.trainable_vision_lora
     return dict(residual_bytes=4 if kbit else 0, cast_params=cast,
                 llm_cast_params=groups.trainable_llm_lora if cast else 0,
                 head_cast=kbit and "lm_head" not in r.modules_to_save)
@@ -102,12 +104,18 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
                            kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4,
                            tower_tokens=job.model.tower_tokens, projector_tokens=job.model.projector_tokens,
                            **autocast_upcast(job, groups, s))
-    buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
+    buckets = buckets_for(job.model.text.hidden_size, groups.trainable, job.ds_buckets)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
     return gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
                       load_bytes_per_param=load_b, optimizer=r.optimizer,
-                      trainable_bytes=TRAINABLE_DTYPES[r.trainable_dtype],
-                      largest_trainable=_largest_trainable(job, groups))
+                      trainable_bytes=_trainable_bytes(job, groups), largest_trainable=_largest_trainable(job, groups))
+
+
+def _trainable_bytes(job: Job, g: ParamGroups) -> float:
+    # with k-bit weights prepare_model_for_kbit_training has upcast the originals before peft copies them: fp32
+    copies = 4 if job.quant in Quant.KBIT and not job.recipe.train_llm_full else job.compute_bytes
+    return mean_trainable_bytes(job.recipe.trainable_dtype, g.trainable, g.trainable_llm_lora + g.trainable_vision_lora,
+                                copies)
 
 
 def _largest_trainable(job: Job, g: ParamGroups) -> int:
@@ -123,7 +131,7 @@ def _host(job: Job, groups: ParamGroups, s: Strategy) -> HostNeeds:
     weights_source = "measured" if job.base_weights_on_disk else (
         "assumed" if job.model.stored_total_bytes else "computed")
     return host_needs(groups, s, compute_bytes=job.compute_bytes, deepspeed=s.engine != TORCH,
-                      optimizer=job.recipe.optimizer, trainable_bytes=TRAINABLE_DTYPES[job.recipe.trainable_dtype],
+                      optimizer=job.recipe.optimizer, trainable_bytes=_trainable_bytes(job, groups),
                       base_weights_bytes=job.model.stored_total_bytes or groups.total_params * 2,
                       base_weights_on_disk=job.base_weights_on_disk, dataset_bytes=job.dataset_bytes,
                       keep_checkpoints=job.recipe.keep_checkpoints, workers=job.workers, device=job.device,
@@ -185,7 +193,7 @@ def evaluate(job: Job, groups: ParamGroups, s: Strategy) -> Candidate:
     margin = int(job.hardware.memory_bytes * (1 - job.headroom)) - vram_smi
     ds = None
     if s.engine != TORCH:
-        buckets = buckets_for(job.model.text.hidden_size, groups.trainable)
+        buckets = buckets_for(job.model.text.hidden_size, groups.trainable, job.ds_buckets)
         ds = make_ds_config(s, buckets, compute_dtype=job.compute_dtype, hidden_size=job.model.text.hidden_size,
                             optimizer=job.recipe.optimizer)
     return Candidate(

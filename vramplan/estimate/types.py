@@ -93,6 +93,9 @@ class Job:
     # bitsandbytes' MatMul4Bit keeps each 4-bit Linear's input for backward (releases before
     # priors.BNB_DROPS_KBIT_INPUT; set by vramplan.plan.resolve from the installed version or --bnb-version)
     kbit_saves_inputs: bool = False
+    # (reduce, allgather) bucket elements of a DeepSpeed config the user gives (--ds-buckets; 0 = "auto",
+    # which the HF Trainer fills with hidden^2); () = vramplan's own (ds_config.buckets_for)
+    ds_buckets: tuple[int, ...] = ()
     cpu_ram_bytes: int | None = None  # per node, when known
     cpu_cores: int = 0  # physical cores per node, when the plan is for this host (CPU Adam); 0 = the prior
     disk_free_bytes: int | None = None

@@ -43,6 +43,7 @@ class EstimateOptions:
     disk: str | None = None  # --disk 500GB
     output_dir: str | None = None  # --output: where checkpoints go (disk measured there)
     context: int = 4096  # --context (infer): tokens of KV cache per sequence
+    prompt: int | None = None  # --prompt (infer): tokens prefilled at once (default: the whole --context)
     batch: int = 1  # --batch (infer): concurrent sequences
     calibration: str | None = None  # --calibration FILE
     device: str | None = None  # --device cuda|npu|cpu (default: from the GPUs)
@@ -50,13 +51,14 @@ class EstimateOptions:
     attn: str = "sdpa"  # --attn sdpa|eager|flash: eager saves the attention probabilities (much more memory)
     speed_tolerance: float = SPEED_TOLERANCE  # --speed-tolerance: the pick's time window, a fraction
     optimizer: str | None = None  # --optimizer (default: the recipe's)
-    trainable_dtype: str | None = None  # --trainable-dtype fp32|bf16 (plain PyTorch)
+    trainable_dtype: str | None = None  # --trainable-dtype fp32|bf16|peft (plain PyTorch)
     lora_targets: str | None = None  # --lora-targets q_proj,v_proj
     lora_dropout: float | None = None  # --lora-dropout
     double_quant: bool | None = None  # --double-quant/--no-double-quant
     modules_to_save: str | None = None  # --modules-to-save embed_tokens,lm_head
     bnb_version: str | None = None  # --bnb-version 0.41.1: plan for another machine's bitsandbytes
     transformers_version: str | None = None  # --transformers-version 4.45.2: a MoE's expert layout (plan/moe_layout.py)
+    ds_buckets: str | None = None  # --ds-buckets auto,5e8: ZeRO-1/2 reduce,allgather bucket elements of a given config
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
@@ -71,7 +73,8 @@ class EstimateOptions:
         for flag, v in (("--samples", self.samples), ("--epochs", self.epochs), ("--seq-len", self.seq_len),
                         ("--micro-batch", self.micro_batch), ("--grad-accum", self.grad_accum),
                         ("--global-batch", self.global_batch), ("--lora-r", self.lora_r),
-                        ("--save-steps", self.save_steps), ("--context", self.context), ("--batch", self.batch)):
+                        ("--save-steps", self.save_steps), ("--context", self.context), ("--batch", self.batch),
+                        ("--prompt", self.prompt)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(flag, f"must be a positive integer, got {v!r}")
         if None not in (self.global_batch, self.micro_batch, self.grad_accum):
@@ -85,6 +88,9 @@ class EstimateOptions:
                 raise UsageError(f"{train_only[0]} with --task infer: a training setting the inference estimate "
                                  "does not use (it uses --context and --batch)",
                                  f"leave {train_only[0]} out, or use --task train")
+        if self.prompt is not None and (self.task != "infer" or self.prompt > self.context):
+            bad("--prompt", f"{self.prompt}: the prompt tokens of --task infer, at most --context ({self.context})",
+                "the KV cache holds the prompt and the generated tokens: --context >= --prompt")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             bad("--keep-checkpoints", "must be at least 1 (the last good checkpoint is never deleted)")
         if not 0 <= self.headroom < 0.9:
@@ -102,7 +108,7 @@ class EstimateOptions:
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             bad("--optimizer", f"must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.trainable_dtype is not None and self.trainable_dtype not in TRAINABLE_DTYPES:
-            bad("--trainable-dtype", f"must be fp32 or bf16, not {self.trainable_dtype!r}")
+            bad("--trainable-dtype", f"must be fp32, bf16 or peft, not {self.trainable_dtype!r}")
         if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
             bad("--lora-dropout", f"must be a fraction in [0, 1), got {self.lora_dropout}")
         if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
@@ -122,6 +128,8 @@ class EstimateOptions:
             bad("--bnb-version", f"must be a release number like 0.43.1, not {self.bnb_version!r}")
         if self.transformers_version is not None and not _VERSION.match(str(self.transformers_version)):
             bad("--transformers-version", f"must be a release number like 4.45.2, not {self.transformers_version!r}")
+        if self.ds_buckets is not None:
+            parse_ds_buckets(self.ds_buckets)
         if self.dataset is not None and not Path(self.dataset).is_file():
             bad("--dataset", f"no such file: {self.dataset}", "give the path of a LLaVA-format JSON file")
         if self.image_size is not None:
@@ -133,6 +141,27 @@ class EstimateOptions:
 
 
 _VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.+-]?[0-9A-Za-z]+)*$")
+
+
+def parse_ds_buckets(text: str) -> tuple[int, int]:
+    """--ds-buckets REDUCE,ALLGATHER: a DeepSpeed config's zero_optimization reduce_bucket_size and
+    allgather_bucket_size in elements (5e8 or 500000000); "auto" (0 here) is what the HF Trainer fills in
+    (reduce: hidden^2, transformers integrations/deepspeed.py)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    out = []
+    for p in parts:
+        try:
+            v = 0 if p == "auto" else float(p)
+        except ValueError:
+            v = -1
+        if v < 0 or v != int(v) or (p != "auto" and v < 1):
+            out = []
+            break
+        out.append(int(v))
+    if len(out) != 2 or len(parts) != 2:
+        raise UsageError(f"--ds-buckets: {text!r} is not REDUCE,ALLGATHER bucket sizes in elements",
+                         "e.g. --ds-buckets auto,5e8 (LLaVA's scripts/zero2.json under the HF Trainer)")
+    return out[0], out[1]
 
 
 def version_tuple(v: str) -> tuple[int, int, int]:
@@ -157,14 +186,16 @@ def release(given: str | None, flag: str, package: str, pinned: str) -> tuple[st
 STR_FLAGS = {"model": "--model", "recipe": "--recipe", "gpus": "--gpus", "dataset": "--dataset", "images": "--images",
              "image_size": "--image-size",
              "cpu_ram": "--cpu-ram", "disk": "--disk", "output_dir": "--output", "calibration": "--calibration",
-             "bnb_version": "--bnb-version", "transformers_version": "--transformers-version"}
+             "bnb_version": "--bnb-version", "transformers_version": "--transformers-version",
+             "ds_buckets": "--ds-buckets"}
 
 
 # flags of training only: given with --task infer they would be silently ignored
 TRAIN_ONLY = {"--samples": "samples", "--epochs": "epochs", "--micro-batch": "micro_batch",
               "--grad-accum": "grad_accum", "--global-batch": "global_batch", "--lora-r": "lora_r",
               "--save-steps": "save_steps", "--keep-checkpoints": "keep_checkpoints", "--zero": "zero",
-              "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt", "--bnb-version": "bnb_version"}
+              "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt", "--bnb-version": "bnb_version",
+              "--ds-buckets": "ds_buckets"}
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vramplan.errors import UsageError
 from vramplan.estimate.types import Quant
-from vramplan.plan.request import DEFAULT_MODEL, EstimateOptions
+from vramplan.plan.request import DEFAULT_MODEL, EstimateOptions, parse_ds_buckets
 
 
 @dataclass
@@ -251,15 +251,13 @@ def build_job(o: EstimateOptions):
     cpu_ram, disk = resolve_host(o, ctx)
     calibration = resolve_calibration(o, ctx)
     cores = 0 if ctx.gpus_source == "--gpus" else (__import__("psutil").cpu_count(logical=False) or 0)
-    if device == "cpu":
-        grad_ckpt = (recipe.gradient_checkpointing,)
-    else:
-        grad_ckpt = (True, False)
+    grad_ckpt = (recipe.gradient_checkpointing,) if device == "cpu" else (True, False)
+    buckets = parse_ds_buckets(o.ds_buckets) if o.ds_buckets else ()
     job = Job(model=model, recipe=recipe, hardware=sel.hardware, nodes=sel.nodes, gpus_per_node=sel.gpus_per_node,
               seq_len=data.seq_len, images_per_sample=data.images_per_sample, samples=data.samples,
               epochs=recipe.epochs, compute_dtype=compute, quant=quant, headroom=o.headroom, device=device,
               attn=o.attn, kbit_saves_inputs=kbit_saves_inputs, workers=o.workers, cpu_ram_bytes=cpu_ram,
-              cpu_cores=cores, disk_free_bytes=disk,
+              cpu_cores=cores, disk_free_bytes=disk, ds_buckets=buckets,
               dataset_bytes=data.dataset_bytes, base_weights_on_disk=model.path is not None,
               dataset_on_disk=data.dataset_on_disk, dataset_source=data.dataset_source,
               micro_batches=(o.micro_batch,) if o.micro_batch else (), grad_accum=o.grad_accum,

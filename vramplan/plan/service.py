@@ -79,7 +79,7 @@ def run_inference_estimate(o: EstimateOptions) -> dict:
     job, ctx = build_job(replace(o, quant=Quant.NONE))  # the dtypes come from infer_dtypes, not the recipe
     dtypes, notes = infer_dtypes(job, o.quant)
     ctx.assumptions.extend(notes)
-    cands, best, reason = infer_candidates(job, o.context, o.batch, dtypes)
+    cands, best, reason = infer_candidates(job, o.context, o.batch, dtypes, prompt=o.prompt)
     rows = []
     for c in cands:
         d = c.to_dict()
@@ -104,6 +104,7 @@ def run_inference_estimate(o: EstimateOptions) -> dict:
         "dtypes": dtypes,
         "compute_dtype": job.compute_dtype,
         "context": o.context,
+        "prompt": o.prompt or o.context,
         "batch": o.batch,
         "headroom": job.headroom,
         "assumptions": ctx.assumptions,
