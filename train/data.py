@@ -142,37 +142,52 @@ def expand2square(img, background: tuple[int, ...]):
 
 
 class LlavaDataset:
-    """A map-style dataset of encoded records + pixel values (torch Dataset protocol)."""
+    """A map-style dataset of encoded records + pixel values (torch Dataset protocol). `anyres` (LLaVA-NeXT):
+    `image_processor` is the model's processor; an image keeps its aspect (no pad to square) and takes the
+    tokens of its anyres grid, counted by the processor's own `<image>` expansion
+    (transformers models/llava_next/processing_llava_next.py)."""
 
-    def __init__(self, records: list[dict], tokenizer, image_processor, template: str, image_token_id: int,
-                 image_tokens: int, max_length: int, images_dir: str | None) -> None:
+    def __init__(self, records: list[dict], tokenizer, image_processor, template: str, image_token_id: int | None,
+                 image_tokens: int, max_length: int, images_dir: str | None, anyres: bool = False) -> None:
         self.records, self.tok, self.proc = records, tokenizer, image_processor
         self.template, self.image_token_id, self.image_tokens = template, image_token_id, image_tokens
         self.max_length, self.images_dir = max_length, Path(images_dir) if images_dir else None
+        self.anyres = anyres
         mean = getattr(image_processor, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073]  # CLIP's
         self.background = tuple(int(x * 255) for x in mean)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
+    def _image(self, rec: dict, i: int):
         from PIL import Image, UnidentifiedImageError
 
+        path = self.images_dir / rec["image"]
+        try:
+            return Image.open(path).convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise DatasetError(f"dataset record {i} (id {rec.get('id', '?')!r}): cannot read image {path}: {e}",
+                               "replace or remove the file") from e
+
+    def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
+        img = self._image(rec, i) if rec.get("image") else None
+        if img is not None and self.anyres:
+            out = self.proc(images=img, text=IMAGE_TOKEN, return_tensors="pt")
+            n = int((out["input_ids"] == self.image_token_id).sum())
+            item = encode(rec, self.tok, self.template, self.image_token_id, n, self.max_length, i)
+            item["pixel_values"], item["image_sizes"] = out["pixel_values"][0], out["image_sizes"][0]
+            return item
         item = encode(rec, self.tok, self.template, self.image_token_id, self.image_tokens, self.max_length, i)
-        if rec.get("image"):
-            path = self.images_dir / rec["image"]
-            try:
-                img = Image.open(path).convert("RGB")
-            except (OSError, UnidentifiedImageError) as e:
-                raise DatasetError(f"dataset record {i} (id {rec.get('id', '?')!r}): cannot read image {path}: {e}",
-                                   "replace or remove the file") from e
+        if img is not None:
             img = expand2square(img, self.background)
             item["pixel_values"] = self.proc(images=img, return_tensors="pt")["pixel_values"][0]
         return item
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-padded ids/labels/mask; the images of the records that have one stacked (anyres: their
+    patch stacks zero-padded to the longest, which LLaVA-NeXT cuts back by `image_sizes`)."""
     import torch
 
     n = max(len(b["input_ids"]) for b in batch)
@@ -186,6 +201,12 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         mask[k, :L] = 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     pix = [b["pixel_values"] for b in batch if "pixel_values" in b]
+    if pix and pix[0].dim() == 4:  # anyres: (patches, 3, H, W) per image
+        most = max(p.shape[0] for p in pix)
+        pix = [torch.cat([p, p.new_zeros((most - p.shape[0], *p.shape[1:]))]) for p in pix]
     if pix:
         out["pixel_values"] = torch.stack(pix)
+    sizes = [b["image_sizes"] for b in batch if "image_sizes" in b]
+    if sizes:
+        out["image_sizes"] = torch.stack(sizes)
     return out

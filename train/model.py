@@ -176,6 +176,10 @@ def assemble(cfg: TrainConfig, dest: Path) -> Path:
     return dest
 
 
+VLM_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+ANYRES = ("llava_next",)  # image tokens per image from the image's size (the processor's anyres grid)
+
+
 def model_families(hf_config) -> dict:
     """plan.json's model.text_family/vision_family/projector_family of a transformers config: a VLM's
     model_type is its projector family ("llava"), its towers' model_types name the others
@@ -188,9 +192,9 @@ def model_families(hf_config) -> dict:
             "projector_family": hf_config.model_type}
 
 
-def check_trainable(path: str, cfg: TrainConfig) -> bool:
-    """Read the model's config.json: UsageError when the trainer cannot train its family (the plan's own
-    rule, vramplan.contract.family_refusal), before the data and the weights load. True for a VLM."""
+def check_trainable(path: str, cfg: TrainConfig) -> dict:
+    """The model's families from its config.json (model_families); UsageError when the trainer cannot
+    train them (the plan's own rule, vramplan.contract.family_refusal), before the data and the weights load."""
     from transformers import AutoConfig
 
     try:
@@ -202,14 +206,18 @@ def check_trainable(path: str, cfg: TrainConfig) -> bool:
     why = family_refusal(fams, cfg.recipe)
     if why:
         raise UsageError(f"--model {path}: {why}", "`vramplan estimate` still plans it")
-    return fams["vision_family"] is not None
+    return fams
 
 
-def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0, vision: bool = True):
-    """LlavaForConditionalGeneration, or with `vision` False a decoder alone (AutoModelForCausalLM), with
-    its LLM quantized when asked; + the tokenizer and the image processor (None for a decoder)."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0, families: dict | None = None):
+    """The model by its projector family (`families`, else read by check_trainable): LLaVA-1.5
+    (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration, anyres) or a decoder alone
+    (AutoModelForCausalLM), its LLM quantized when asked; + the tokenizer and the image processor (LLaVA-NeXT:
+    the whole LlavaNextProcessor, which counts an image's anyres tokens; None for a decoder)."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+    proj = (families or check_trainable(path, cfg))["projector_family"]
     q = quant_config(cfg, device)
     attn = {"flash": "flash_attention_2"}.get(cfg.attn_implementation, cfg.attn_implementation)
     if attn == "flash_attention_2" and device != "cuda":
@@ -219,7 +227,7 @@ def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0, vis
         kw["quantization_config"] = q
         if cfg.zero_stage != 3:  # ZeRO-3 is incompatible with a device_map
             kw["device_map"] = {"": f"cuda:{local_rank}" if device == "cuda" else device}
-    cls = LlavaForConditionalGeneration if vision else AutoModelForCausalLM
+    cls = getattr(transformers, VLM_CLASSES[proj] if proj else "AutoModelForCausalLM")
     try:
         try:
             model = cls.from_pretrained(path, **kw)
@@ -231,13 +239,15 @@ def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0, vis
     except (OSError, ValueError) as e:
         if "out of memory" in str(e).lower():
             raise
-        what = "a LLaVA model" if vision else "a causal LM"
-        raise UsageError(f"--model {path}: cannot load {what} ({type(e).__name__}: {str(e)[:200]})",
+        raise UsageError(f"--model {path}: cannot load it as {cls.__name__} ({type(e).__name__}: {str(e)[:200]})",
                          "pass an HF LLaVA dir, a decoder dir (AutoModelForCausalLM) or --llm/--vision parts") from e
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # Llama 3, Mistral: padding is masked out of attention and labels anyway
         tok.pad_token = tok.eos_token
-    return model, tok, AutoImageProcessor.from_pretrained(path) if vision else None
+    if proj is None:
+        return model, tok, None
+    images = AutoProcessor if proj in ANYRES else AutoImageProcessor
+    return model, tok, images.from_pretrained(path)
 
 
 def _linear_names(model, prefix: str) -> set[str]:

@@ -10,7 +10,8 @@ Nothing is downloaded. The image is 28 px with patch 14: 4 patches, 4 image toke
 (vision_feature_select_strategy "default", like LLaVA-1.5's 576 = (336/14)^2).
 `build_decoder(family, tokenizer)` is a 2-layer decoder alone of each family the trainer trains
 (DECODER_CONFIGS), `write_text_dataset` its text-only data in LLaVA or `messages` form, and
-`build_tokenizer(chat_template=True)` carries a ChatML chat template (Qwen's, tokenizer_config.json).
+`build_tokenizer(chat_template=True)` carries a ChatML chat template (Qwen's, tokenizer_config.json), and
+`build_llava_next(tokenizer, DIR)` writes a tiny LLaVA-NeXT (anyres).
 """
 
 from __future__ import annotations
@@ -122,6 +123,31 @@ def build_model(tokenizer, seed: int = 0):
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
     return model
+
+
+GRID_PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # LLaVA-NeXT anyres grids at the tiny scale (336 px -> 28 px)
+
+
+def build_llava_next(tokenizer, out: Path, seed: int = 0) -> Path:
+    """A tiny LLaVA-NeXT dir (LlavaNextForConditionalGeneration + LlavaNextProcessor, anyres over
+    GRID_PINPOINTS) with the tiny LLaVA's Llama and CLIP shapes, into `out`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    llava = build_model(tokenizer, seed).config
+    cfg = transformers.LlavaNextConfig(
+        vision_config=llava.vision_config, text_config=llava.text_config, image_token_index=llava.image_token_index,
+        image_grid_pinpoints=GRID_PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu")
+    transformers.LlavaNextForConditionalGeneration(cfg).save_pretrained(out)
+    ip_cls = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+    ip = ip_cls(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                image_grid_pinpoints=GRID_PINPOINTS)
+    transformers.LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=PATCH,
+                                    vision_feature_select_strategy="default", image_token="<image>",
+                                    num_additional_image_tokens=1).save_pretrained(out)
+    return out
 
 
 def build_image_processor():

@@ -265,7 +265,7 @@ DEVICE_VENDORS = {"cuda": "nvidia", "npu": "ascend"}  # a device kind and the GP
 # trained: transformers 5 stores their experts as fused 3-D parameters (models/mixtral/modeling_mixtral.py
 # MixtralExperts), which LoRA "all-linear" and bitsandbytes leave untouched, so the run would not be the plan.
 TRAINER_TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
-TRAINER_VLM_FAMILIES = {"llava": ("clip",)}  # projector family -> the vision families it trains with
+TRAINER_VLM_FAMILIES = {"llava": ("clip",), "llava_next": ("clip",)}  # projector family -> its vision families
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 FAMILY_KEYS = ("text_family", "vision_family", "projector_family")  # plan.json model.* (None: not recorded)
 
@@ -277,7 +277,8 @@ def family_refusal(model: dict | None, recipe: str = "") -> str | None:
     text, vision, proj = (model.get(k) for k in FAMILY_KEYS)
     if not text:
         return None
-    trains = f"it trains decoders ({', '.join(TRAINER_TEXT_FAMILIES)}) and LLaVA with CLIP (docs/trainer.md)"
+    trains = (f"it trains decoders ({', '.join(TRAINER_TEXT_FAMILIES)}) and LLaVA-1.5/LLaVA-NeXT with CLIP "
+              "(docs/trainer.md)")
     if text not in TRAINER_TEXT_FAMILIES:
         why = " (MoE: LoRA and 4-bit do not reach its fused expert weights yet)" if text in MOE_FAMILIES else ""
         return f"the bundled trainer cannot train the {text} family yet{why}; {trains}"

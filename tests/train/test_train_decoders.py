@@ -128,8 +128,9 @@ def test_a_decoder_dir_loads_as_a_causal_lm_with_its_attention(tmp_path, chat_to
     chat_tok.save_pretrained(tmp_path)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), dataset=str(tmp_path), model_path=str(tmp_path),
                       recipe="lora", compute_dtype="fp32", device="cpu")
-    assert check_trainable(str(tmp_path), cfg) is False
-    base, tok, ip = load_base(str(tmp_path), cfg, "cpu", vision=False)
+    fams = check_trainable(str(tmp_path), cfg)
+    assert fams == {"text_family": "gemma2", "vision_family": None, "projector_family": None}
+    base, tok, ip = load_base(str(tmp_path), cfg, "cpu")
     assert ip is None and type(base).__name__ == "Gemma2ForCausalLM"
     assert base.config._attn_implementation == "eager" and tok.chat_template
 
@@ -239,3 +240,42 @@ def test_run_refuses_what_estimate_still_plans(tmp_path, monkeypatch):
     assert json.loads(plan.read_text())["model"]["text_family"] == "mistral"
     res = CliRunner().invoke(cli, ["run", "--plan", str(plan), "--output", str(out), "--dry-run", "--skip-preflight"])
     assert res.exit_code == 2 and "model mistral: the bundled trainer cannot train" in res.output
+
+
+def test_llava_next_trains_through_its_own_classes_with_anyres_tokens(tiny, tmp_path):
+    """LLaVA-NeXT: LlavaNextForConditionalGeneration (NF4 LLM) + LlavaNextProcessor; each image takes its
+    anyres grid's tokens (the processor's count, by aspect), patch stacks pad in a batch, and a QLoRA
+    forward/backward reaches the LLM LoRA, the CLIP LoRA and the projector."""
+    import torch
+
+    from train.model import ANYRES, check_trainable, load_base, prepare
+    from train.tiny import build_llava_next, build_tokenizer
+
+    model_dir = build_llava_next(build_tokenizer(True), tmp_path / "next")
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), dataset=str(tiny / "data.json"), images=str(tiny / "images"),
+                      model_path=str(model_dir), recipe="qlora", compute_dtype="fp32", device="cpu",
+                      gradient_checkpointing=False)
+    fams = check_trainable(str(model_dir), cfg)
+    assert fams == {"text_family": "llama", "vision_family": "clip", "projector_family": "llava_next"}
+    base, tok, proc = load_base(str(model_dir), cfg, "cpu", families=fams)
+    assert type(base).__name__ == "LlavaNextForConditionalGeneration" and fams["projector_family"] in ANYRES
+    model = prepare(base, cfg)
+    recs = D.load_records(cfg.dataset, cfg.images)[:2]
+    ds = D.LlavaDataset(recs, tok, proc, "llama3", base.config.image_token_index, 0, 512, cfg.images, anyres=True)
+    items = [ds[0], ds[1]]
+    for rec, item in zip(recs, items, strict=True):
+        from PIL import Image
+
+        w, h = Image.open(tiny / "images" / rec["image"]).size
+        want = proc(images=Image.new("RGB", (w, h)), text="<image>", return_tensors="pt")["input_ids"]
+        assert item["input_ids"].count(base.config.image_token_index) == int((want == base.config.image_token_index)
+                                                                             .sum()) > 4
+        assert item["image_sizes"].tolist() == [h, w]
+    batch = D.collate(items, tok.pad_token_id)
+    assert batch["pixel_values"].dim() == 5 and batch["image_sizes"].shape == (2, 2)
+    loss = model(**batch).loss
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert torch.isfinite(loss) and any("vision_tower" in n and "lora_" in n for n in trained)
+    assert any("language_model" in n and "lora_" in n for n in trained)
+    assert any("multi_modal_projector" in n for n in trained)
