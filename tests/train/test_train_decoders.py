@@ -11,6 +11,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from trainhelpers import trained_runs
+
 from train import data as D
 from train.config import TrainConfig
 from train.exit_codes import UsageError
@@ -24,19 +26,6 @@ MSG = {"id": "m1", "messages": [{"role": "system", "content": "Be brief."},
                                 {"role": "assistant", "content": "It is red."}]}
 
 
-def _trained_runs(tok, item) -> list[str]:
-    """The decoded runs of consecutive trained tokens (labels == input_ids there)."""
-    runs, cur = [], []
-    for i, lab in zip(item["input_ids"], item["labels"], strict=True):
-        if lab != D.IGNORE:
-            assert lab == i
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return [tok.decode(r) for r in runs + ([cur] if cur else [])]
-
-
 @pytest.fixture(scope="module")
 def chat_tok():
     return build_tokenizer(False, chat_template=True)
@@ -44,7 +33,7 @@ def chat_tok():
 
 def test_messages_use_the_tokenizers_chat_template_and_train_only_answers(chat_tok):
     item = D.encode(MSG, chat_tok, "llama3", None, 0, 512)
-    assert _trained_runs(chat_tok, item) == ["It is a circle.<|im_end|>\n", "It is red.<|im_end|>\n"]
+    assert trained_runs(chat_tok, item) == ["It is a circle.<|im_end|>\n", "It is red.<|im_end|>\n"]
     text = chat_tok.decode(item["input_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "<|start_header_id|>" not in text
 
@@ -52,10 +41,10 @@ def test_messages_use_the_tokenizers_chat_template_and_train_only_answers(chat_t
 def test_messages_without_a_chat_template_and_llava_text_records_use_the_plans(chat_tok):
     plain = build_tokenizer(False)
     item = D.encode(MSG, plain, "llama3", None, 0, 512)
-    assert _trained_runs(plain, item) == ["It is a circle.<|eot_id|>", "It is red.<|eot_id|>"]
+    assert trained_runs(plain, item) == ["It is a circle.<|eot_id|>", "It is red.<|eot_id|>"]
     llava = {"id": "c", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
     # LLaVA records keep the plan's template even when the tokenizer has its own
-    assert _trained_runs(chat_tok, D.encode(llava, chat_tok, "vicuna_v1", None, 0, 512)) == [" Hello.</s>"]
+    assert trained_runs(chat_tok, D.encode(llava, chat_tok, "vicuna_v1", None, 0, 512)) == [" Hello.</s>"]
 
 
 @pytest.mark.parametrize("rec,needle", [
