@@ -3,7 +3,7 @@ quantization, LoRA (LLM + vision), projector loading.
 
 Module tree (transformers 5): LLaVA `model.{vision_tower, multi_modal_projector, language_model}` + `lm_head`;
 a decoder alone `model.{embed_tokens, layers, norm}` + `lm_head`. What it can train: vramplan.contract
-family_refusal (TRAINER_TEXT_FAMILIES, TRAINER_VLM_FAMILIES).
+training_refusal (TRAINER_TEXT_FAMILIES, TRAINER_VLM_FAMILIES).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from train.config import TrainConfig
 from train.exit_codes import UsageError
-from vramplan.contract import ALL_LINEAR, family_refusal
+from vramplan.contract import ALL_LINEAR, training_refusal
 
 log = logging.getLogger("train")
 
@@ -194,7 +194,7 @@ def model_families(hf_config) -> dict:
 
 def check_trainable(path: str, cfg: TrainConfig) -> dict:
     """The model's families from its config.json (model_families); UsageError when the trainer cannot
-    train them (the plan's own rule, vramplan.contract.family_refusal), before the data and the weights load."""
+    train them (the plan's own rule, vramplan.contract.training_refusal), before the data and the weights load."""
     from transformers import AutoConfig
 
     try:
@@ -203,9 +203,9 @@ def check_trainable(path: str, cfg: TrainConfig) -> dict:
         raise UsageError(f"--model {path}: cannot read its config.json ({type(e).__name__}: {str(e)[:200]})",
                          "pass an HF LLaVA dir, a decoder dir (AutoModelForCausalLM) or --llm/--vision parts") from e
     fams = model_families(hf)
-    why = family_refusal(fams, cfg.recipe)
-    if why:
-        raise UsageError(f"--model {path}: {why}", "`vramplan estimate` still plans it")
+    refused = training_refusal(cfg.recipe, cfg.quant, bool(cfg.train_llm_full), cfg.device, model=fams)
+    if refused:  # the settings alone were judged in TrainConfig: here the model's families
+        raise UsageError(f"--model {path}: {refused[2]}", "`vramplan estimate` still plans it")
     return fams
 
 

@@ -368,16 +368,14 @@ def check_plan(plan, where: str) -> dict:
     for key in ("llm_lora", "vision_lora"):
         LoraSpec.from_dict(recipe.get(key), f"{where}: recipe.{key}")
     hw = plan.get("hardware") or {}
-    why = family_refusal(plan.get("model"), recipe.get("name") or "")
-    if why:
-        raise ContractError(f"{where}: model {_family_name(plan['model'])}: {why}",
+    name, quant = recipe.get("name"), recipe.get("quant")  # None: the recipe profile's, judged by the trainer
+    full = bool(recipe.get("train_llm_full")) and quant is not None
+    refused = training_refusal(name or "", quant or "", full, hw.get("device"), model=plan.get("model"))
+    if refused and refused[0] == "model":
+        raise ContractError(f"{where}: model {_family_name(plan['model'])}: {refused[2]}",
                             "`vramplan estimate` still plans it; docs/trainer.md lists what the trainer trains")
-    if recipe.get("quant") is not None and recipe.get("name") is not None:
-        full = bool(recipe.get("train_llm_full"))
-        refused = training_refusal(recipe["name"], recipe["quant"], full, hw.get("device"))
-        if refused:
-            raise ContractError(f"{where}: recipe.name {recipe['name']!r} with recipe.quant {recipe['quant']!r}: "
-                                f"{refused[2]}", PLAN_HINT)
+    if refused and name is not None and quant is not None:
+        raise ContractError(f"{where}: recipe.name {name!r} with recipe.quant {quant!r}: {refused[2]}", PLAN_HINT)
     return plan
 
 
