@@ -185,9 +185,10 @@ def model_families(hf_config) -> dict:
     model_type is its projector family ("llava"), its towers' model_types name the others
     ("clip_vision_model" -> "clip"); a decoder's model_type is its text family ("qwen2")."""
     text_cfg, vision_cfg = getattr(hf_config, "text_config", None), getattr(hf_config, "vision_config", None)
-    if vision_cfg is None:
-        return {"text_family": hf_config.model_type, "vision_family": None, "projector_family": None}
-    return {"text_family": getattr(text_cfg, "model_type", None) or "llama",
+    if vision_cfg is None:  # Gemma 3 alone is "gemma3_text" (Gemma3ForCausalLM): the family gemma3
+        return {"text_family": hf_config.model_type.removesuffix("_text"), "vision_family": None,
+                "projector_family": None}
+    return {"text_family": (getattr(text_cfg, "model_type", None) or "llama").removesuffix("_text"),
             "vision_family": vision_cfg.model_type.removesuffix("_vision_model"),
             "projector_family": hf_config.model_type}
 

@@ -34,6 +34,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 DECODER_CONFIGS = {"llama": ("LlamaConfig", {}), "mistral": ("MistralConfig", {"sliding_window": 64}),
                    "qwen2": ("Qwen2Config", {}), "qwen3": ("Qwen3Config", {"head_dim": 16}),
                    "gemma": ("GemmaConfig", {"head_dim": 16}), "gemma2": ("Gemma2Config", {"head_dim": 16}),
+                   "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
                    "phi3": ("Phi3Config", {})}
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")

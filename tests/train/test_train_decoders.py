@@ -12,6 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from trainhelpers import trained_runs
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from train import data as D
 from train.config import TrainConfig
@@ -96,10 +97,11 @@ def test_each_decoder_family_gets_lora_on_every_linear_and_trains_a_step(tmp_pat
     import torch
     import torch.nn as nn
 
-    from train.model import prepare
+    from train.model import model_families, prepare
 
     base = build_decoder(family, chat_tok)
-    assert type(base).__name__ == DECODER_CONFIGS[family][0].replace("Config", "ForCausalLM")
+    assert type(base).__name__ == MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base.config.model_type]
+    assert model_families(base.config) == {"text_family": family, "vision_family": None, "projector_family": None}
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), dataset=str(tmp_path), model_path=str(tmp_path),
                       recipe="lora", compute_dtype="fp32", gradient_checkpointing=False, device="cpu", vision_lora=None)
     linears = {n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
@@ -181,7 +183,7 @@ def _llama_dir(tmp_path):
 
 
 def test_family_refusal_rule():
-    ok = [{"text_family": f} for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")]
+    ok = [{"text_family": f} for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")]
     ok.append({"text_family": "llama", "vision_family": "clip", "projector_family": "llava"})
     assert [family_refusal(m, "qlora") for m in ok] == [None] * len(ok)
     assert family_refusal({}, "qlora") is None and family_refusal(None, "lora") is None  # older plans
