@@ -262,8 +262,9 @@ DEVICE_VENDORS = {"cuda": "nvidia", "npu": "ascend"}  # a device kind and the GP
 # The model families the trainer trains (family module names, vramplan/estimate/families/; for a decoder
 # also its config.json model_type, less a "_text" suffix: Gemma 3's "gemma3_text"): a decoder alone through
 # AutoModelForCausalLM, a VLM through its transformers class (train/model.py load_base). MoE decoders (mixtral,
-# qwen2_moe, qwen3_moe) are planned but not trained: transformers 5 stores their experts as fused 3-D parameters (models/mixtral/modeling_mixtral.py
-# MixtralExperts), which LoRA "all-linear" and bitsandbytes leave untouched, so the run would not be the plan.
+# qwen2_moe, qwen3_moe) are planned but not trained: transformers 5 stores their experts as fused 3-D
+# parameters (models/mixtral/modeling_mixtral.py MixtralExperts), which LoRA "all-linear" and bitsandbytes
+# leave untouched, so the run would not be the plan.
 TRAINER_TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 TRAINER_VLM_FAMILIES = {"llava": ("clip",), "llava_next": ("clip",)}  # projector family -> its vision families
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
