@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.config import add_flags, from_args
     from train.exit_codes import TrainError
 
-    ap = argparse.ArgumentParser(prog="python -m train", description="QLoRA/LoRA LLaVA trainer (see train/README.md)")
+    ap = argparse.ArgumentParser(prog="python -m train",
+                                 description="QLoRA/LoRA trainer for LLaVA and decoder LLMs (see train/README.md)")
     add_flags(ap)
     ns = ap.parse_args(argv)
     if ns.local_rank is not None:

@@ -104,7 +104,8 @@ class TrainConfig:
         if self.device not in DEVICES:
             bad("--device", f"unknown device {self.device!r}", f"one of {', '.join(DEVICES)}")
         if self.model_path is None and not (self.llm_path and self.vision_path):
-            bad("--model", "no model given", "pass --model HF_LLAVA_DIR, or --llm DIR --vision DIR [--projector FILE]")
+            bad("--model", "no model given",
+                "pass --model HF_LLAVA_OR_DECODER_DIR, or --llm DIR --vision DIR [--projector FILE]")
         if self.model_path and (self.llm_path or self.vision_path):
             bad("--model", "give either --model or --llm/--vision, not both")
         for flag, p in (("--model", self.model_path), ("--llm", self.llm_path), ("--vision", self.vision_path),
@@ -227,11 +228,11 @@ def from_plan(path: str, overrides: dict) -> TrainConfig:
 def add_flags(ap: argparse.ArgumentParser) -> None:
     a = ap.add_argument
     a("--plan", help="plan.json written by vramplan (flags below override it)")
-    a("--model", help="HF-format LLaVA dir (LlavaForConditionalGeneration)")
+    a("--model", help="HF-format LLaVA / LLaVA-NeXT dir, or a decoder alone (AutoModelForCausalLM; docs/trainer.md)")
     a("--llm", help="assembly from parts: LLM dir (Llama / Llama-3 / Vicuna)")
     a("--vision", help="assembly from parts: CLIP vision dir")
     a("--projector", help="pretrained projector file (XTuner projector.model.0/2 or LLaVA mm_projector.bin)")
-    a("--dataset", help="LLaVA-format JSON"), a("--images", help="image folder")
+    a("--dataset", help="JSON list of LLaVA `conversations` or `messages` records"), a("--images", help="image folder")
     a("--recipe", choices=RECIPES), a("--quant", choices=QUANTS), a("--compute-dtype", choices=DTYPES)
     a("--chat-template", choices=TEMPLATES), a("--device", choices=DEVICES)
     a("--output", help="run dir (metrics.jsonl, checkpoints/, final/, summary.json)")

@@ -1,6 +1,9 @@
-"""The model: HF LLaVA load or assembly from parts, quantization, LoRA (LLM + vision), projector loading.
+"""The model: HF LLaVA or a decoder alone (AutoModelForCausalLM) load, or LLaVA assembly from parts,
+quantization, LoRA (LLM + vision), projector loading.
 
-Module tree (transformers 5): `model.{vision_tower, multi_modal_projector, language_model}` + `lm_head`.
+Module tree (transformers 5): LLaVA `model.{vision_tower, multi_modal_projector, language_model}` + `lm_head`;
+a decoder alone `model.{embed_tokens, layers, norm}` + `lm_head`. What it can train: vramplan.contract
+training_refusal (TRAINER_TEXT_FAMILIES, TRAINER_VLM_FAMILIES).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 
 from train.config import TrainConfig
 from train.exit_codes import UsageError
-from vramplan.contract import ALL_LINEAR
+from vramplan.contract import ALL_LINEAR, training_refusal
 
 log = logging.getLogger("train")
 
@@ -173,10 +176,49 @@ def assemble(cfg: TrainConfig, dest: Path) -> Path:
     return dest
 
 
-def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0):
-    """LlavaForConditionalGeneration (quantized LLM when asked) + processor parts."""
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+VLM_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+ANYRES = ("llava_next",)  # image tokens per image from the image's size (the processor's anyres grid)
 
+
+def model_families(hf_config) -> dict:
+    """plan.json's model.text_family/vision_family/projector_family of a transformers config: a VLM's
+    model_type is its projector family ("llava"), its towers' model_types name the others
+    ("clip_vision_model" -> "clip"); a decoder's model_type is its text family ("qwen2")."""
+    text_cfg, vision_cfg = getattr(hf_config, "text_config", None), getattr(hf_config, "vision_config", None)
+    if vision_cfg is None:  # Gemma 3 alone is "gemma3_text" (Gemma3ForCausalLM): the family gemma3
+        return {"text_family": hf_config.model_type.removesuffix("_text"), "vision_family": None,
+                "projector_family": None}
+    return {"text_family": (getattr(text_cfg, "model_type", None) or "llama").removesuffix("_text"),
+            "vision_family": vision_cfg.model_type.removesuffix("_vision_model"),
+            "projector_family": hf_config.model_type}
+
+
+def check_trainable(path: str, cfg: TrainConfig) -> dict:
+    """The model's families from its config.json (model_families); UsageError when the trainer cannot
+    train them (the plan's own rule, vramplan.contract.training_refusal), before the data and the weights load."""
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--model {path}: cannot read its config.json ({type(e).__name__}: {str(e)[:200]})",
+                         "pass an HF LLaVA dir, a decoder dir (AutoModelForCausalLM) or --llm/--vision parts") from e
+    fams = model_families(hf)
+    refused = training_refusal(cfg.recipe, cfg.quant, bool(cfg.train_llm_full), cfg.device, model=fams)
+    if refused:  # the settings alone were judged in TrainConfig: here the model's families
+        raise UsageError(f"--model {path}: {refused[2]}", "`vramplan estimate` still plans it")
+    return fams
+
+
+def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0, families: dict | None = None):
+    """The model by its projector family (`families`, else read by check_trainable): LLaVA-1.5
+    (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration, anyres) or a decoder alone
+    (AutoModelForCausalLM), its LLM quantized when asked; + the tokenizer and the image processor (LLaVA-NeXT:
+    the whole LlavaNextProcessor, which counts an image's anyres tokens; None for a decoder)."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    proj = (families or check_trainable(path, cfg))["projector_family"]
     q = quant_config(cfg, device)
     attn = {"flash": "flash_attention_2"}.get(cfg.attn_implementation, cfg.attn_implementation)
     if attn == "flash_attention_2" and device != "cuda":
@@ -186,16 +228,27 @@ def load_base(path: str, cfg: TrainConfig, device: str, local_rank: int = 0):
         kw["quantization_config"] = q
         if cfg.zero_stage != 3:  # ZeRO-3 is incompatible with a device_map
             kw["device_map"] = {"": f"cuda:{local_rank}" if device == "cuda" else device}
+    cls = getattr(transformers, VLM_CLASSES[proj] if proj else "AutoModelForCausalLM")
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(path, **kw)
+        try:
+            model = cls.from_pretrained(path, **kw)
+        except ValueError as e:  # Gemma 2 has no SDPA path (soft-capping): transformers' own default is eager
+            if kw["attn_implementation"] != "sdpa" or "does not support an attention implementation" not in str(e):
+                raise
+            log.warning("%s has no SDPA attention in transformers: training with eager attention", path)
+            model = cls.from_pretrained(path, **dict(kw, attn_implementation="eager"))
     except (OSError, ValueError) as e:
         if "out of memory" in str(e).lower():
             raise
-        raise UsageError(f"--model {path}: cannot load a LLaVA model ({type(e).__name__}: {str(e)[:200]})",
-                         "pass an HF LLaVA dir (LlavaForConditionalGeneration) or --llm/--vision parts") from e
+        raise UsageError(f"--model {path}: cannot load it as {cls.__name__} ({type(e).__name__}: {str(e)[:200]})",
+                         "pass an HF LLaVA dir, a decoder dir (AutoModelForCausalLM) or --llm/--vision parts") from e
     tok = AutoTokenizer.from_pretrained(path)
-    ip = AutoImageProcessor.from_pretrained(path)
-    return model, tok, ip
+    if tok.pad_token is None:  # Llama 3, Mistral: padding is masked out of attention and labels anyway
+        tok.pad_token = tok.eos_token
+    if proj is None:
+        return model, tok, None
+    images = AutoProcessor if proj in ANYRES else AutoImageProcessor
+    return model, tok, images.from_pretrained(path)
 
 
 def _linear_names(model, prefix: str) -> set[str]:
@@ -246,10 +299,11 @@ def prepare(model, cfg: TrainConfig):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
+    vlm = any(n == "model.vision_tower" for n, _ in model.named_modules())
     if cfg.recipe in ("pretrain", "full") or (cfg.llm_lora is None and cfg.vision_lora is None):
         for n, p in model.named_parameters():
-            p.requires_grad_(("multi_modal_projector" in n and cfg.train_projector)
-                             or (cfg.train_llm_full and ("language_model" in n or n.startswith("lm_head"))))
+            llm = "language_model" in n or n.startswith("lm_head") or not vlm  # a decoder alone: every weight
+            p.requires_grad_(("multi_modal_projector" in n and cfg.train_projector) or (cfg.train_llm_full and llm))
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -258,7 +312,7 @@ def prepare(model, cfg: TrainConfig):
     lc = LoraConfig(r=main.r, lora_alpha=main.alpha, lora_dropout=main.dropout, bias="none",
                     target_modules=target_regex(model, cfg),
                     rank_pattern={k: v.r for k, v in vis.items()}, alpha_pattern={k: v.alpha for k, v in vis.items()},
-                    modules_to_save=(["multi_modal_projector"] if cfg.train_projector else [])
+                    modules_to_save=(["multi_modal_projector"] if cfg.train_projector and vlm else [])
                     + list(cfg.modules_to_save) or None)
     model = get_peft_model(model, lc)
     # trainable weights in fp32 (the optimizer's master copy); "pure bf16" (trainable_dtype bf16, plain

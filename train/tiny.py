@@ -8,6 +8,10 @@
                     (`projector.model.0/2.*`), projector_xtuner.pth, mm_projector.bin (`model.mm_projector.0/2.*`)
 Nothing is downloaded. The image is 28 px with patch 14: 4 patches, 4 image tokens after dropping CLS
 (vision_feature_select_strategy "default", like LLaVA-1.5's 576 = (336/14)^2).
+`build_decoder(family, tokenizer)` is a 2-layer decoder alone of each family the trainer trains
+(DECODER_CONFIGS), `write_text_dataset` its text-only data in LLaVA or `messages` form, and
+`build_tokenizer(chat_template=True)` carries a ChatML chat template (Qwen's, tokenizer_config.json), and
+`build_llava_next(tokenizer, DIR)` writes a tiny LLaVA-NeXT (anyres).
 """
 
 from __future__ import annotations
@@ -21,7 +25,17 @@ IMAGE_SIZE = 28
 PATCH = 14
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>",
-           "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+           "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
+# ChatML (the chat_template of Qwen2's tokenizer_config.json, without its default system prompt)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# transformers config class -> extra keys, per decoder family the trainer trains (vramplan.contract
+# TRAINER_TEXT_FAMILIES); the family's own quirks on: Qwen2 qkv bias, Qwen3 q/k norm, Gemma head_dim and GeGLU
+DECODER_CONFIGS = {"llama": ("LlamaConfig", {}), "mistral": ("MistralConfig", {"sliding_window": 64}),
+                   "qwen2": ("Qwen2Config", {}), "qwen3": ("Qwen3Config", {"head_dim": 16}),
+                   "gemma": ("GemmaConfig", {"head_dim": 16}), "gemma2": ("Gemma2Config", {"head_dim": 16}),
+                   "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
+                   "phi3": ("Phi3Config", {})}
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
 CORPUS = [
@@ -30,8 +44,9 @@ CORPUS = [
 ] + [f"A {c} {s} on a gray background. It is {c}. It is a {s}." for c in COLORS for s in SHAPES]
 
 
-def build_tokenizer(with_image_token: bool = True):
-    """Byte-level BPE trained on a few sentences; `<image>` is added last (id = base vocab size)."""
+def build_tokenizer(with_image_token: bool = True, chat_template: bool = False):
+    """Byte-level BPE trained on a few sentences; `<image>` is added last (id = base vocab size).
+    `chat_template`: with the ChatML chat template (CHATML)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,7 +61,41 @@ def build_tokenizer(with_image_token: bool = True):
                                    pad_token="<pad>", **kw)
     if with_image_token and fast.convert_tokens_to_ids("<image>") in (None, fast.unk_token_id):
         fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if chat_template:
+        fast.chat_template = CHATML
     return fast
+
+
+def build_decoder(family: str, tokenizer, seed: int = 0):
+    """A 2-layer `family` decoder (DECODER_CONFIGS) for `tokenizer`, random weights (AutoModelForCausalLM)."""
+    import torch
+    import transformers
+
+    name, extra = DECODER_CONFIGS[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, name)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def write_text_dataset(path: Path, samples: int = 8, messages: bool = False) -> Path:
+    """Text-only chat records about the shapes: LLaVA `conversations` (no image) or `messages` (with a system turn)."""
+    records = []
+    for i in range(samples):
+        color, shape = list(COLORS)[i % len(COLORS)], SHAPES[i % 2]
+        turns = [("user", "What shape is this?"), ("assistant", f"It is a {shape}."),
+                 ("user", "What color is it?"), ("assistant", f"It is {color}.")]
+        if messages:
+            msgs = [{"role": "system", "content": "A chat between a curious user and an artificial intelligence "
+                                                  "assistant."}] + [{"role": r, "content": t} for r, t in turns]
+            records.append({"id": f"text-{i}", "messages": msgs})
+        else:
+            records.append({"id": f"text-{i}", "conversations": [
+                {"from": "human" if r == "user" else "gpt", "value": t} for r, t in turns]})
+    path.write_text(json.dumps(records, indent=1))
+    return path
 
 
 def build_model(tokenizer, seed: int = 0):
@@ -75,6 +124,31 @@ def build_model(tokenizer, seed: int = 0):
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
     return model
+
+
+GRID_PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # LLaVA-NeXT anyres grids at the tiny scale (336 px -> 28 px)
+
+
+def build_llava_next(tokenizer, out: Path, seed: int = 0) -> Path:
+    """A tiny LLaVA-NeXT dir (LlavaNextForConditionalGeneration + LlavaNextProcessor, anyres over
+    GRID_PINPOINTS) with the tiny LLaVA's Llama and CLIP shapes, into `out`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    llava = build_model(tokenizer, seed).config
+    cfg = transformers.LlavaNextConfig(
+        vision_config=llava.vision_config, text_config=llava.text_config, image_token_index=llava.image_token_index,
+        image_grid_pinpoints=GRID_PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu")
+    transformers.LlavaNextForConditionalGeneration(cfg).save_pretrained(out)
+    ip_cls = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+    ip = ip_cls(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                image_grid_pinpoints=GRID_PINPOINTS)
+    transformers.LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=PATCH,
+                                    vision_feature_select_strategy="default", image_token="<image>",
+                                    num_additional_image_tokens=1).save_pretrained(out)
+    return out
 
 
 def build_image_processor():

@@ -213,23 +213,28 @@ def _run_owned(cfg: TrainConfig, state, rank: int, local_rank: int, t0: float) -
 
 
 def _train(cfg: TrainConfig, state, local_rank: int, t0: float):
+    from dataclasses import replace
     from functools import partial
 
     from train import data as D
     from train import engine
     from train.export import export_final
-    from train.model import load_base, prepare
+    from train.model import ANYRES, check_trainable, load_base, prepare
 
     model_dir = _model_dir(cfg, local_rank)
+    fams = check_trainable(model_dir, cfg)  # a family it cannot train: exit 2 before anything loads
+    vision = fams["vision_family"] is not None
+    if not vision:  # a decoder alone: the recipe's CLIP LoRA and projector have nothing to train
+        cfg = state.cfg = replace(cfg, vision_lora=None, train_projector=False)
     args = engine.training_args(cfg, state.device, state.world)  # before from_pretrained: ZeRO-3 zero.Init
-    records = D.load_records(cfg.dataset, cfg.images)  # bad records fail before the model loads
-    base, tok, ip = load_base(model_dir, cfg, state.device, local_rank)
+    records = D.load_records(cfg.dataset, cfg.images, vision)  # bad records fail before the model loads
+    base, tok, ip = load_base(model_dir, cfg, state.device, local_rank, fams)
     model = prepare(base, cfg)
     if state.is_main and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     image_tokens = int(getattr(base.config, "image_seq_length", 0) or 0)
-    dataset = D.LlavaDataset(records, tok, ip, cfg.chat_template, base.config.image_token_index, image_tokens,
-                             cfg.max_length, cfg.images)
+    dataset = D.LlavaDataset(records, tok, ip, cfg.chat_template, getattr(base.config, "image_token_index", None),
+                             image_tokens, cfg.max_length, cfg.images, anyres=fams["projector_family"] in ANYRES)
     dataset[0]  # encode one record now: max_length / image problems surface as a usage error, not mid-run
     trainer = engine.SafeCheckpointTrainer(model=model, args=args, train_dataset=dataset,
                                            data_collator=partial(D.collate, pad_id=tok.pad_token_id),

@@ -259,11 +259,48 @@ PLAN_DEVICES = ("cuda", "npu", "cpu")
 DEVICE_VENDORS = {"cuda": "nvidia", "npu": "ascend"}  # a device kind and the GPU vendor it runs on
 
 
+# The model families the trainer trains (family module names, vramplan/estimate/families/; for a decoder
+# also its config.json model_type, less a "_text" suffix: Gemma 3's "gemma3_text"): a decoder alone through
+# AutoModelForCausalLM, a VLM through its transformers class (train/model.py load_base). MoE decoders (mixtral,
+# qwen2_moe, qwen3_moe) are planned but not trained: transformers 5 stores their experts as fused 3-D
+# parameters (models/mixtral/modeling_mixtral.py MixtralExperts), which LoRA "all-linear" and bitsandbytes
+# leave untouched, so the run would not be the plan.
+TRAINER_TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+TRAINER_VLM_FAMILIES = {"llava": ("clip",), "llava_next": ("clip",)}  # projector family -> its vision families
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+FAMILY_KEYS = ("text_family", "vision_family", "projector_family")  # plan.json model.* (None: not recorded)
+
+
+def family_refusal(model: dict | None, recipe: str = "") -> str | None:
+    """Why the trainer cannot train this model (plan.json `model` keys FAMILY_KEYS), or None when it can
+    or when the plan does not say (a plan written before the keys existed)."""
+    model = model or {}
+    text, vision, proj = (model.get(k) for k in FAMILY_KEYS)
+    if not text:
+        return None
+    trains = (f"it trains decoders ({', '.join(TRAINER_TEXT_FAMILIES)}) and LLaVA-1.5/LLaVA-NeXT with CLIP "
+              "(docs/trainer.md)")
+    if text not in TRAINER_TEXT_FAMILIES:
+        why = " (MoE: LoRA and 4-bit do not reach its fused expert weights yet)" if text in MOE_FAMILIES else ""
+        return f"the bundled trainer cannot train the {text} family yet{why}; {trains}"
+    if vision is None and proj is None:
+        if recipe == "pretrain":
+            return "recipe pretrain trains a projector: a decoder alone has none (use qlora, lora or full)"
+        return None
+    if vision not in TRAINER_VLM_FAMILIES.get(proj or "", ()):
+        return f"the bundled trainer cannot train a {proj or 'VLM'} with a {vision} tower yet; {trains}"
+    return None
+
+
 def training_refusal(recipe: str, quant: str, train_llm_full: bool, device: str | None = None,
-                     vendor: str | None = None) -> tuple[str, str, str] | None:
+                     vendor: str | None = None, model: dict | None = None) -> tuple[str, str, str] | None:
     """(what, other, why) when the trainer cannot train this combination: `what` and `other` name the two
-    settings in conflict ("recipe", "quant", "device", "hardware"); None when it can. On an Ascend NPU
-    bitsandbytes has no kernels, so there qlora trains a bf16 LoRA (quant none; train/model.py quant_config)."""
+    settings in conflict ("recipe", "quant", "device", "hardware", "model"); None when it can. On an Ascend NPU
+    bitsandbytes has no kernels, so there qlora trains a bf16 LoRA (quant none; train/model.py quant_config).
+    `model` holds the model's families (FAMILY_KEYS, family_refusal)."""
+    why = family_refusal(model, recipe)
+    if why:
+        return "model", "recipe", why
     if recipe == "qlora" and quant == "none" and device != "npu":
         return "recipe", "quant", "recipe qlora trains LoRA on a quantized LLM: it needs quant nf4 or int8"
     if train_llm_full and quant != "none":
@@ -281,7 +318,8 @@ _STR = dict(kind=str, allow_none=True, default=None)
 PLAN_FIELDS = {  # section -> {key: require() keywords}; a missing key is allowed, a wrong type is not
     "model": {"profile": _STR, "path": _STR, "llm_path": _STR, "vision_path": _STR, "projector_path": _STR,
               "hf_ids": dict(kind=dict, allow_none=True, default=None),
-              "chat_template": dict(kind=str, choices=("llama3", "vicuna_v1"), allow_none=True, default=None)},
+              "chat_template": dict(kind=str, choices=("llama3", "vicuna_v1"), allow_none=True, default=None),
+              **{k: _STR for k in FAMILY_KEYS}},
     "recipe": {"name": dict(kind=str, choices=RECIPES, default=None),
                "quant": dict(kind=str, choices=QUANTS, default=None),
                "compute_dtype": dict(kind=str, choices=DTYPES, default=None),
@@ -331,13 +369,21 @@ def check_plan(plan, where: str) -> dict:
     for key in ("llm_lora", "vision_lora"):
         LoraSpec.from_dict(recipe.get(key), f"{where}: recipe.{key}")
     hw = plan.get("hardware") or {}
-    if recipe.get("quant") is not None and recipe.get("name") is not None:
-        full = bool(recipe.get("train_llm_full"))
-        refused = training_refusal(recipe["name"], recipe["quant"], full, hw.get("device"))
-        if refused:
-            raise ContractError(f"{where}: recipe.name {recipe['name']!r} with recipe.quant {recipe['quant']!r}: "
-                                f"{refused[2]}", PLAN_HINT)
+    name, quant = recipe.get("name"), recipe.get("quant")  # None: the recipe profile's, judged by the trainer
+    full = bool(recipe.get("train_llm_full")) and quant is not None
+    refused = training_refusal(name or "", quant or "", full, hw.get("device"), model=plan.get("model"))
+    if refused and refused[0] == "model":
+        raise ContractError(f"{where}: model {_family_name(plan['model'])}: {refused[2]}",
+                            "`vramplan estimate` still plans it; docs/trainer.md lists what the trainer trains")
+    if refused and name is not None and quant is not None:
+        raise ContractError(f"{where}: recipe.name {name!r} with recipe.quant {quant!r}: {refused[2]}", PLAN_HINT)
     return plan
+
+
+def _family_name(model: dict) -> str:
+    """"llava: llama + clip" or "mistral" (vramplan.estimate.specs.ModelSpec.family's form)."""
+    text, vision, proj = (model.get(k) for k in FAMILY_KEYS)
+    return f"{proj or 'vlm'}: {text} + {vision}" if vision or proj else str(text)
 
 
 def read_plan(path: str | os.PathLike) -> dict:
@@ -471,10 +517,21 @@ class Segment(NamedTuple):
     train: bool  # True: its tokens are labels (an assistant answer); False: masked
 
 
+def conversation(rec: dict):
+    """The record's turns in LLaVA form ([{"from", "value"}]); a `messages` record ([{"role", "content"}], the
+    chat format of transformers' apply_chat_template) is read the same way. Not a list: returned as it is."""
+    if "conversations" in rec or "messages" not in rec:
+        return rec.get("conversations")
+    msgs = rec["messages"]
+    if not isinstance(msgs, list):
+        return msgs
+    return [{"from": m.get("role"), "value": m.get("content")} if isinstance(m, dict) else m for m in msgs]
+
+
 def chat_turns(rec: dict) -> list[tuple[str, str]]:
     """(role, text) per turn of a record. A record with an image but no <image> gets one in front of its
     first user turn, where LLaVA puts the image (LLaVA llava/train/train.py preprocess_multimodal)."""
-    conv = rec.get("conversations")
+    conv = conversation(rec)
     turns = [(ROLES.get(str(t.get("from", "")).lower(), "user"), str(t.get("value", "")))
              for t in (conv if isinstance(conv, list) else []) if isinstance(t, dict)]
     if rec.get("image") and not any(IMAGE_TOKEN in v for _, v in turns):
@@ -511,14 +568,17 @@ def template_segments(turns: list[tuple[str, str]], template: str, bos: str = "<
     return segs
 
 
-def _turn_problems(conv) -> tuple[list[str], list[tuple[str, str]]]:
-    """Problems with the conversation structure, and the (role, text) turns that could be read."""
+def _turn_problems(conv, messages: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """Problems with the conversation structure, and the (role, text) turns that could be read. `messages`:
+    the record is in `messages` form (the problems name its keys and roles)."""
+    key, frm, val, user, bot = (("messages", "role", "content", "user", "assistant") if messages
+                                else ("conversations", "from", "value", "human", "gpt"))
     if not isinstance(conv, list) or not conv:
-        return ["'conversations' is missing or not a non-empty list"], []
+        return [f"'{key}' is missing or not a non-empty list"], []
     turns: list[tuple[str, str]] = []
     for j, t in enumerate(conv):
         if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
-            return [f"turn {j} needs 'from' (human/gpt/system) and a string 'value'"], turns
+            return [f"turn {j} needs '{frm}' ({user}/{bot}/system) and a string '{val}'"], turns
         turns.append((ROLES[t["from"]], t["value"]))
     problems: list[str] = []
     lead = 1 if turns[0][0] == "system" else 0
@@ -526,11 +586,11 @@ def _turn_problems(conv) -> tuple[list[str], list[tuple[str, str]]]:
         want = "user" if j % 2 == 0 else "assistant"
         if role != want:
             k = j + lead
-            problems.append(f"turn {k} is {conv[k]['from']!r} but the turns must alternate human/gpt "
-                            f"starting with human (expected {'human' if want == 'user' else 'gpt'})")
+            problems.append(f"turn {k} is {conv[k]['from']!r} but the turns must alternate {user}/{bot} "
+                            f"starting with {user} (expected {user if want == 'user' else bot})")
             break
     if not any(r == "assistant" for r, _ in turns[lead:]):
-        problems.append("no assistant ('gpt') turn to train on")
+        problems.append(f"no assistant ('{bot}') turn to train on")
     return problems, turns
 
 
@@ -540,11 +600,12 @@ def check_record(rec) -> tuple[list[str], list[tuple[str, str]]]:
     Rules (haotian-liu/LLaVA LazySupervisedDataset format): a JSON object whose `conversations` alternate
     human/gpt, starting with human after an optional leading "system" turn ("user"/"assistant" are aliases),
     with at least one gpt turn; a record with an `image` (one file name) has exactly one <image>, in its first
-    human turn; a record without one has none.
+    human turn; a record without one has none. A `messages` record ([{"role": "user"|"assistant"|"system",
+    "content": str}]) follows the same rules (`conversation`).
     """
     if not isinstance(rec, dict):
         return [f"not a JSON object but a {type(rec).__name__}"], []
-    problems, turns = _turn_problems(rec.get("conversations"))
+    problems, turns = _turn_problems(conversation(rec), "conversations" not in rec and "messages" in rec)
     n_img = sum(v.count(IMAGE_TOKEN) for _, v in turns)
     image = rec.get("image")
     if image is None:

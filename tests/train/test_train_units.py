@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from trainhelpers import trained_runs
 
 from train import checkpoint as ck
 from train import data as D
@@ -90,17 +91,7 @@ def test_labels_mask_everything_but_assistant_turns(tok_ip, template, answers):
     ids, labels = item["input_ids"], item["labels"]
     assert len(ids) == len(labels) and ids.count(img_id) == 4
     # contiguous runs of trained tokens are exactly the assistant answers (with their end token)
-    runs, cur = [], []
-    for i, lab in zip(ids, labels):
-        if lab != D.IGNORE:
-            assert lab == i
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    assert [tok.decode(r) for r in runs] == answers
+    assert trained_runs(tok, item) == answers
     text = tok.decode(ids)
     assert ("USER:" in text) == (template == "vicuna_v1") and ("<|start_header_id|>" in text) == (template == "llama3")
 

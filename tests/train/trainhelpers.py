@@ -42,3 +42,19 @@ def run_train(args: list[str], env: dict | None = None, timeout: float = 180, to
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trained_runs(tok, item: dict) -> list[str]:
+    """The decoded runs of consecutive trained tokens of an encoded record (where labels equal input_ids;
+    asserted): exactly the assistant answers with their end tokens when the masking is right."""
+    from train.data import IGNORE
+
+    runs, cur = [], []
+    for i, lab in zip(item["input_ids"], item["labels"], strict=True):
+        if lab != IGNORE:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return [tok.decode(r) for r in runs + ([cur] if cur else [])]

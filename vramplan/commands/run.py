@@ -131,7 +131,9 @@ def _resolve_plan(mode: str, out: Path, saved: dict | None, estimate_kwargs: dic
         except OSError as e:
             raise UsageError(f"--output {out}: {e.strerror or e}", "choose a writable directory") from None
         kwargs = _demo_kwargs(kwargs, _build_demo_assets(out))
-    return _estimate(kwargs), []
+    plan = _estimate(kwargs)  # the trainer's rules (a family it cannot train yet): exit 2 before anything is written
+    model = plan["model"]
+    return check_plan(plan, f"--model {model.get('path') or model.get('profile')}"), []
 
 
 def _previous_attempts(path: Path) -> list:

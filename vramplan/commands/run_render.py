@@ -72,4 +72,4 @@ def render_report(con, report: dict, outcome: dict) -> None:
     if report["vs_estimate"]:
         render_rows(con, report["vs_estimate"], "measured vs estimated")
     if report.get("adapter_dir"):
-        con.print(Text(f"adapter and projector: {report['adapter_dir']}"))
+        con.print(Text(f"trained weights (adapter, projector of a VLM): {report['adapter_dir']}"))

@@ -2,7 +2,9 @@
 
 Format (haotian-liu/LLaVA `LazySupervisedDataset`; the bundled trainer's `train/data.py`):
 a JSON list of records `{"id", "image" (path relative to the images folder; optional),
-"conversations": [{"from": "human"|"gpt", "value": str}, ...]}`. The record rules are the trainer's
+"conversations": [{"from": "human"|"gpt", "value": str}, ...]}`, or with `"messages": [{"role":
+"user"|"assistant"|"system", "content": str}, ...]` in place of `conversations` (text-only decoder data in
+transformers' chat format). The record rules are the trainer's
 (`vramplan.contract.check_record`): turns alternate human/gpt, an `image` has exactly one `<image>`
 placeholder in the first human turn, and so on; this module adds the image files and the measurements.
 

@@ -5,7 +5,8 @@ train/data.py `encode` tokenizes; tests/estimate/test_token_count.py checks the 
 trainer's input_ids). With a local model dir that has `tokenizer.json`, records are tokenized
 exactly with the `tokenizers` library (Rust, no torch); otherwise text is approximated at 4
 characters per token (OpenAI's rule of thumb for English BPE) with each template special token
-counted as one token.
+counted as one token. A `messages` record is counted with the same template; the trainer renders it with
+the tokenizer's own chat template when it has one (docs/trainer.md "Data"), a few tokens per turn apart.
 
 The longest record sets the plan's sequence length, so it is found over every record, not a sample: a
 cheap upper bound per record (its bytes) ranks them and only records whose bound beats the longest
@@ -19,7 +20,7 @@ import math
 import re
 from pathlib import Path
 
-from vramplan.contract import IMAGE_TOKEN, chat_turns, template_segments
+from vramplan.contract import IMAGE_TOKEN, chat_turns, conversation, template_segments
 from vramplan.inputs.dataset import CHARS_PER_TOKEN
 
 SPECIAL = re.compile(r"<\|[a-z_]+\|>|</?s>")
@@ -149,8 +150,8 @@ def token_stats(json_path: Path, template: str, model_dir: str | None = None) ->
     if not records:
         return {}
     bos = _bos(model_dir)
-    recs = [pieces(r, template, bos) for r in records
-            if isinstance(r, dict) and isinstance(r.get("conversations"), list)]
+    recs = [pieces(r, template, bos) for r in records  # LLaVA `conversations` or `messages` records
+            if isinstance(r, dict) and isinstance(conversation(r), list)]
     if not recs:
         return {}
     stride = max(1, len(recs) // MAX_RECORDS)

@@ -47,7 +47,7 @@ def plan_dict(res: EstimateResult, index: int | None = None, output_dir: str | N
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": {"profile": None if j.model.path else j.model.name, "path": j.model.path, "llm_path": None,
                   "vision_path": None, "projector_path": None, "hf_ids": dict(j.model.hf_ids),
-                  "chat_template": j.model.chat_template},
+                  "chat_template": j.model.chat_template, **model_families(j.model)},
         "recipe": {"name": r.name, "quant": j.quant, "double_quant": r.double_quant, "compute_dtype": j.compute_dtype,
                    "llm_lora": lora(r.llm_lora), "vision_lora": lora(r.vision_lora) if j.model.vision else None,
                    "train_projector": r.train_projector, "train_llm_full": r.train_llm_full,
@@ -74,6 +74,13 @@ def plan_dict(res: EstimateResult, index: int | None = None, output_dir: str | N
         "candidate_index": i,
     }
 
+
+
+def model_families(model) -> dict:
+    """plan.json model.text_family/vision_family/projector_family: the family modules that describe it
+    (what vramplan.contract.family_refusal judges)."""
+    return {"text_family": model.text.family, "vision_family": model.vision.family if model.vision else None,
+            "projector_family": model.projector.family if model.vision and model.projector else None}
 
 
 def load_plan(path: str) -> dict:

@@ -245,6 +245,7 @@ def build_job(o: EstimateOptions):
     sel = resolve_hardware(o, ctx)
     device = o.device or ("npu" if sel.hardware.vendor == "ascend" else "cuda")
     refuse_untrainable(o, recipe, device, sel.hardware)
+    ctx.assumptions += untrained_family_note(o, model, recipe)
     recipe, quant, compute = _dtypes(recipe, sel.hardware, device, ctx)
     kbit_saves_inputs = resolve_bnb(o, quant, ctx)
     data = resolve_data(o, model, recipe, ctx, rep)
@@ -288,6 +289,16 @@ def refuse_untrainable(o: EstimateOptions, recipe, device: str, hw) -> None:
     gpus = f"--gpus {o.gpus}" if o.gpus else f"the {hw.display_name} detected here"
     raise UsageError(f"--device {device} with {gpus}: {why}",
                      "leave --device out (it follows the GPUs), or name matching --gpus")
+
+
+def untrained_family_note(o: EstimateOptions, model, recipe) -> list[str]:
+    """A family the bundled trainer cannot train yet (vramplan.contract.family_refusal): `estimate` plans it
+    and says so; `vramplan run` refuses it (exit 2, commands/run.py)."""
+    from vramplan.contract import family_refusal
+    from vramplan.plan.plan_json import model_families
+
+    why = family_refusal(model_families(model), recipe.name) if o.task == "train" else None
+    return [f"`vramplan run` will refuse this plan: {why}"] if why else []
 
 
 def cpu_host_selection():
