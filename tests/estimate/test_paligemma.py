@@ -1,0 +1,72 @@
+"""Truth test for the PaliGemma wrapper (families/paligemma.py): parameter counts equal transformers' model built
+on the meta device (PaliGemma 1 on Gemma, PaliGemma 2 on Gemma 2), and the image tokens equal the features
+transformers' model makes per image at three tower sizes (docs/estimate.md#model-families)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("vramplan.estimate.families.siglip", reason="needs the SigLIP family and the VLM seam")
+
+from tests.test_params import measured_linear_groups  # noqa: E402
+from vramplan.estimate.params import count_params, largest_layer_params, linear_groups  # noqa: E402
+from vramplan.inputs.model_dir import load_model_dir  # noqa: E402
+
+TEXT = dict(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=24, vocab_size=320)
+SIGLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+              patch_size=14, vision_use_head=False)
+
+
+def tiny(text_cls, image_size=28):
+    return transformers.PaliGemmaConfig(text_config=text_cls(**TEXT).to_dict(),
+                                        vision_config=transformers.SiglipVisionConfig(
+                                            **{**SIGLIP, "image_size": image_size}).to_dict(),
+                                        projection_dim=TEXT["hidden_size"], image_token_index=300, vocab_size=320)
+
+
+@pytest.mark.parametrize("text_cls", [transformers.GemmaConfig, transformers.Gemma2Config])
+def test_params_exact(tmp_path, text_cls):
+    cfg = tiny(text_cls)
+    cfg.save_pretrained(tmp_path)
+    spec = load_model_dir(tmp_path)
+    with torch.device("meta"):
+        model = transformers.PaliGemmaForConditionalGeneration(cfg)
+    assert spec.projector.family == "paligemma" and spec.text.family == "gemma"
+    assert spec.text.sandwich_norms == (text_cls is transformers.Gemma2Config)
+    counts = count_params(spec)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.vision_total == sum(p.numel() for p in model.model.vision_tower.parameters())
+    assert counts.projector == sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    assert largest_layer_params(spec) == max(p.numel() for p in model.parameters())
+    ours = Counter({(g.component, g.name, g.d_in, g.d_out, g.bias): g.count for g in linear_groups(spec)})
+    assert ours == measured_linear_groups(model)
+
+
+@pytest.mark.parametrize("image_size", [28, 42, 56])
+def test_image_tokens_equal_the_models_features(tmp_path, image_size):
+    cfg = tiny(transformers.GemmaConfig, image_size)
+    cfg.save_pretrained(tmp_path)
+    spec = load_model_dir(tmp_path)
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        feats = model.model.get_image_features(torch.randn(1, 3, image_size, image_size)).pooler_output
+    assert spec.image_tokens == spec.tower_tokens == feats.shape[1] == cfg.text_config.num_image_tokens
+
+
+def test_defaults_are_paligemma_3b():
+    from vramplan.estimate.families import paligemma
+
+    parts = paligemma.from_hf_config({"model_type": "paligemma"}, "config.json")
+    c = transformers.PaliGemmaConfig()
+    assert (parts.text.hidden_size, parts.text.num_layers, parts.text.num_key_value_heads, parts.text.vocab_size) == (
+        c.text_config.hidden_size, c.text_config.num_hidden_layers, c.text_config.num_key_value_heads,
+        c.text_config.vocab_size)
+    assert (parts.vision.hidden_size, parts.vision.intermediate_size, parts.vision.image_size) == (
+        c.vision_config.hidden_size, c.vision_config.intermediate_size, c.vision_config.image_size)
+    assert paligemma.llm_tokens_per_image(parts.projector, parts.vision, None) == 256
