@@ -1,4 +1,4 @@
-"""Truth test for the PaliGemma wrapper (families/paligemma.py): parameter counts equal transformers' model built
+"""Truth test for the PaliGemma and Gemma 3 image wrappers (families/paligemma.py, gemma3.py): parameter counts equal transformers' models built
 on the meta device (PaliGemma 1 on Gemma, PaliGemma 2 on Gemma 2), and the image tokens equal the features
 transformers' model makes per image at three tower sizes (docs/estimate.md#model-families)."""
 
@@ -70,3 +70,51 @@ def test_defaults_are_paligemma_3b():
     assert (parts.vision.hidden_size, parts.vision.intermediate_size, parts.vision.image_size) == (
         c.vision_config.hidden_size, c.vision_config.intermediate_size, c.vision_config.image_size)
     assert paligemma.llm_tokens_per_image(parts.projector, parts.vision, None) == 256
+
+
+# --- Gemma 3 with images (families/gemma3.py) ----------------------------------------------------------------
+def tiny_gemma3(image_size=56):
+    return transformers.Gemma3Config(text_config=transformers.Gemma3TextConfig(**TEXT, sliding_window=64).to_dict(),
+                                     vision_config=transformers.SiglipVisionConfig(
+                                         **{**SIGLIP, "image_size": image_size}).to_dict(),
+                                     mm_tokens_per_image=4, image_token_index=300, boi_token_index=301,
+                                     eoi_token_index=302)
+
+
+def test_gemma3_params_exact(tmp_path):
+    cfg = tiny_gemma3()
+    cfg.save_pretrained(tmp_path)
+    spec = load_model_dir(tmp_path)
+    with torch.device("meta"):
+        model = transformers.Gemma3ForConditionalGeneration(cfg)
+    assert spec.projector.family == "gemma3" and spec.text.qk_norm
+    counts = count_params(spec)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.vision_total == sum(p.numel() for p in model.model.vision_tower.parameters())
+    assert counts.projector == sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    assert largest_layer_params(spec) == max(p.numel() for p in model.parameters())
+    ours = Counter({(g.component, g.name, g.d_in, g.d_out, g.bias): g.count for g in linear_groups(spec)})
+    assert ours == measured_linear_groups(model)
+
+
+@pytest.mark.parametrize("image_size", [56, 84, 112])
+def test_gemma3_image_tokens_and_projector_bytes(tmp_path, image_size):
+    """Tokens equal the model's pooled features; a trained projector on a frozen bf16 tower saves
+    (4 + 2) x D bytes per image token (saved_tensors_hooks)."""
+    from vramplan.estimate.families import gemma3, module_for
+
+    from .act_measure import saved_bytes
+
+    cfg = tiny_gemma3(image_size)
+    cfg.save_pretrained(tmp_path)
+    spec = load_model_dir(tmp_path)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).to(torch.bfloat16).train()
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    px = torch.randn(2, 3, image_size, image_size, dtype=torch.bfloat16)
+    got = saved_bytes(lambda: model.model.get_image_features(px).pooler_output, list(model.parameters()))
+    feats = model.model.get_image_features(px).pooler_output
+    assert spec.image_tokens == feats.shape[1] == 4 and spec.tower_tokens == (image_size // 14) ** 2
+    assert got == 2 * 4 * gemma3.saved_bytes_per_image_token(spec.projector, 2)
+    assert module_for(spec.projector) is gemma3
