@@ -1,6 +1,7 @@
-"""Truth test for the PaliGemma and Gemma 3 image wrappers (families/paligemma.py, gemma3.py): parameter counts equal transformers' models built
-on the meta device (PaliGemma 1 on Gemma, PaliGemma 2 on Gemma 2), and the image tokens equal the features
-transformers' model makes per image at three tower sizes (docs/estimate.md#model-families)."""
+"""Truth test for the PaliGemma and Gemma 3 image wrappers (families/paligemma.py, gemma3.py): parameter counts
+equal transformers' models built on the meta device (PaliGemma 1 on Gemma, PaliGemma 2 on Gemma 2, Gemma 3), the
+image tokens equal the features transformers' model makes per image at three tower sizes, and Gemma 3's projector
+bytes equal saved_tensors_hooks (docs/estimate.md#model-families). Needs the SigLIP family and the VLM seam."""
 
 from __future__ import annotations
 
