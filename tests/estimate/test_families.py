@@ -46,7 +46,13 @@ def test_counts_equal_meta_device_instantiation(tmp_path, name):
     assert spec.vision is None and spec.text.family == cfg.model_type
     with torch.device("meta"):
         model = getattr(transformers, CASES[name][2])(cfg)
-    ours, theirs = count_params(spec), measured(model)
+    assert_exact_counts(spec, model, measured(model))
+
+
+def assert_exact_counts(spec, model, theirs):
+    """Totals, groups, one layer, the largest tensor and every Linear of `spec` equal the meta-device model's
+    (`theirs`: its parameters by group). Shared with tests/estimate/test_families_gemma_phi.py."""
+    ours = count_params(spec)
     assert ours.total == sum(p.numel() for p in model.parameters())
     assert (ours.llm_linear, ours.llm_embed, ours.llm_norms, ours.llm_lm_head) == (
         theirs.get("llm_linear", 0), theirs["llm_embed"], theirs["llm_norms"], theirs.get("lm_head", 0))

@@ -13,9 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.test_params import measured_linear_groups  # noqa: E402
+from tests.estimate.test_families import _cache_tokens, assert_exact_counts  # noqa: E402
 from vramplan.estimate.families import module_for  # noqa: E402
-from vramplan.estimate.params import count_params, decoder_layer_params, largest_layer_params, linear_groups  # noqa: E402
+from vramplan.estimate.params import count_params  # noqa: E402
 from vramplan.estimate.specs import LoraSpec  # noqa: E402
 from vramplan.inputs.model_dir import load_model_dir  # noqa: E402
 
@@ -70,14 +70,7 @@ def test_counts_equal_meta_device_instantiation(tmp_path, name):
     assert spec.chat_template == "vicuna_v1"  # neither family has a template vramplan knows: the generic
     with torch.device("meta"):
         model = getattr(transformers, CASES[name][3])(cfg)
-    ours, theirs = count_params(spec), measured(model)
-    assert ours.total == sum(p.numel() for p in model.parameters())
-    assert (ours.llm_linear, ours.llm_embed, ours.llm_norms, ours.llm_lm_head) == (
-        theirs.get("llm_linear", 0), theirs["llm_embed"], theirs["llm_norms"], theirs.get("lm_head", 0))
-    assert decoder_layer_params(spec) == sum(p.numel() for p in model.model.layers[0].parameters())
-    assert largest_layer_params(spec) == max(p.numel() for p in model.parameters())
-    groups = Counter({(g.component, g.name, g.d_in, g.d_out, g.bias): g.count for g in linear_groups(spec)})
-    assert groups == measured_linear_groups(model)
+    assert_exact_counts(spec, model, measured(model))
 
 
 def test_config_defaults_are_the_config_classes():
@@ -103,15 +96,6 @@ def test_config_defaults_are_the_config_classes():
     g3 = gemma.from_hf_config({"model_type": "gemma3_text", "sliding_window_pattern": 2, "num_hidden_layers": 4},
                               "config.json")
     assert g3.qk_norm and not g3.final_softcap and g3.sliding_layers == 2
-
-
-def _cache_tokens(cfg, cls_name, context):
-    """Tokens per layer transformers' DynamicCache holds after a `context`-token prefill (real tiny model)."""
-    torch.manual_seed(0)
-    model = getattr(transformers, cls_name)(cfg).eval()
-    with torch.no_grad():
-        out = model(torch.randint(0, cfg.vocab_size, (1, context)), use_cache=True)
-    return [layer.keys.shape[-2] for layer in out.past_key_values.layers]
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "phi4-mini-tied-window"])

@@ -25,9 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from vramplan.estimate.families import LinearGroup, llama, targeted
-from vramplan.estimate.families.llama import TextSpec
-from vramplan.estimate.families.mistral import read_window
+from vramplan.estimate.families import LinearGroup, llama, mistral, targeted
+from vramplan.estimate.families.mistral import MistralSpec, read_window
 
 ROLE = "text"
 HF_MODEL_TYPES = ("phi3",)
@@ -39,11 +38,10 @@ FUSED = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}  # a fused Linear ->
 
 
 @dataclass(frozen=True)
-class Phi3Spec(TextSpec):
-    """A Phi-3 decoder's config: Llama's fields (biases always off) and its attention window."""
+class Phi3Spec(MistralSpec):
+    """A Phi-3 decoder's config: Mistral's (Llama's fields, biases always off, an attention window)."""
 
     family: ClassVar[str] = "phi3"
-    sliding_window: int = 0  # 0: full attention
 
 
 SPEC = Phi3Spec
@@ -112,11 +110,7 @@ def _lora_bytes_per_token(t: Phi3Spec, lora, adapter_casts: bool, as_llama) -> i
     return per + llama._lora_bytes_per_token(t, as_llama) - 2 * lora.r * len(llama_adapted)
 
 
-def kv_cache_tokens(t: Phi3Spec, context: int) -> float:
-    """Tokens each layer's KV cache holds: the window caps it."""
-    return min(context, t.sliding_window) if t.sliding_window else context
-
-
+kv_cache_tokens = mistral.kv_cache_tokens  # the window caps every layer
 other_params = llama.other_params
 checkpointed_bytes_per_token = llama.checkpointed_bytes_per_token
 final_norm_bytes_per_token = llama.final_norm_bytes_per_token
