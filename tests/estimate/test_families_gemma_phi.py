@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.estimate.test_families import _cache_tokens, assert_exact_counts  # noqa: E402
+from tests.estimate.test_families import _cache_tokens, assert_exact_counts, layer_saved_bytes  # noqa: E402
 from vramplan.estimate.families import module_for  # noqa: E402
 from vramplan.estimate.params import count_params  # noqa: E402
 from vramplan.estimate.specs import LoraSpec  # noqa: E402
@@ -114,32 +114,6 @@ GEMMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 PHI_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def _layer_saved_bytes(name, mode, lora, b, s):
-    """saved(2 layers) - saved(1 layer) of the real bf16 model, as tests/estimate/test_activation_truth.py does
-    (dropout as the CUDA kernel allocates it: a 1-byte mask)."""
-    peft = pytest.importorskip("peft")
-    from train.trace_fake import cuda_dropout
-
-    from .act_measure import saved_bytes
-
-    out = []
-    with cuda_dropout():
-        for layers in (1, 2):
-            torch.manual_seed(0)
-            cfg = make_config(name, num_hidden_layers=layers)
-            m = getattr(transformers, CASES[name][3])(cfg).to(torch.bfloat16)
-            m.requires_grad_(mode == "full")
-            if mode == "lora":
-                m = peft.get_peft_model(m, peft.LoraConfig(r=lora.r, lora_alpha=16, lora_dropout=lora.dropout,
-                                                           target_modules=list(lora.targets)),
-                                        autocast_adapter_dtype=False).to(torch.bfloat16)
-            inner = m.base_model.model.model if mode == "lora" else m.model
-            m.train()
-            emb = torch.randn(b, s, TINY["hidden_size"], dtype=torch.bfloat16, requires_grad=True)
-            out.append(saved_bytes(lambda: inner(inputs_embeds=emb).last_hidden_state, list(m.parameters())))
-    return out[1] - out[0]
-
-
 @pytest.mark.parametrize("name,mode,lr", [
     (name, mode, lr) for name in ("gemma", "gemma2", "gemma3", "phi3")
     for mode, lr in (("full", None), ("lora", (8, 0.05)), ("frozen", None), ("lora", (4, 0.0)))
@@ -156,7 +130,8 @@ def test_layer_activation_bytes_against_saved_tensors(tmp_path, name, mode, lr):
     config_dir(tmp_path, name)
     spec = load_model_dir(tmp_path).text
     b, s = 2, 48
-    measured_bytes = _layer_saved_bytes(name, mode, lora, b, s)
+    cls = getattr(transformers, CASES[name][3])
+    measured_bytes = layer_saved_bytes(lambda n: cls(make_config(name, num_hidden_layers=n)), mode, lora, b, s)
     predicted = llm_layer_bytes_per_token(spec, mode, lora, "sdpa", s) * b * s
     if name == "phi3" and (mode == "full" or (lora and not lora.dropout and "o_proj" in lora.targets)):
         predicted += 2 * spec.q_dim * b * s  # the CPU-only copy of SDPA's output (families/phi3.py)
