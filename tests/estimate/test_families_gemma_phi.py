@@ -56,15 +56,10 @@ def make_config(name, **over):
     return cls(**{**tiny, **extra, **over})
 
 
-def config_dir(tmp_path, name):
-    cfg = make_config(name)
-    cfg.save_pretrained(tmp_path)
-    return cfg
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_counts_equal_meta_device_instantiation(tmp_path, name):
-    cfg = config_dir(tmp_path, name)
+    cfg = make_config(name)
+    cfg.save_pretrained(tmp_path)
     spec = load_model_dir(tmp_path)  # a config.json dir, no weights
     assert spec.vision is None and spec.text.family == FAMILY[cfg.model_type]
     assert spec.chat_template == "vicuna_v1"  # neither family has a template vramplan knows: the generic
@@ -127,7 +122,7 @@ def test_layer_activation_bytes_against_saved_tensors(tmp_path, name, mode, lr):
     subset = ("qkv_proj", "o_proj", "down_proj") if name == "phi3" else ("k_proj", "o_proj", "up_proj", "down_proj")
     targets = tuple(linears) if not lr or lr[1] else subset
     lora = LoraSpec(r=lr[0], alpha=16, dropout=lr[1], targets=targets) if lr else None
-    config_dir(tmp_path, name)
+    make_config(name).save_pretrained(tmp_path)
     spec = load_model_dir(tmp_path).text
     b, s = 2, 48
     cls = getattr(transformers, CASES[name][3])
