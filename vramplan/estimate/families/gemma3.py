@@ -28,7 +28,7 @@ from vramplan.estimate.families.llava import LlavaParts
 ROLE = "projector"
 HF_MODEL_TYPES = ("gemma3",)
 IMAGE_SIZE_MATTERS = False  # every image is resized to the tower's size
-PROFILE_FIELDS = {"kind": (str, True, None), "tokens_per_image": (int, True, 1)}
+PROFILE_FIELDS = {"kind": (str, True, None)}
 DEFAULT_VISION = {"model_type": "siglip_vision_model"}  # SiglipVisionConfig's own defaults
 DEFAULT_IMAGE_TOKEN_INDEX = 262144  # Gemma3Config.image_token_index
 DEFAULT_MM_TOKENS = 256  # Gemma3Config.mm_tokens_per_image
