@@ -10,7 +10,7 @@ One entry per case id: either `missing` (the capability vramplan lacks to expres
   verdict_only  the case has no comparable figure: only its fits/OOM outcome is scored
 Models outside vramplan's built-in profiles are given as a config.json (benchmarks/cases/models/): a
 Llama-layout decoder (RMSNorm, SwiGLU, RoPE, GQA) whose sizes are its published config.json's, or the
-published config.json itself (mixtral-8x7b).
+published config.json itself (mixtral-8x7b; gemma-7b, model_type gemma: families/gemma.py).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ CASES: dict[str, dict] = {
     "C051": dict(LIT, model=M + "mistral-7b", recipe="qlora", lora_r=32, micro_batch=2, seq_len=512, gpus="1xA10",
                  double_quant=False, optimizer="paged_adamw_32bit", bnb_version=BNB_2024_H1),
     "C052": dict(missing=FSDP),
-    "C053": dict(missing="Gemma (GeGLU, head_dim 256, 256K vocab tied): no such text family"),
+    "C053": dict(LIT, model=M + "gemma-7b", recipe="lora", lora_r=32, micro_batch=1, seq_len=512, gpus="1xA10"),
     "C054": dict(FMS, model=M + "mistral-7b", recipe="full", micro_batch=4, gpus="1xA100-80G", trainable_dtype="bf16",
                  lora_r=None, lora_dropout=None, lora_targets=None,
                  value_key="torch_peak_alloc_bytes"),

@@ -46,7 +46,13 @@ def test_counts_equal_meta_device_instantiation(tmp_path, name):
     assert spec.vision is None and spec.text.family == cfg.model_type
     with torch.device("meta"):
         model = getattr(transformers, CASES[name][2])(cfg)
-    ours, theirs = count_params(spec), measured(model)
+    assert_exact_counts(spec, model, measured(model))
+
+
+def assert_exact_counts(spec, model, theirs):
+    """Totals, groups, one layer, the largest tensor and every Linear of `spec` equal the meta-device model's
+    (`theirs`: its parameters by group). Shared with tests/estimate/test_families_gemma_phi.py."""
+    ours = count_params(spec)
     assert ours.total == sum(p.numel() for p in model.parameters())
     assert (ours.llm_linear, ours.llm_embed, ours.llm_norms, ours.llm_lm_head) == (
         theirs.get("llm_linear", 0), theirs["llm_embed"], theirs["llm_norms"], theirs.get("lm_head", 0))
@@ -127,35 +133,34 @@ LLM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def _layer_saved_bytes(name, mode, lora, b, s):
-    """saved(2 layers) - saved(1 layer) of the real bf16 model, as tests/estimate/test_activation_truth.py does
-    (dropout as the CUDA kernel allocates it: a 1-byte mask)."""
-    pytest.importorskip("peft")
+    cls, extra, cls_name = CASES[name]
+    return layer_saved_bytes(lambda layers: getattr(transformers, cls_name)(
+        cls(**{**TINY, "num_hidden_layers": layers}, **extra, attn_implementation="sdpa")), mode, lora, b, s)
+
+
+def layer_saved_bytes(build, mode, lora, b, s):
+    """saved(2 layers) - saved(1 layer) of the real bf16 model `build(layers)`, as
+    tests/estimate/test_activation_truth.py does (dropout as the CUDA kernel allocates it: a 1-byte mask).
+    Shared with tests/estimate/test_families_gemma_phi.py."""
+    peft = pytest.importorskip("peft")
     from train.trace_fake import cuda_dropout
-
-    with cuda_dropout():
-        return _layer_saved_bytes_here(name, mode, lora, b, s)
-
-
-def _layer_saved_bytes_here(name, mode, lora, b, s):
-    import peft
 
     from .act_measure import saved_bytes
 
-    cls, extra, cls_name = CASES[name]
     out = []
-    for layers in (1, 2):
-        torch.manual_seed(0)
-        cfg = cls(**{**TINY, "num_hidden_layers": layers}, **extra, attn_implementation="sdpa")
-        m = getattr(transformers, cls_name)(cfg).to(torch.bfloat16)
-        m.requires_grad_(mode == "full")
-        if mode == "lora":
-            m = peft.get_peft_model(m, peft.LoraConfig(r=lora.r, lora_alpha=16, lora_dropout=lora.dropout,
-                                                       target_modules=list(lora.targets)),
-                                    autocast_adapter_dtype=False).to(torch.bfloat16)
-        inner = m.base_model.model.model if mode == "lora" else m.model
-        m.train()
-        emb = torch.randn(b, s, TINY["hidden_size"], dtype=torch.bfloat16, requires_grad=True)
-        out.append(saved_bytes(lambda: inner(inputs_embeds=emb).last_hidden_state, list(m.parameters())))
+    with cuda_dropout():
+        for layers in (1, 2):
+            torch.manual_seed(0)
+            m = build(layers).to(torch.bfloat16)
+            m.requires_grad_(mode == "full")
+            if mode == "lora":
+                m = peft.get_peft_model(m, peft.LoraConfig(r=lora.r, lora_alpha=16, lora_dropout=lora.dropout,
+                                                           target_modules=list(lora.targets)),
+                                        autocast_adapter_dtype=False).to(torch.bfloat16)
+            inner = m.base_model.model.model if mode == "lora" else m.model
+            m.train()
+            emb = torch.randn(b, s, m.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+            out.append(saved_bytes(lambda: inner(inputs_embeds=emb).last_hidden_state, list(m.parameters())))
     return out[1] - out[0]
 
 

@@ -128,8 +128,10 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
                 image_tokens * module_for(projector).saved_bytes_per_image_token(projector, compute_bytes)
             )
     head = compute_bytes * t.vocab_size * t.hidden_size if head_cast else 0
-    logits = LOGIT_PEAK_BYTES * tokens * t.vocab_size
+    # a family's ops on the logits before the loss (families/gemma.py: the final soft-cap) add to both peaks
+    extra = getattr(text, "loss_extra_bytes_per_logit", lambda t, cb: 0)(t, compute_bytes)
+    logits = (LOGIT_PEAK_BYTES + extra) * tokens * t.vocab_size
     final_norm = text.final_norm_bytes_per_token(t, compute_bytes) * tokens
     return ActivationBreakdown(int(llm_saved), int(llm_recompute), int(vision_saved), int(vision_transient),
                                int(projector_saved), int(logits), int(final_norm), int(cast_params * compute_bytes),
-                               int(LOGIT_FORWARD_BYTES * tokens * t.vocab_size), int(head))
+                               int((LOGIT_FORWARD_BYTES + extra) * tokens * t.vocab_size), int(head))

@@ -15,7 +15,8 @@ Every family module defines:
   other_params(spec) -> dict[str, int]               every other parameter tensor group
 Text families add: saved_bytes_per_token, checkpointed_bytes_per_token, final_norm_bytes_per_token,
   attention_flops_per_token, kv_bytes_per_token, kv_cache_tokens (tokens a layer's KV cache holds for a context:
-  the context, or less under a sliding window), prefill_bytes_per_token, layer_params, chat_template.
+  the context, or less under a sliding window), prefill_bytes_per_token, layer_params, chat_template; optionally
+  loss_extra_bytes_per_logit(spec, compute_bytes) (ops on the logits before the loss: families/gemma.py).
 Vision families add: saved_bytes_per_token, tokens_per_image (one crop at the tower's size), image_tokens,
   forward_transient_bytes(v, images, compute_bytes) (`images` counts crops of tokens_per_image tokens: the
   generic code passes tower tokens / tokens_per_image, so a family may keep images x its own tokens).
