@@ -91,6 +91,9 @@ def estimate_options(f):
             "flash = FlashAttention-2, CUDA only).",
         ),
         click.option("--calibration", type=click.Path(), help="Calibration file from `vramplan calibrate --write`."),
+        click.option("--trace", is_flag=True, default=False,
+                     help="Trace the training step (needs the train extra) instead of deriving it, for a known "
+                     "architecture too: a cross-check. Unknown architectures are always traced."),
         click.option("--bnb-version", "bnb_version",
                      help="bitsandbytes release the run will use, e.g. 0.41.1 (default: the installed one; "
                      "before 0.43.2 every 4-bit Linear keeps its input for backward: more memory)."),

@@ -55,6 +55,7 @@ class EstimateOptions:
     double_quant: bool | None = None  # --double-quant/--no-double-quant
     modules_to_save: str | None = None  # --modules-to-save embed_tokens,lm_head
     bnb_version: str | None = None  # --bnb-version 0.41.1: plan for another machine's bitsandbytes
+    trace: bool = False  # --trace: the traced path for a known family too (docs/estimate.md#the-traced-path)
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
