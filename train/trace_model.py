@@ -52,16 +52,24 @@ class TraceError(Exception):
 
 def hf_config(d: dict):
     """The transformers config object of a config.json dict (AutoConfig.for_model by model_type)."""
-    from transformers import AutoConfig
+    try:
+        from transformers import AutoConfig
+    except ImportError as e:
+        raise TraceError("missing_extra", f"{e}") from None
 
     d = {k: v for k, v in d.items() if k not in DROPPED_KEYS}
     mt = d.pop("model_type", None)
     if not isinstance(mt, str):
         raise TraceError("unsupported", "config.json has no model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if mt not in CONFIG_MAPPING:
+        raise TraceError("unsupported", f"model_type {mt!r} is unknown to transformers {_versions()['transformers']}")
     try:
         return AutoConfig.for_model(mt, **d)
-    except (ValueError, KeyError, TypeError) as e:
-        raise TraceError("unsupported", f"model_type {mt!r}: transformers cannot read it ({str(e)[:160]})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TraceError("unsupported", f"model_type {mt!r}: transformers cannot read this config "
+                                        f"({str(e).splitlines()[0][:160]})") from None
 
 
 def head_name(model) -> str:
@@ -135,7 +143,7 @@ def _dims(cfg) -> dict:
             "max_position_embeddings": int(getattr(cfg, "max_position_embeddings", 0) or 0)}
 
 
-def meta_groups(cfg, lora: LoraSpec | None) -> dict:
+def meta_groups(cfg, lora: dict | None, quant: str = "none") -> dict:
     """Parameter groups of the model built on the meta device (see the module text)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -153,6 +161,9 @@ def meta_groups(cfg, lora: LoraSpec | None) -> dict:
         shape = _linear_shape(m)
         if shape is None or name == head:
             continue
+        if quant == "nf4" and not isinstance(m, torch.nn.Linear):
+            raise TraceError("unsupported", f"{name}: a {type(m).__name__} layer (GPT-2 style); the trace quantizes "
+                                            "nn.Linear only: plan it unquantized (--recipe lora)")
         key = (name.rpartition(".")[2], *shape, m.bias is not None)
         groups[key] = groups.get(key, 0) + 1
         in_linear.update(id(p) for p in m.parameters())
@@ -164,10 +175,10 @@ def meta_groups(cfg, lora: LoraSpec | None) -> dict:
             continue
         kind = "embed" if p is emb else ("lm_head" if out is not None and p is out.weight else "norms")
         other[kind] += p.numel()
-    adapted = _lora_modules(model, lora) if lora else []
     layers = _layers(model, dims["num_layers"])
     layer_params = sum(p.numel() for p in layers[0].parameters()) if layers is not None else 0
     largest = max(p.numel() for p in model.parameters())
+    adapted = _lora_modules(model, lora) if lora else []  # last: get_peft_model adds adapters in place
     return {"model_type": cfg.model_type, "architecture": type(model).__name__, "dims": dims,
             "linears": [{"name": n, "d_in": i, "d_out": o, "bias": b, "count": c}
                         for (n, i, o, b), c in sorted(groups.items())],
@@ -253,7 +264,8 @@ def _versions() -> dict:
     return {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")}
 
 
-def run(req: dict) -> dict:
+def _import_stack() -> None:
+    """torch, transformers, peft, bitsandbytes importable, or TraceError missing_extra."""
     try:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
@@ -261,22 +273,48 @@ def run(req: dict) -> dict:
         import transformers  # noqa: F401
     except ImportError as e:
         raise TraceError("missing_extra", f"{e}") from None
+
+
+def _child_step(req: dict, st: dict) -> dict:
+    """One step traced in a child process (see the module text)."""
+    args = json.dumps([req["config"], req, st["engine"], st["grad_ckpt"]])
+    p = subprocess.run([sys.executable, "-c", "import sys; from train.trace_model import child; child(sys.argv[1])",
+                        args], capture_output=True, text=True)
+    if p.returncode != 0 or "@@" not in p.stdout:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TraceError("failed", last[:300])
+    got = json.loads(p.stdout.split("@@", 1)[1])
+    if "error" in got:
+        raise TraceError(got["error"]["kind"], got["error"]["message"])
+    return got["step"]
+
+
+def run(req: dict) -> dict:
+    """The trace document of a request: the config first (cheap: transformers' config classes only), then the
+    stack, the meta-device groups, and the steps (the last one in this process, the others in children)."""
+    from importlib.util import find_spec
+
+    missing = [m for m in ("torch", "transformers", "peft", "bitsandbytes") if find_spec(m) is None]
+    if missing:
+        raise TraceError("missing_extra", f"No module named {missing[0]!r}")
     t0 = time.time()
+    try:
+        import torch  # noqa: F401  (first: transformers imports it anyway)
+    except ImportError as e:
+        raise TraceError("missing_extra", f"{e}") from None
     cfg = hf_config(req["config"])
-    lora = req.get("llm_lora")
-    out = {"schema": TRACE_SCHEMA, **meta_groups(cfg, lora), "versions": _versions(), "steps": []}
-    for st in req["steps"]:
-        args = json.dumps([req["config"], req, st["engine"], st["grad_ckpt"]])
-        p = subprocess.run([sys.executable, "-c", "import sys; from train.trace_model import child; child(sys.argv[1])",
-                            args], capture_output=True, text=True)
+    _import_stack()
+    out = {"schema": TRACE_SCHEMA, **meta_groups(cfg, req.get("llm_lora"), req["quant"]), "versions": _versions(),
+           "steps": []}
+    steps = req["steps"]
+    for i, st in enumerate(steps):
         what = f"tracing engine {st['engine']}, checkpointing {'on' if st['grad_ckpt'] else 'off'}"
-        if p.returncode != 0 or "@@" not in p.stdout:
-            last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TraceError("failed", f"{what}: {last[:300]}")
-        got = json.loads(p.stdout.split("@@", 1)[1])
-        if "error" in got:
-            raise TraceError(got["error"]["kind"], f"{what}: {got['error']['message']}")
-        out["steps"].append(got["step"])
+        try:
+            last = i == len(steps) - 1
+            out["steps"].append(trace_one(req["config"], req, st["engine"], st["grad_ckpt"]) if last
+                                else _child_step(req, st))
+        except TraceError as e:
+            raise TraceError(e.kind, f"{what}: {e.message}") from None
     out["seconds"] = round(time.time() - t0, 2)
     return out
 

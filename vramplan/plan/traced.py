@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
+from importlib.util import find_spec
 from pathlib import Path
 
 from vramplan.contract import (
@@ -57,6 +59,9 @@ def trace_request(job) -> dict:
     if not r.llm_lora and not r.train_llm_full:
         raise UsageError(f"--recipe {r.name}: trains no LLM weights of a causal LM", "use --recipe qlora or lora")
     spec = job.model.text
+    if spec.family == "traced" and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec.model_type):
+        raise UsageError(f"{job.model.source}: model_type {spec.model_type!r} is no transformers model type",
+                         "fix or re-download config.json")
     cfg = json.loads(spec.config_json) if spec.family == "traced" else _config_of(job.model)
     lora = r.llm_lora
     steps = [{"engine": ENGINES[e], "grad_ckpt": gc} for e in ("deepspeed", "torch") if e in job.engines
@@ -98,9 +103,13 @@ def launch(req: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="vramplan-trace-") as d:
         req_path, out_path = Path(d) / "request.json", Path(d) / "trace.json"
         write_json(req_path, req)
+        env = dict(os.environ)
+        root = Path(__file__).resolve().parents[2]  # train/ is installed beside vramplan/ (pyproject packages)
+        if (root / "train" / "trace_model.py").is_file():
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
         try:
             p = subprocess.run([sys.executable, "-m", "train.trace_model", str(req_path), str(out_path)],
-                               capture_output=True, text=True, env=dict(os.environ))
+                               capture_output=True, text=True, env=env)
         except OSError as e:
             raise VramplanError(f"the trace could not start: {e}") from None
         if not out_path.is_file():
@@ -206,32 +215,32 @@ def attach_trace(job, ctx):
     if path.is_file():
         try:
             data = parse(json.loads(path.read_text()), str(path))
-            cached = str(path) if "error" not in data else ""
+            cached = str(path)
         except (OSError, ValueError, ContractError):
             data = None  # a broken cache entry is traced again
-        if data is not None and "error" in data:
-            data = None
     if data is None:
         t0 = time.time()
-        out = launch(req)
+        out = launch(req) if all(find_spec(m) for m in TRACE_LIBS) else {
+            "schema": TRACE_SCHEMA, "error": {"kind": "missing_extra", "message": "not installed"}}
         try:
             data = parse(out, "train.trace_model output")
         except ContractError as e:
             raise VramplanError(f"the trace's output is not {TRACE_SCHEMA}: {e.message}") from None
-        if "error" in data:
-            raise _error(data["error"], job.model)
-        data["seconds"] = round(max(float(data["seconds"]), time.time() - t0), 2)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, data)
+        if "error" not in data:
+            data["seconds"] = round(max(float(data["seconds"]), time.time() - t0), 2)
+        try:  # an "unsupported" answer is cached too: it holds for these library versions
+            if data.get("error", {}).get("kind", "unsupported") == "unsupported":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(path, data)
         except OSError:
             pass  # an unwritable cache dir: traced again next time
+    if "error" in data:
+        raise _error(data["error"], job.model)
     spec = _spec(data, job.model.text, cached)
     if job.recipe.llm_lora:
         _check_targets(spec, job.recipe.llm_lora)
     ctx.assumptions.append(trace_note(spec, path))
-    text = spec
-    model = replace(job.model, text=text, chat_template=module_for(text).chat_template(text)
+    model = replace(job.model, text=spec, chat_template=module_for(spec).chat_template(spec)
                     if job.model.text.family == "traced" else job.model.chat_template)
     return replace(job, model=model)
 
