@@ -53,7 +53,7 @@ def trace_request(job) -> dict:
     m, r = job.model, job.recipe
     if m.vision is not None:
         raise UsageError(f"--model {m.name}: the traced path traces causal LMs (a vision-language model is not "
-                         "traced yet)", "use a family vramplan derives (docs/estimate.md#model-families)")
+                         "traced yet)", "use a family vramplan derives (docs/estimate.md#parameters)")
     if job.quant not in (Quant.NF4, Quant.NONE):
         raise UsageError(f"the traced path traces NF4 or unquantized weights, not {job.quant}", "use --quant nf4")
     if not r.llm_lora and not r.train_llm_full:
@@ -94,7 +94,9 @@ def cache_file(req: dict) -> Path:
         except PackageNotFoundError:
             return None
 
-    key = json.dumps({"request": req, "versions": {p: ver(p) for p in TRACE_LIBS}}, sort_keys=True)
+    train = Path(__file__).resolve().parents[2] / "train"  # the tracer's own code: a change re-traces
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(train.glob("trace*.py")))).hexdigest()
+    key = json.dumps({"request": req, "versions": {p: ver(p) for p in TRACE_LIBS}, "code": code}, sort_keys=True)
     return vramplan_cache_dir() / "traces" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
