@@ -134,7 +134,9 @@ def _dims(cfg) -> dict:
     """The sizes the estimate uses besides the parameter groups (attention FLOPs, buckets, embeddings)."""
     h, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
-    kv = getattr(cfg, "num_key_value_heads", None) or (1 if getattr(cfg, "multi_query", False) else heads)
+    kv = getattr(cfg, "num_key_value_heads", None) or (getattr(cfg, "num_kv_heads", None)  # Falcon
+                                                      if getattr(cfg, "new_decoder_architecture", False) else None) \
+        or (1 if getattr(cfg, "multi_query", False) else heads)
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_hidden_size", None) or \
         getattr(cfg, "n_inner", None) or 4 * h
     return {"num_layers": int(cfg.num_hidden_layers), "hidden_size": h, "vocab_size": int(cfg.vocab_size),

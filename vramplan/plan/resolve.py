@@ -260,7 +260,7 @@ def build_job(o: EstimateOptions):
     from vramplan.plan import traced
 
     if traced.wanted(job, o):  # docs/estimate.md#the-traced-path
-        job = traced.attach_trace(job, ctx)
+        job = traced.attach_trace(job, ctx, train=o.task == "train")
     return job, ctx
 
 

@@ -37,32 +37,30 @@ ENGINES = {"deepspeed": "deepspeed", "torch": "plain"}  # Strategy.engine -> tra
 
 
 def wanted(job, o) -> bool:
-    """--trace, or a model no family module derives; training only."""
-    if not (o.trace or job.model.text.family == "traced"):
-        return False
-    if o.task != "train":
-        raise UsageError(f"--task {o.task}: the traced path plans training only ({job.model.name}: "
-                         f"model_type {getattr(job.model.text, 'model_type', '?')} has no family module)"
-                         if not o.trace else f"--trace with --task {o.task}: the traced path plans training only",
-                         "leave --task out")
-    return True
+    """--trace, or a model no family module derives."""
+    return bool(o.trace) or job.model.text.family == "traced"
 
 
-def trace_request(job) -> dict:
-    """The request for the job's shapes and recipe (schema vramplan-trace-request/1)."""
+def trace_request(job, train: bool = True) -> dict:
+    """The request for the job's shapes and recipe (schema vramplan-trace-request/1). Inference (`train`
+    False) needs the parameter groups only: no step is traced."""
     m, r = job.model, job.recipe
     if m.vision is not None:
         raise UsageError(f"--model {m.name}: the traced path traces causal LMs (a vision-language model is not "
                          "traced yet)", "use a family vramplan derives (docs/estimate.md#parameters)")
-    if job.quant not in (Quant.NF4, Quant.NONE):
-        raise UsageError(f"the traced path traces NF4 or unquantized weights, not {job.quant}", "use --quant nf4")
-    if not r.llm_lora and not r.train_llm_full:
-        raise UsageError(f"--recipe {r.name}: trains no LLM weights of a causal LM", "use --recipe qlora or lora")
     spec = job.model.text
     if spec.family == "traced" and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec.model_type):
         raise UsageError(f"{job.model.source}: model_type {spec.model_type!r} is no transformers model type",
                          "fix or re-download config.json")
     cfg = json.loads(spec.config_json) if spec.family == "traced" else _config_of(job.model)
+    if not train:
+        return {"schema": TRACE_REQUEST_SCHEMA, "config": cfg, "quant": "none", "double_quant": False,
+                "llm_lora": None, "modules_to_save": [], "trainable_dtype": "fp32", "seq_len": 1, "micro_batch": 1,
+                "attn": "sdpa", "steps": []}
+    if job.quant not in (Quant.NF4, Quant.NONE):
+        raise UsageError(f"the traced path traces NF4 or unquantized weights, not {job.quant}", "use --quant nf4")
+    if not r.llm_lora and not r.train_llm_full:
+        raise UsageError(f"--recipe {r.name}: trains no LLM weights of a causal LM", "use --recipe qlora or lora")
     lora = r.llm_lora
     steps = [{"engine": ENGINES[e], "grad_ckpt": gc} for e in ("deepspeed", "torch") if e in job.engines
              and not (e == "deepspeed" and job.device == "cpu") for gc in job.grad_ckpt]
@@ -209,9 +207,9 @@ def _check_targets(spec: TracedSpec, lora) -> None:
                          "name the Linear modules by their last name part, or use all-linear")
 
 
-def attach_trace(job, ctx):
+def attach_trace(job, ctx, train: bool = True):
     """The job with its model traced (from the cache when this request was traced before)."""
-    req = trace_request(job)
+    req = trace_request(job, train)
     path = cache_file(req)
     data, cached = None, ""
     if path.is_file():
@@ -239,7 +237,7 @@ def attach_trace(job, ctx):
     if "error" in data:
         raise _error(data["error"], job.model)
     spec = _spec(data, job.model.text, cached)
-    if job.recipe.llm_lora:
+    if job.recipe.llm_lora and train:
         _check_targets(spec, job.recipe.llm_lora)
     ctx.assumptions.append(trace_note(spec, path))
     model = replace(job.model, text=spec, chat_template=module_for(spec).chat_template(spec)
@@ -249,8 +247,10 @@ def attach_trace(job, ctx):
 
 def trace_note(spec: TracedSpec, path: Path) -> str:
     steps = ", ".join(f"{s.engine} checkpointing {'on' if s.grad_ckpt else 'off'}" for s in spec.steps)
-    what = (f"traced, not derived: {spec.architecture}'s parameter groups (meta device) and activation peaks "
-            f"(whole-step trace: {steps}; micro-batch {spec.steps[0].micro_batch} scaled)")
+    what = f"traced, not derived: {spec.architecture}'s parameter groups (meta device)"
+    if spec.steps:
+        what += (f" and activation peaks (whole-step trace: {steps}; micro-batch {spec.steps[0].micro_batch} "
+                 "scaled)")
     if spec.analytic_family:
         what += f" instead of the {spec.analytic_family} family's formulas (--trace)"
     if spec.cached:

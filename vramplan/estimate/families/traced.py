@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vramplan.estimate.activations import ActivationBreakdown
-from vramplan.estimate.families import LinearGroup
+from vramplan.estimate.families import LinearGroup, llama
+from vramplan.estimate.families.llama import TextSpec
 
 ROLE = "traced"  # not a text family a config.json's model_type selects: the fallback for all of them
 HF_MODEL_TYPES = ()
@@ -41,22 +42,15 @@ class TracedStep:
 
 
 @dataclass(frozen=True)
-class TracedSpec:
-    """A causal LM as traced. Sizes the estimate reads besides the groups come from the transformers config."""
+class TracedSpec(TextSpec):
+    """A causal LM as traced: TextSpec's sizes (num_layers, hidden_size, vocab_size, heads, head_dim,
+    intermediate_size, tie_word_embeddings, max_position_embeddings) from the transformers config, for the FLOPs,
+    buckets and embeddings; the parameter groups and the activation peaks as traced."""
 
     family: ClassVar[str] = "traced"
-    model_type: str
-    config_json: str  # the config.json text the trace builds from (sorted keys)
+    model_type: str = ""
+    config_json: str = ""  # the config.json text the trace builds from (sorted keys)
     architecture: str = ""
-    num_layers: int = 0
-    hidden_size: int = 0
-    vocab_size: int = 0
-    num_attention_heads: int = 0
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-    intermediate_size: int = 0
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 0
     linears: tuple[LinearGroup, ...] = ()
     other: tuple[tuple[str, int], ...] = ()  # (embed | lm_head | norms, params)
     layer_param_count: int = 0
@@ -68,25 +62,14 @@ class TracedSpec:
     versions: tuple[tuple[str, str], ...] = field(default=())
     analytic_family: str = ""  # --trace on a known family: the family module it stands in for
 
-    @property
-    def d_head(self) -> int:
-        return self.head_dim or self.hidden_size // max(1, self.num_attention_heads)
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_attention_heads * self.d_head
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_key_value_heads * self.d_head
-
 
 SPEC = TracedSpec
 
 
 def pending(config_json: str, model_type: str) -> TracedSpec:
     """The spec of a config.json no family module reads, before its trace."""
-    return TracedSpec(model_type=model_type, config_json=config_json)
+    return TracedSpec(num_layers=0, hidden_size=0, intermediate_size=0, num_attention_heads=1, num_key_value_heads=1,
+                      vocab_size=0, model_type=model_type, config_json=config_json)
 
 
 def from_hf_config(cfg: dict, where: str) -> TracedSpec:
@@ -146,19 +129,8 @@ def relabel(components: list, t: TracedSpec) -> list:
             for c in components]
 
 
-# --- FLOPs and inference (config sizes) -------------------------------------------------------------------
-def attention_flops_per_token(t: TracedSpec, seq: int) -> float:
-    """Score and value GEMMs, forward, all layers, halved by the causal mask (as families/llama.py)."""
-    return 0.5 * 4 * seq * t.q_dim * t.num_layers
-
-
-def kv_cache_tokens(t: TracedSpec, context: int) -> float:
-    return context
-
-
-def kv_bytes_per_token(t: TracedSpec, dtype_bytes: int) -> int:
-    return 2 * t.kv_dim * dtype_bytes
-
-
-def prefill_bytes_per_token(t: TracedSpec, dtype_bytes: int) -> int:
-    return (t.hidden_size * 4 + t.intermediate_size * 3) * dtype_bytes
+# --- FLOPs and inference: Llama's forms over the config's head sizes (families/llama.py) ----------------------
+attention_flops_per_token = llama.attention_flops_per_token
+kv_cache_tokens = llama.kv_cache_tokens
+kv_bytes_per_token = llama.kv_bytes_per_token
+prefill_bytes_per_token = llama.prefill_bytes_per_token
