@@ -95,12 +95,19 @@ def build(job: TraceJob, fake_mode):
     if job.hf_config is not None:  # any architecture: transformers' auto class, PEFT's own target rules
         from transformers import AutoModelForCausalLM
 
-        from train.trace_model import head_name
+        from train.trace_meta import head_name
         from train.trace_model import prepare_peft as prepare
 
         make = AutoModelForCausalLM.from_config
     torch.manual_seed(0)
-    model = make(cfg, dtype=torch.bfloat16, attn_implementation=job.attn)
+    try:
+        model = make(cfg, dtype=torch.bfloat16, attn_implementation=job.attn)
+    except ValueError:  # an architecture without SDPA (BLOOM): transformers' own fallback is eager
+        if job.hf_config is None or job.attn == "eager":
+            raise
+        job.attn = "eager"
+        job.notes.append("eager attention: transformers has no SDPA for this architecture")
+        model = make(cfg, dtype=torch.bfloat16, attn_implementation="eager")
     if job.quant == "nf4":
         skip = SKIP_QUANT_LLAVA if job.vision is not None else ("lm_head",)
         if job.hf_config is not None:

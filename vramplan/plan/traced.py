@@ -240,6 +240,11 @@ def attach_trace(job, ctx, train: bool = True):
     if job.recipe.llm_lora and train:
         _check_targets(spec, job.recipe.llm_lora)
     ctx.assumptions.append(trace_note(spec, path))
+    for note in sorted({n for st in data["steps"] for n in st.get("notes", []) if isinstance(n, str)}):
+        ctx.assumptions.append(f"trace: {note}")
+    if job.kbit_saves_inputs and spec.steps:
+        ctx.assumptions.append("the trace ran the installed bitsandbytes "
+                               f"({dict(spec.versions).get('bitsandbytes', '?')}), not --bnb-version's saved inputs")
     model = replace(job.model, text=spec, chat_template=module_for(spec).chat_template(spec)
                     if job.model.text.family == "traced" else job.model.chat_template)
     return replace(job, model=model)
