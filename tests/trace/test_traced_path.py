@@ -110,3 +110,28 @@ def test_config_unknown_to_transformers_is_one_line(tmp_path):
     assert "'nosuchmodel' is unknown to transformers" in line
     line = _one_error_line(_estimate("--model", str(_dir(tmp_path, {"model_type": "no such"}, "b")), *ONE_STEP[:-1]))
     assert "is no transformers model type" in line
+
+
+def test_hub_id_of_an_unknown_architecture_is_traced(tmp_path, monkeypatch):
+    """A hub id (here from the Hugging Face cache, offline) reaches the traced path like a dir: the request
+    carries its config.json."""
+    from vramplan.inputs.model_dir import resolve_model
+    from vramplan.plan.request import EstimateOptions
+    from vramplan.plan.traced import trace_request
+
+    snap = tmp_path / "hub" / "models--tiny--falcon" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(FALCON))
+    (tmp_path / "hub" / "models--tiny--falcon" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny--falcon" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("tiny/falcon").text.family == "traced"
+    import vramplan.plan.resolve as resolve
+
+    monkeypatch.setattr("vramplan.plan.traced.attach_trace", lambda job, ctx, train=True: job)  # no subprocess
+    job, _ = resolve.build_job(EstimateOptions(model="tiny/falcon", gpus="1x24G", micro_batch=2, seq_len=128,
+                                               grad_ckpt=False, zero=2))
+    req = trace_request(job)
+    assert req["config"] == FALCON and req["micro_batch"] == 2 and req["seq_len"] == 128
+    assert req["steps"] == [{"engine": "deepspeed", "grad_ckpt": False}]
