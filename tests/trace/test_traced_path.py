@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -77,6 +78,9 @@ def test_falcon_plans_through_the_trace_then_from_the_cache(tmp_path):
     m2 = json.loads(again.stdout)["data"]["model"]
     assert m2["traced"]["cached"] and m2["params"] == m["params"]
     assert json.loads(again.stdout)["data"]["candidates"] == data["candidates"]
+    traced = json.loads(Path(m2["traced"]["cache_file"]).read_text())["steps"][0]["params"]
+    for k in ("weights_quantized", "weights_frozen", "weights_trainable"):  # the derived states, to the byte
+        assert pick["vram_breakdown"][k] == traced[k], (k, pick["vram_breakdown"][k], traced[k])
 
 
 def test_traced_and_derived_llama_agree(tmp_path):
