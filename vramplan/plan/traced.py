@@ -242,6 +242,8 @@ def attach_trace(job, ctx, train: bool = True):
     ctx.assumptions.append(trace_note(spec, path))
     for note in sorted({n for st in data["steps"] for n in st.get("notes", []) if isinstance(n, str)}):
         ctx.assumptions.append(f"trace: {note}")
+    if job.attn == "flash" and spec.steps:
+        ctx.assumptions.append("the trace ran SDPA for --attn flash (FlashAttention-2 runs on CUDA only)")
     if job.kbit_saves_inputs and spec.steps:
         ctx.assumptions.append("the trace ran the installed bitsandbytes "
                                f"({dict(spec.versions).get('bitsandbytes', '?')}), not --bnb-version's saved inputs")
