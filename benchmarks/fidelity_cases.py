@@ -10,7 +10,9 @@ One entry per case id: either `missing` (the capability vramplan lacks to expres
   verdict_only  the case has no comparable figure: only its fits/OOM outcome is scored
 Models outside vramplan's built-in profiles are given as a config.json (benchmarks/cases/models/): a
 Llama-layout decoder (RMSNorm, SwiGLU, RoPE, GQA) whose sizes are its published config.json's, or the
-published config.json itself (mixtral-8x7b; gemma-7b, model_type gemma: families/gemma.py).
+published config.json itself (mixtral-8x7b; gemma-7b, model_type gemma: families/gemma.py), or (`traced`)
+the published config.json of another architecture, planned through the traced path: only with
+`benchmarks/fidelity.py --traced`, since each takes a real-size trace (docs/estimate.md#the-traced-path).
 """
 
 from __future__ import annotations
@@ -79,7 +81,10 @@ CASES: dict[str, dict] = {
                  gpus="1xA100-40G", double_quant=False, optimizer="paged_adamw_32bit", bnb_version=BNB_LIT_2023),
     "C032": dict(LIT, model=M + "llama-2-13b", recipe="qlora", lora_r=8, micro_batch=1, seq_len=1304,
                  gpus="1xA100-40G", double_quant=True, optimizer="paged_adamw_32bit", bnb_version=BNB_LIT_2023),
-    "C034": dict(missing="Falcon (parallel attention, multi-query): no such text family"),
+    "C034": dict(LIT, model=M + "falcon-40b", recipe="qlora", lora_r=8, lora_targets="query_key_value", micro_batch=1,
+                 seq_len=1079, gpus="1xA100-40G", double_quant=True, optimizer="paged_adamw_32bit",
+                 bnb_version=BNB_LIT_2023, verdict_only=True, traced=True,
+                 note="HF Falcon's fused query_key_value adapted whole (lit-gpt adapts its q and v parts)"),
     "C035": dict(missing=FSDP), "C036": dict(missing=FSDP),
     "C039": dict(INFER, model=M + "llama-2-7b", quant="none", context=64, gpus="1xA100-40G", stat="allocated",
                  unit="GB"),
@@ -119,7 +124,8 @@ CASES: dict[str, dict] = {
                  lora_targets="all-linear", micro_batch=2, seq_len=2048, grad_ckpt=True, gpus="2xA100-40G",
                  double_quant=True, stat="smi", unit="GB"),
     "C080": dict(missing=FSDP),
-    "C082": dict(missing="BLOOM (ALiBi, fused qkv, GELU MLP): no such text family"),
+    "C082": dict(HF, model=M + "bloomz-7b1", recipe="full", quant="none", micro_batch=8, seq_len=64, grad_ckpt=False,
+                 gpus="1xA100-80G", verdict_only=True, traced=True),
     "C083": dict(HF, model=M + "llama-65b", recipe="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all-linear",
                  micro_batch=1, seq_len=528, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=True,
                  optimizer="paged_adamw_32bit", attn="eager", verdict_only=True, trainable_dtype="bf16",
@@ -151,9 +157,14 @@ CASES: dict[str, dict] = {
                  unit="GiB"),
     "C109": dict(INFER, model=M + "qwen2.5-72b", quant="none", context=2049, gpus="2xA100-80G", stat="allocated",
                  unit="GiB", per="total"),
-    "C113": dict(missing="GPT-BigCode/StarCoder (multi-query, GELU MLP): no such text family"),
-    "C114": dict(missing="GPT-BigCode/StarCoder (multi-query, GELU MLP): no such text family"),
-    "C115": dict(missing="GPT-BigCode/StarCoder (multi-query, GELU MLP): no such text family"),
+    # optimize-llm.md's prompt ("Question: Please write a function in Python that transforms bytes to Giga
+    # bytes.\n\nAnswer:") + 60 new tokens: 80 tokens of context
+    "C113": dict(INFER, model=M + "octocoder", quant="int8", context=80, gpus="1xA100-40G", stat="allocated",
+                 unit="GiB", traced=True),
+    "C114": dict(INFER, model=M + "octocoder", quant="nf4", context=80, gpus="1xA100-40G", stat="allocated",
+                 unit="GiB", traced=True),
+    "C115": dict(missing="prompt length not stated (\"several thousand tokens\"); GPT-BigCode itself is traced "
+                         "(C113, C114)"),
     "C117": dict(HF, model=M + "llama-3.1-8b", recipe="qlora", lora_r=32, lora_dropout=0.0, lora_targets="all-linear",
                  micro_batch=1, seq_len=5789, grad_ckpt=True, gpus="1xRTX4090", double_quant=False,
                  verdict_only=True),
@@ -183,7 +194,9 @@ CASES: dict[str, dict] = {
     "C141": dict(model="llava-v1.5-13b", recipe="qlora", micro_batch=16, seq_len=2048, grad_ckpt=True,
                  gpus="1xRTX3090", verdict_only=True, any_stage=True, bnb_version=BNB_2024_H1),
     "C142": dict(missing="Idefics2 (perceiver, DPO with a reference pass): no such family/task"),
-    "C145": dict(missing="Megatron GPT-2 (LayerNorm, GELU MLP, learned positions): no such text family"),
+    "C145": dict(model=M + "gpt2-10b-megatron", recipe="full", quant="none", zero=2, offload="optimizer",
+                 micro_batch=10, seq_len=1024, grad_ckpt=True, gpus="1xV100-32G", verdict_only=True, traced=True,
+                 note="Megatron-LM GPT-2 as transformers' GPT2LMHeadModel (the same layout)"),
     "C146": dict(HF, model=M + "glm-4-9b", recipe="qlora", lora_r=8, lora_dropout=0.0, lora_targets="all-linear",
                  micro_batch=1, seq_len=10240, grad_ckpt=True, gpus="1xA100-80G", double_quant=False, stat="smi",
                  unit="GB", note="ChatGLM counted as a Llama-layout decoder of its sizes", bnb_version=BNB_2024_H1),

@@ -41,7 +41,8 @@ DEQUANT_ROWS = 512  # bitsandbytes gemm_4bit dequantizes above this many rows on
 
 @dataclass
 class TraceJob:
-    """One training configuration. `text`/`vision` are transformers LlamaConfig/CLIPVisionConfig kwargs."""
+    """One training configuration. `text`/`vision` are transformers LlamaConfig/CLIPVisionConfig kwargs;
+    `hf_config` (a config.json dict) instead builds any AutoModelForCausalLM (train/trace_model.py)."""
 
     text: dict
     vision: dict | None = None
@@ -59,10 +60,18 @@ class TraceJob:
     fake: bool = True  # False: the same program on real CPU tensors (reduced sizes only)
     dequant_rows: int = DEQUANT_ROWS
     notes: list = field(default_factory=list)
+    hf_config: dict | None = None
+    modules_to_save: tuple = ()  # peft modules_to_save (embed_tokens, lm_head)
+    trainable_dtype: str = "fp32"  # the trained weights' dtype under plain PyTorch (train.model.prepare)
 
 
 def _config(job: TraceJob):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if job.hf_config is not None:
+        from train.trace_model import hf_config
+
+        return hf_config(job.hf_config), 0
 
     text = LlamaConfig(**job.text)
     if job.vision is None:
@@ -82,17 +91,34 @@ def build(job: TraceJob, fake_mode):
     from train.trace_fake import adopt_fake_tensors, quantize_linears
 
     cfg, _ = _config(job)
-    cls = LlavaForConditionalGeneration if job.vision is not None else LlamaForCausalLM
+    make = (LlavaForConditionalGeneration if job.vision is not None else LlamaForCausalLM)._from_config
+    if job.hf_config is not None:  # any architecture: transformers' auto class, PEFT's own target rules
+        from transformers import AutoModelForCausalLM
+
+        from train.trace_meta import head_name
+        from train.trace_model import prepare_peft as prepare
+
+        make = AutoModelForCausalLM.from_config
     torch.manual_seed(0)
-    model = cls._from_config(cfg, dtype=torch.bfloat16, attn_implementation=job.attn)
+    try:
+        model = make(cfg, dtype=torch.bfloat16, attn_implementation=job.attn)
+    except ValueError:  # an architecture without SDPA (BLOOM): transformers' own fallback is eager
+        if job.hf_config is None or job.attn == "eager":
+            raise
+        job.attn = "eager"
+        job.notes.append("eager attention: transformers has no SDPA for this architecture")
+        model = make(cfg, dtype=torch.bfloat16, attn_implementation="eager")
     if job.quant == "nf4":
         skip = SKIP_QUANT_LLAVA if job.vision is not None else ("lm_head",)
+        if job.hf_config is not None:
+            skip = (head_name(model),)
         quantize_linears(model, skip, job.double_quant, torch.bfloat16, fake=job.fake)
         model.is_loaded_in_4bit = True
     recipe = "qlora" if job.quant == "nf4" else "lora"
     tc = SimpleNamespace(recipe=recipe, llm_lora=job.llm_lora, vision_lora=job.vision_lora,
                          train_projector=job.train_projector and job.vision is not None, train_llm_full=False,
-                         gradient_checkpointing=job.grad_ckpt, modules_to_save=(), trainable_dtype="fp32",
+                         gradient_checkpointing=job.grad_ckpt, modules_to_save=job.modules_to_save,
+                         trainable_dtype=job.trainable_dtype,
                          ds_config={} if job.engine == "deepspeed" else None)
     model = prepare(model, tc)
     if fake_mode is not None:

@@ -420,6 +420,13 @@ def plan_paths_here(plan: dict, plan_dir: str | os.PathLike) -> dict:
     return out
 
 
+# The traced path (docs/contracts.md "Traced step"): vramplan writes a request, `python -m train.trace_model
+# REQUEST OUT` writes the trace; both are JSON files with these schemas.
+TRACE_REQUEST_SCHEMA = "vramplan-trace-request/1"
+TRACE_SCHEMA = "vramplan-trace/1"
+TRACE_ERRORS = ("missing_extra", "unsupported", "failed")  # the kinds of a trace's "error" object
+
+
 ALL_LINEAR = "all-linear"  # every nn.Linear except lm_head (XTuner xtuner/model/llava.py find_all_linear_names)
 
 

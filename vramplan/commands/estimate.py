@@ -101,6 +101,9 @@ def estimate_options(f):
                      help="reduce,allgather bucket sizes in elements of the DeepSpeed config the run uses (reduce: "
                      "ZeRO-1/2/3; allgather: ZeRO-1/2), "
                      "e.g. auto,5e8 (auto = hidden^2, as the HF Trainer fills it; default: vramplan's 2e8,2e8)."),
+        click.option("--trace", is_flag=True, default=False,
+                     help="Trace the training step (needs the train extra) instead of deriving it, for a known "
+                     "architecture too: a cross-check. Unknown architectures are always traced."),
         click.option("--bnb-version", "bnb_version",
                      help="bitsandbytes release the run will use, e.g. 0.41.1 (default: the installed one; "
                      "before 0.43.2 every 4-bit Linear keeps its input for backward: more memory)."),

@@ -58,6 +58,9 @@ def _zero(c: dict) -> str:
 
 def _family(m: dict) -> str:
     """" (mistral)": the family modules that described the model (docs/estimate.md#parameters)."""
+    t = m.get("traced")
+    if t:  # docs/estimate.md#the-traced-path
+        return f" (traced, not derived: {t['architecture']}, {t['seconds']:.1f} s{', cached' if t['cached'] else ''})"
     return f" ({m['family']})" if m.get("family") else ""
 
 

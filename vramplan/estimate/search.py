@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from vramplan.estimate.activations import activation_bytes
 from vramplan.estimate.ds_config import buckets_for, make_ds_config
+from vramplan.estimate.families import module_for
 from vramplan.estimate.gpu_memory import GpuMemory, gpu_memory
 from vramplan.estimate.host import HostNeeds, host_needs, trainer_steps
 from vramplan.estimate.optimizers import DEEPSPEED, TORCH, TRAINABLE_DTYPES, mean_trainable_bytes
@@ -97,18 +98,25 @@ def autocast_upcast(job: Job, groups: ParamGroups, s: Strategy) -> dict:
 def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
     r, bc = job.recipe, job.compute_bytes
     llm_mode = "full" if r.train_llm_full else ("lora" if r.llm_lora else "frozen")
-    act = activation_bytes(job.model.text, job.model.vision, micro_batch=s.micro_batch, seq=job.seq_len,
-                           images_per_sample=job.images_per_sample, llm_mode=llm_mode, llm_lora=r.llm_lora,
-                           vision_lora=r.vision_lora, grad_ckpt=s.grad_ckpt, attn=job.attn, compute_bytes=bc,
-                           projector=job.model.projector, projector_trained=r.train_projector,
-                           kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4,
-                           tower_tokens=job.model.tower_tokens, projector_tokens=job.model.projector_tokens,
-                           **autocast_upcast(job, groups, s))
+    traced = module_for(job.model.text) if job.model.text.family == "traced" else None
+    if traced:  # measured, not derived (families/traced.py)
+        act = traced.traced_activations(job.model.text, s.micro_batch, s.grad_ckpt, s.engine)
+    else:
+        act = activation_bytes(job.model.text, job.model.vision, micro_batch=s.micro_batch, seq=job.seq_len,
+                               images_per_sample=job.images_per_sample, llm_mode=llm_mode, llm_lora=r.llm_lora,
+                               vision_lora=r.vision_lora, grad_ckpt=s.grad_ckpt, attn=job.attn, compute_bytes=bc,
+                               projector=job.model.projector, projector_trained=r.train_projector,
+                               kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4,
+                               tower_tokens=job.model.tower_tokens, projector_tokens=job.model.projector_tokens,
+                               **autocast_upcast(job, groups, s))
     buckets = buckets_for(job.model.text.hidden_size, groups.trainable, job.ds_buckets)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
-    return gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
-                      load_bytes_per_param=load_b, optimizer=r.optimizer,
-                      trainable_bytes=_trainable_bytes(job, groups), largest_trainable=_largest_trainable(job, groups))
+    mem = gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
+                     load_bytes_per_param=load_b, optimizer=r.optimizer,
+                     trainable_bytes=_trainable_bytes(job, groups), largest_trainable=_largest_trainable(job, groups))
+    if traced:  # docs/estimate.md#the-traced-path
+        mem.components = traced.relabel(mem.components, job.model.text)
+    return mem
 
 
 def _trainable_bytes(job: Job, g: ParamGroups) -> float:

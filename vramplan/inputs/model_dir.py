@@ -165,9 +165,9 @@ def load_model_dir(path: str | os.PathLike, headers: dict | None = None, name: s
                   stored_bytes_by_dtype=by_dtype, stored_dtype=_dtype(cfg, by_dtype))
     from vramplan.estimate.families import for_model_type, known_model_types, module_for
 
-    hint = ("vramplan reads the VLMs of type " + ", ".join(known_model_types("projector"))
-            + " and decoders of type " + ", ".join(known_model_types("text")) + "; or use a built-in profile "
-            "(`vramplan profiles`)")
+    hint = ("vramplan derives the VLMs of type " + ", ".join(known_model_types("projector"))
+            + " and decoders of type " + ", ".join(known_model_types("text")) + " and traces any other causal LM; or use a "
+            "built-in profile (`vramplan profiles`)")
     vlm_family = for_model_type("projector", mt) if isinstance(mt, str) else None
     if vlm_family is not None:
         processor = read_processor_config(d)
@@ -182,7 +182,12 @@ def load_model_dir(path: str | os.PathLike, headers: dict | None = None, name: s
         text = _parse(text_family.from_hf_config, cfg, where, hint)
         return ModelSpec(text=text, vision=None, projector=None, hf_ids={"llm": hf_id},
                          chat_template=text_family.chat_template(text), image_token_added=False, **common)
-    raise UsageError(f"{where}: model_type {mt!r} is not supported", hint)
+    if not isinstance(mt, str) or not mt:
+        raise UsageError(f"{where}: no model_type", hint)
+    from vramplan.estimate.families import traced  # docs/estimate.md#the-traced-path: vramplan/plan/traced.py
+
+    return ModelSpec(text=traced.pending(json.dumps(cfg, sort_keys=True), mt), vision=None, projector=None,
+                     hf_ids={"llm": hf_id}, image_token_added=False, **common)
 
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")

@@ -59,6 +59,7 @@ class EstimateOptions:
     bnb_version: str | None = None  # --bnb-version 0.41.1: plan for another machine's bitsandbytes
     transformers_version: str | None = None  # --transformers-version 4.45.2: a MoE's expert layout (plan/moe_layout.py)
     ds_buckets: str | None = None  # --ds-buckets auto,5e8: ZeRO-1/2 reduce,allgather bucket elements of a given config
+    trace: bool = False  # --trace: the traced path for a known family too (docs/estimate.md#the-traced-path)
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):

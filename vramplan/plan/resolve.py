@@ -268,6 +268,10 @@ def build_job(o: EstimateOptions):
               else ("deepspeed", "torch"),
               offloads=(o.offload,) if o.offload else Offload.ALL,
               mean_seq_len=data.mean_seq_len, calibration=calibration, speed_tolerance=o.speed_tolerance)
+    from vramplan.plan import traced
+
+    if traced.wanted(job, o):  # docs/estimate.md#the-traced-path
+        job = traced.attach_trace(job, ctx, train=o.task == "train")
     return job, ctx
 
 

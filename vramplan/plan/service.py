@@ -12,6 +12,7 @@ from vramplan.estimate.policy import pick
 from vramplan.estimate.search import sweep
 from vramplan.plan.request import EstimateOptions, options_from_kwargs
 from vramplan.plan.resolve import Context, build_job
+from vramplan.plan.traced import traced_info
 
 
 @dataclass
@@ -31,7 +32,8 @@ class EstimateResult:
         g = param_groups(j.model, j.recipe)
         return {
             "model": {"name": j.model.name, "family": j.model.family, "path": j.model.path, "params": g.total_params,
-                      "trainable_params": g.trainable, **image_facts(j.model)},
+                      "trainable_params": g.trainable, **image_facts(j.model),
+                      "traced": traced_info(j.model.text)},
             "recipe": recipe_dict(j.recipe),
             "hardware": self.context.selection,
             "gpus_source": self.context.gpus_source,
