@@ -166,8 +166,8 @@ def load_model_dir(path: str | os.PathLike, headers: dict | None = None, name: s
     from vramplan.estimate.families import for_model_type, known_model_types, module_for
 
     hint = ("vramplan derives the VLMs of type " + ", ".join(known_model_types("projector"))
-            + " and decoders of type " + ", ".join(known_model_types("text")) + " and traces any other causal LM; or use a "
-            "built-in profile (`vramplan profiles`)")
+            + " and decoders of type " + ", ".join(known_model_types("text"))
+            + " and traces any other causal LM; or use a built-in profile (`vramplan profiles`)")
     vlm_family = for_model_type("projector", mt) if isinstance(mt, str) else None
     if vlm_family is not None:
         processor = read_processor_config(d)
