@@ -22,7 +22,7 @@ def scored():
 
 def test_every_case_is_expressed_or_names_the_missing_capability(scored):
     rows, s = scored
-    assert s["cases"] == 90 and s["expressed"] >= 42
+    assert s["cases"] == 90 and s["expressed"] >= 44
     for r in rows:
         assert r.get("expressed") or r.get("why"), r
         assert not r.get("dropped"), r  # every flag the table uses exists
@@ -31,18 +31,19 @@ def test_every_case_is_expressed_or_names_the_missing_capability(scored):
 def test_pinned_figures(scored):
     _, s = scored
     lq = s["lora/qlora+inference"]
-    assert lq["n"] >= 26
-    assert lq["median_abs_error"] <= 0.041  # 12.9% on the base commit (benchmarks/results/fidelity-before.txt)
+    assert lq["n"] >= 27  # 26 + C065 (Mixtral, families/mixtral.py)
+    assert lq["median_abs_error"] <= 0.044  # 4.0% over the 26 before C065 (-4.4%) entered  # 12.9% on the base commit (benchmarks/results/fidelity-before.txt)
     # 21/26 before the Qwen-1 inference profile rows (C099/C101/C102) were expressed as their model card states
     # them (a 1-token prompt, --prompt 1) in the statistic they are (torch's peak allocated)
-    assert lq["within_15"] >= 24 / 26 - 1e-9  # 24 with C087 as peft leaves its dtypes (--trainable-dtype peft)
+    assert lq["within_15"] >= 25 / 27 - 1e-9  # 24 with C087 as peft leaves its dtypes (--trainable-dtype peft)
     assert s["full"]["median_abs_error"] <= 0.02
     # 39/42 before the plain-PyTorch autocast mechanisms (fp32 residual under k-bit, autocast weight casts;
     # docs/estimate.md#activations): they turned C063, a real OOM, from "fits" to "OOM", and C117/C120, unsloth's
     # HF+FA2 maximum-context thresholds, from "fits" to just over the card (allocated 88% and 99% of it; the
     # allocator-reserve prior tips them): one fewer agreement, and no OOM predicted to fit among the QLoRA runs
     # 39 since C137 is expressed as launched (one 4-GPU DeepSpeed job per node: no hostfile) with zero2.json's buckets
-    assert s["verdicts_agree"] >= 39 and s["verdicts_agree"] / s["verdicts"] >= 0.92
+    # 41/44 with C053 (Gemma-7B, predicted OOM as it was) and C065 (Mixtral) expressed by their families
+    assert s["verdicts_agree"] >= 41 and s["verdicts_agree"] / s["verdicts"] >= 0.93
     assert set(s["oom_predicted_fit"]) <= {"C092"}  # docs/estimate.md#checked-against-reality
 
 
