@@ -122,11 +122,11 @@ def hub(repos, tmp_path_factory):
         yield h
 
 
-def estimate(model: str, *flags: str):
-    """`vramplan estimate --model MODEL --json` in this process: (exit code, data or None, stderr)."""
-    r = CliRunner().invoke(cli, ["estimate", "--model", model, "--gpus", "1x80GB", "--json", *flags])
+def estimate(model: str, as_json: bool = True):
+    """`vramplan estimate --model MODEL [--json]` in this process: (exit code, data or None, stderr)."""
+    r = CliRunner().invoke(cli, ["estimate", "--model", model, "--gpus", "1x80GB", *(["--json"] * as_json)])
     assert not r.exception or isinstance(r.exception, SystemExit), repr(r.exception)
-    return r.exit_code, json.loads(r.stdout)["data"] if r.exit_code == 0 else None, r.stderr
+    return r.exit_code, json.loads(r.stdout)["data"] if r.exit_code == 0 and as_json else None, r.stderr
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -142,7 +142,9 @@ def test_plans_from_a_local_dir_and_a_hub_id_with_exact_counts(repos, hub, name)
     assert local["pick"] is not None and remote["model"]["family"] == local["model"]["family"]
 
 
-def _one_line_exit_2(rc, err, *words):
+def _one_line_exit_2(model, *words):
+    """What a user who types `vramplan estimate --model MODEL` sees: one error line (and its hint), exit 2."""
+    rc, _, err = estimate(model, as_json=False)
     assert rc == 2 and "Traceback" not in err, err
     lines = err.strip().splitlines()
     assert lines[0].startswith("vramplan: error: ") and all(w in lines[0] for w in words), err
@@ -150,9 +152,9 @@ def _one_line_exit_2(rc, err, *words):
 
 
 def test_a_misspelled_hub_id_is_one_line_and_exit_2(hub):
-    rc, _, err = estimate("org/tiny-lama")
-    _one_line_exit_2(rc, err, "no such model on the Hugging Face hub")
+    _one_line_exit_2("org/tiny-lama", "no such model on the Hugging Face hub")
     assert hub.weight_bytes == 0
+    _one_line_exit_2("llava-llama3-8b-instrukt", "unknown model profile")  # a profile id, misspelled
 
 
 BAD = {
@@ -173,5 +175,4 @@ BAD = {
 def test_an_unsupported_config_is_one_line_and_exit_2(tmp_path, case):
     cfg, word = BAD[case]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    rc, _, err = estimate(str(tmp_path))
-    _one_line_exit_2(rc, err, word)
+    _one_line_exit_2(str(tmp_path), word)
