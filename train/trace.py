@@ -41,7 +41,8 @@ DEQUANT_ROWS = 512  # bitsandbytes gemm_4bit dequantizes above this many rows on
 
 @dataclass
 class TraceJob:
-    """One training configuration. `text`/`vision` are transformers LlamaConfig/CLIPVisionConfig kwargs."""
+    """One training configuration. `text`/`vision` are transformers config kwargs of the decoder (its
+    `model_type`; with a vision tower, Llama) and of CLIPVisionConfig."""
 
     text: dict
     vision: dict | None = None
@@ -59,14 +60,15 @@ class TraceJob:
     fake: bool = True  # False: the same program on real CPU tensors (reduced sizes only)
     dequant_rows: int = DEQUANT_ROWS
     notes: list = field(default_factory=list)
+    model_type: str = "llama"  # the decoder's config.json model_type (text-only jobs: any AutoModelForCausalLM)
 
 
 def _config(job: TraceJob):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    text = LlamaConfig(**job.text)
     if job.vision is None:
-        return text, 0
+        return AutoConfig.for_model(job.model_type, **job.text), 0
+    text = LlamaConfig(**job.text)
     v = CLIPVisionConfig(**job.vision)
     n_img = (v.image_size // v.patch_size) ** 2
     return LlavaConfig(vision_config=v, text_config=text, image_token_index=text.vocab_size - 1,
@@ -76,13 +78,14 @@ def _config(job: TraceJob):
 
 def build(job: TraceJob, fake_mode):
     """The model as train.model.load_base + prepare leave it (quantized LLM, LoRA, checkpointing)."""
-    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from train.model import prepare
     from train.trace_fake import adopt_fake_tensors, quantize_linears
 
     cfg, _ = _config(job)
-    cls = LlavaForConditionalGeneration if job.vision is not None else LlamaForCausalLM
+    cls = LlavaForConditionalGeneration if job.vision is not None else MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
     torch.manual_seed(0)
     model = cls._from_config(cfg, dtype=torch.bfloat16, attn_implementation=job.attn)
     if job.quant == "nf4":

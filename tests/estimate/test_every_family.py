@@ -176,3 +176,84 @@ def test_an_unsupported_config_is_one_line_and_exit_2(tmp_path, case):
     cfg, word = BAD[case]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     _one_line_exit_2(str(tmp_path), word)
+
+
+# --- activation coefficients against the whole-step trace (train/trace.py) ------------------------------------
+TEXT_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"]
+# A small shape with a released model's vocabulary-to-width ratio (Llama-3-8B: 128256 / 4096 = 31; here 32): the
+# tiny configs' widths, vocabulary and expert sizes scaled up, each family's own options kept
+SMALL = dict(hidden_size=256, intermediate_size=704, vocab_size=8192, num_attention_heads=4, num_key_value_heads=2)
+SEQ = 512
+# the trainer's all-linear names nn.Linear modules only (train/model.py target_regex); the fused experts of
+# transformers 5 are not, so the MoE families adapt the attention, whose targets both read alike
+MOE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def small_config(name: str, layers: int):
+    make, _, _ = CONFIGS[name]
+    kw = {k: v for k, v in make().to_dict().items()
+          if k not in ("model_type", "transformers_version", "architectures", "layer_types")}
+    kw.update(SMALL, num_hidden_layers=layers)
+    if kw.get("head_dim"):
+        kw["head_dim"] = 72  # distinct from hidden / heads, as the tiny configs keep it
+    for k in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if kw.get(k):
+            kw[k] = SMALL["intermediate_size"] // 2
+    return transformers.AutoConfig.for_model(make().model_type, **kw), kw
+
+
+def trace_rows(names: list, layers: list) -> dict:
+    """{name: {layers: (traced, estimated)}}: the forward/backward activations + transients of train/trace.py's
+    whole step (LoRA r16 on the unquantized decoder, checkpointing off, ZeRO-0, fake tensors) and of vramplan's
+    candidate for the same job (benchmarks/trace_step.py's comparison). Run in one fresh interpreter
+    (tests/trace/isolated.py)."""
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from benchmarks.trace_step import candidate, compare
+    from train.trace import TraceJob, trace_step
+    from vramplan.plan.request import EstimateOptions
+    from vramplan.plan.resolve import build_job
+
+    out = {}
+    for name in names:
+        for n in layers:
+            cfg, kw = small_config(name, n)
+            d = Path(tempfile.mkdtemp())
+            cfg.save_pretrained(d)
+            job, _ = build_job(EstimateOptions(model=str(d), recipe="lora", gpus="1x141G", seq_len=SEQ, micro_batch=1,
+                                               grad_ckpt=False, zero=0, offload="none", cpu_ram="1TiB", disk="100TB"))
+            lora = replace(job.recipe.llm_lora, r=16, alpha=32)
+            if hasattr(module_for_text(job), "saved_bytes_per_layer"):  # a MoE family
+                lora = replace(lora, targets=MOE_TARGETS)
+            job = replace(job, recipe=replace(job.recipe, llm_lora=lora))
+            tj = TraceJob(text=kw, model_type=cfg.model_type, quant="none", double_quant=False, llm_lora=lora,
+                          train_projector=False, micro_batch=1, seq=SEQ, images_per_sample=0, grad_ckpt=False,
+                          attn="eager" if cfg.model_type == "gemma2" else job.attn)  # train/model.py: no SDPA
+            rows = {r[0].split(" (")[0]: r[1:] for r in compare(trace_step(tj), candidate(job, 1, False))}
+            out.setdefault(name, {})[n] = rows["activations + transients"]
+    return out
+
+
+def module_for_text(job):
+    from vramplan.estimate.families import module_for
+
+    return module_for(job.model.text)
+
+
+@pytest.fixture(scope="module")
+def traced():
+    pytest.importorskip("peft")
+    from tests.trace.isolated import run
+
+    return run("tests.estimate.test_every_family", "trace_rows", TEXT_FAMILIES, [2, 3])
+
+
+@pytest.mark.slow  # 20 traces in one interpreter: about a minute on 2 cores
+@pytest.mark.parametrize("name", TEXT_FAMILIES)
+def test_activations_within_3_percent_of_the_whole_step_trace(traced, name):
+    """The step's activation total at 2 layers, and one decoder layer's (3 layers minus 2): within 3%."""
+    (tr2, es2), (tr3, es3) = traced[name]["2"], traced[name]["3"]
+    assert abs(es2 - tr2) <= 0.03 * tr2, (tr2, es2, (es2 - tr2) / tr2)
+    assert abs((es3 - es2) - (tr3 - tr2)) <= 0.03 * (tr3 - tr2), (tr3 - tr2, es3 - es2)
