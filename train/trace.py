@@ -41,8 +41,9 @@ DEQUANT_ROWS = 512  # bitsandbytes gemm_4bit dequantizes above this many rows on
 
 @dataclass
 class TraceJob:
-    """One training configuration. `text`/`vision` are transformers LlamaConfig/CLIPVisionConfig kwargs;
-    `hf_config` (a config.json dict) instead builds any AutoModelForCausalLM (train/trace_model.py)."""
+    """One training configuration. `text`/`vision` are transformers config kwargs of the decoder (its
+    `model_type`; with a vision tower, Llama) and of CLIPVisionConfig; `hf_config` (a config.json dict) instead
+    builds any AutoModelForCausalLM (train/trace_model.py)."""
 
     text: dict
     vision: dict | None = None
@@ -63,19 +64,19 @@ class TraceJob:
     hf_config: dict | None = None
     modules_to_save: tuple = ()  # peft modules_to_save (embed_tokens, lm_head)
     trainable_dtype: str = "fp32"  # the trained weights' dtype under plain PyTorch (train.model.prepare)
+    model_type: str = "llama"  # the decoder's config.json model_type (text-only jobs: any AutoModelForCausalLM)
 
 
 def _config(job: TraceJob):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     if job.hf_config is not None:
         from train.trace_model import hf_config
 
         return hf_config(job.hf_config), 0
-
-    text = LlamaConfig(**job.text)
     if job.vision is None:
-        return text, 0
+        return AutoConfig.for_model(job.model_type, **job.text), 0
+    text = LlamaConfig(**job.text)
     v = CLIPVisionConfig(**job.vision)
     n_img = (v.image_size // v.patch_size) ** 2
     return LlavaConfig(vision_config=v, text_config=text, image_token_index=text.vocab_size - 1,
@@ -85,13 +86,13 @@ def _config(job: TraceJob):
 
 def build(job: TraceJob, fake_mode):
     """The model as train.model.load_base + prepare leave it (quantized LLM, LoRA, checkpointing)."""
-    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from train.model import prepare
     from train.trace_fake import adopt_fake_tensors, quantize_linears
 
     cfg, _ = _config(job)
-    make = (LlavaForConditionalGeneration if job.vision is not None else LlamaForCausalLM)._from_config
     if job.hf_config is not None:  # any architecture: transformers' auto class, PEFT's own target rules
         from transformers import AutoModelForCausalLM
 
@@ -99,6 +100,9 @@ def build(job: TraceJob, fake_mode):
         from train.trace_model import prepare_peft as prepare
 
         make = AutoModelForCausalLM.from_config
+    else:
+        make = (LlavaForConditionalGeneration if job.vision is not None
+                else MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)])._from_config
     torch.manual_seed(0)
     try:
         model = make(cfg, dtype=torch.bfloat16, attn_implementation=job.attn)
