@@ -60,7 +60,11 @@ def hf_config(d: dict):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if mt not in CONFIG_MAPPING:
-        raise TraceError("unsupported", f"model_type {mt!r} is unknown to transformers {_versions()['transformers']}")
+        import difflib
+
+        near = difflib.get_close_matches(mt, list(CONFIG_MAPPING.keys()), n=1)
+        raise TraceError("unsupported", f"model_type {mt!r} is unknown to transformers {_versions()['transformers']}"
+                                        + (f" (did you mean {near[0]!r}?)" if near else ""))
     try:
         return AutoConfig.for_model(mt, **d)
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -159,8 +159,8 @@ def test_a_misspelled_hub_id_is_one_line_and_exit_2(hub):
 
 
 BAD = {
-    "unknown model_type": ({"model_type": "nosuchmodel"}, "'nosuchmodel' is not supported"),
-    "misspelled model_type": ({"model_type": "lama"}, "'lama' is not supported"),
+    "unknown model_type": ({"model_type": "nosuchmodel"}, "'nosuchmodel' is unknown to transformers"),
+    "misspelled model_type": ({"model_type": "lama"}, "'lama' is unknown", "did you mean"),
     "llava + unsupported text": ({"model_type": "llava", "text_config": {"model_type": "falcon"}}, "falcon"),
     "llava + unsupported tower": ({"model_type": "llava", "vision_config": {"model_type": "dinov2"}}, "dinov2"),
     "llava + a tower of another wrapper": ({"model_type": "llava", "vision_config": {"model_type": "qwen2_vl_vision"}},
@@ -174,9 +174,9 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_an_unsupported_config_is_one_line_and_exit_2(tmp_path, case):
-    cfg, word = BAD[case]
+    cfg, *words = BAD[case]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    _one_line_exit_2(str(tmp_path), word)
+    _one_line_exit_2(str(tmp_path), *words)
 
 
 # --- activation coefficients against the whole-step trace (train/trace.py) ------------------------------------
