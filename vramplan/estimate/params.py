@@ -60,9 +60,9 @@ def count_params(model: ModelSpec) -> ParamCounts:
     vision_other = sum(module_for(model.vision).other_params(model.vision).values()) if model.vision else 0
     projector_other = sum(module_for(model.projector).other_params(model.projector).values()) if model.projector else 0
     return ParamCounts(llm_linear=by["llm"], llm_embed=text["embed"], llm_lm_head=text["lm_head"],
-                       llm_norms=sum(v for k, v in text.items() if k not in ("embed", "lm_head")),
-                       vision_linear=by["vision"], vision_other=vision_other,
-                       projector=by["projector"] + projector_other)
+                       llm_norms=sum(v for k, v in text.items() if k not in ("embed", "lm_head", "vision", "projector")),
+                       vision_linear=by["vision"], vision_other=vision_other + text.get("vision", 0),
+                       projector=by["projector"] + projector_other + text.get("projector", 0))  # traced VLM
 
 
 def lora_params(groups: list[LinearGroup], lora: LoraSpec, component: str) -> int:
