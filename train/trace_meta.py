@@ -93,7 +93,8 @@ def meta_groups(cfg, lora: dict | None, quant: str = "none") -> dict:
     layers = _layers(model.get_decoder() if vlm else model, dims["num_layers"])
     layer_params = sum(p.numel() for p in layers[0].parameters()) if layers is not None else 0
     largest = max(p.numel() for p in model.parameters())
-    adapted = _lora_modules(model, lora, pp if vlm else None) if lora else []  # last: get_peft_model adds adapters in place
+    # last: get_peft_model adds adapters in place
+    adapted = _lora_modules(model, lora, pp if vlm else None) if lora else []
     return {"model_type": cfg.model_type, "architecture": type(model).__name__, "dims": dims,
             "linears": [{"name": n, "d_in": i, "d_out": o, "bias": b, "count": c, "component": comp}
                         for (n, i, o, b, comp), c in sorted(groups.items())],

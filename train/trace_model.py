@@ -129,7 +129,12 @@ def trace_one(cfg_dict: dict, req: dict, engine: str, grad_ckpt: bool) -> dict:
                    modules_to_save=tuple(req.get("modules_to_save") or ()),
                    trainable_dtype=req.get("trainable_dtype") or "fp32")
     t0 = time.time()
-    out = step_peaks(trace_step(job))
+    try:
+        out = step_peaks(trace_step(job))
+    except Exception as e:
+        if vlm is None or not trace_vlm.data_dependent(e):
+            raise
+        raise TraceError("unsupported", trace_vlm.data_dependent_message(job.hf_config["model_type"], e)) from None
     return {"engine": engine, "grad_ckpt": grad_ckpt, "micro_batch": req["micro_batch"], "seq_len": req["seq_len"],
             **out, "attn": job.attn, "notes": list(job.notes), "seconds": round(time.time() - t0, 2)}
 
@@ -217,9 +222,8 @@ def run(req: dict) -> dict:
         raise TraceError("missing_extra", f"{e}") from None
     cfg = hf_config(req["config"])
     _import_stack()
-    from train.trace_meta import meta_groups
-
     from train import trace_vlm
+    from train.trace_meta import meta_groups
 
     out = {"schema": TRACE_SCHEMA, **meta_groups(cfg, req.get("llm_lora"), req["quant"]), "versions": _versions(),
            "steps": []}

@@ -38,10 +38,12 @@ def build_meta(cfg, **kw):
 
     try:  # no init: the values do not matter, and some inits (SigLIP's lecun_normal_) read data under fake mode
         with no_init_weights():
-            return AutoModelForImageTextToText.from_config(cfg, **kw)
+            model = AutoModelForImageTextToText.from_config(cfg, **kw)
     except (ValueError, KeyError) as e:
         raise TraceError("unsupported", f"{type(cfg).__name__}: no image-text-to-text class in transformers "
                                         f"({str(e).splitlines()[0][:160]})") from None
+    model.tie_weights()  # no_init_weights skips the tying too
+    return model
 
 
 def parts(model) -> dict:
@@ -112,7 +114,6 @@ def forward_inputs(model, tensors: dict) -> dict:
 def image_tokens(cfg, tensors: dict) -> int:
     """Tokens one image takes in the LLM's sequence: the rows of get_image_features (see the module text)."""
     import torch
-
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):  # weights on meta, buffers (position ids) real
@@ -140,6 +141,25 @@ def image_tokens(cfg, tensors: dict) -> int:
         raise TraceError("unsupported", f"{type(model).__name__}: get_image_features returned no features")
     feats = [feats] if isinstance(feats, torch.Tensor) else list(feats)
     return sum(f.shape[:-1].numel() for f in feats)
+
+
+def data_dependent(e: BaseException) -> bool:
+    """A fake-tensor trace stopped by an op whose result depends on tensor values (torch._subclasses)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    return isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)) or (
+        isinstance(e, (NotImplementedError, RuntimeError)) and ("meta tensor" in str(e) or "nonzero" in str(e)))
+
+
+def data_dependent_message(model_type: str, e: BaseException) -> str:
+    """Where in the model's code the value-dependent op is, for the one-line refusal."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/transformers/models/" in f.filename]
+    at = f" at transformers models/{frames[-1].filename.split('/transformers/models/')[1]}:{frames[-1].lineno}" \
+        if frames else ""
+    return (f"model_type {model_type!r} cannot be traced: its forward reads tensor values{at} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:80]}), which the fake-tensor trace does not have")
 
 
 def image_token_id(cfg) -> int:

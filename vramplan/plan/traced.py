@@ -46,8 +46,8 @@ def trace_request(job, train: bool = True) -> dict:
     False) needs the parameter groups only: no step is traced."""
     m, r = job.model, job.recipe
     if m.vision is not None:
-        raise UsageError(f"--model {m.name}: the traced path traces causal LMs (a vision-language model is not "
-                         "traced yet)", "use a family vramplan derives (docs/estimate.md#parameters)")
+        raise UsageError(f"--model {m.name}: --trace on a vision-language model a family derives is not done yet "
+                         "(a VLM no family knows is traced)", "drop --trace (docs/estimate.md#the-traced-path)")
     spec = job.model.text
     if spec.family == "traced" and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec.model_type):
         raise UsageError(f"{job.model.source}: model_type {spec.model_type!r} is no transformers model type",
@@ -189,7 +189,7 @@ def _error(err: dict, model) -> VramplanError:
         return UsageError(MISSING_EXTRA, code="missing_extra")
     if err["kind"] == "unsupported":
         return UsageError(f"--model {model.name}: {err['message']}",
-                          "transformers cannot build a causal LM of it: check config.json's model_type")
+                          "docs/estimate.md#the-traced-path says what the trace builds and what it refuses")
     return VramplanError(f"the trace of --model {model.name} failed: {err['message']}")
 
 
