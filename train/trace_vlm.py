@@ -3,7 +3,8 @@
 A config whose transformers class is an image-text-to-text model (transformers models/auto/modeling_auto.py
 MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) with a vision_config is built with AutoModelForImageTextToText.
   * components: the language model is the module `get_decoder()` returns (plus the output head); a child of
-    the inner model whose name says "vision" is the tower; every other child with weights is the projector;
+    the inner model whose name says "vision", "visual" or "tower" is the tower; every other child with weights
+    is the projector;
   * the step's image inputs: the model's own image processor, built from the dir's preprocessor_config.json
     (transformers models/auto/image_processing_auto.py get_image_processor_class_from_name), run on a blank
     image of the planned size: pixel_values and whatever else it returns (image_sizes, pixel_attention_mask, ...);
@@ -22,7 +23,12 @@ import re
 
 from train.trace_model import TraceError
 
+VISION_NAMES = ("vision", "visual", "tower")  # vision_tower, vision_model, visual, image_tower, video_tower
 PROCESSOR_KEYS_DROPPED = ("image_processor_type", "processor_class", "auto_map", "image_processor")
+
+
+def _line(e: BaseException, n: int = 120) -> str:
+    return " ".join(str(e).split())[:n]
 
 
 def is_vlm(cfg) -> bool:
@@ -60,7 +66,7 @@ def parts(model) -> dict:
         full = f"{base}.{n}" if base else n
         if full == llm or not any(True for _ in c.parameters()):
             continue
-        out["vision" if "vision" in n else "projector"].append(full)
+        out["vision" if any(w in n for w in VISION_NAMES) else "projector"].append(full)
     if not out["vision"]:
         raise TraceError("unsupported", f"{type(model).__name__}: no vision tower found beside {llm}")
     return out
@@ -98,9 +104,12 @@ def image_inputs(model_type: str, processor: dict | None, image_size) -> dict:
             image_size = (h, s.get("width") or h)
         img = Image.new("RGB", (int(image_size[1]), int(image_size[0])), (128, 128, 128))
         out = ip(images=[img], return_tensors="pt")
+    except ImportError as e:  # a torchvision-only processor
+        raise TraceError("unsupported", f"model_type {model_type!r}: its image processor {cls.__name__} needs a "
+                                        f"package that is not installed ({_line(e)})") from None
     except Exception as e:  # noqa: BLE001  (any processor failure: one line)
         raise TraceError("unsupported", f"model_type {model_type!r}: its image processor "
-                                        f"{cls.__name__} failed ({type(e).__name__}: {str(e)[:120]})") from None
+                                        f"{cls.__name__} failed ({type(e).__name__}: {_line(e)})") from None
     return {"image_size": [int(image_size[0]), int(image_size[1])],
             "tensors": {k: v for k, v in out.items() if hasattr(v, "shape")}}
 
@@ -135,7 +144,7 @@ def image_tokens(cfg, tensors: dict) -> int:
             out = fn(**{k: v for k, v in tensors.items() if k in sig})
     except Exception as e:  # noqa: BLE001
         raise TraceError("unsupported", f"{type(model).__name__}.get_image_features failed on the processor's "
-                                        f"output ({type(e).__name__}: {str(e)[:120]})") from None
+                                        f"output ({type(e).__name__}: {_line(e)})") from None
     feats = getattr(out, "pooler_output", None) if not isinstance(out, (torch.Tensor, list, tuple)) else out
     if feats is None:
         raise TraceError("unsupported", f"{type(model).__name__}: get_image_features returned no features")
@@ -159,7 +168,7 @@ def data_dependent_message(model_type: str, e: BaseException) -> str:
     at = f" at transformers models/{frames[-1].filename.split('/transformers/models/')[1]}:{frames[-1].lineno}" \
         if frames else ""
     return (f"model_type {model_type!r} cannot be traced: its forward reads tensor values{at} "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:80]}), which the fake-tensor trace does not have")
+            f"({type(e).__name__}: {_line(e, 80)}), which the fake-tensor trace does not have")
 
 
 def image_token_id(cfg) -> int:
