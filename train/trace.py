@@ -133,6 +133,10 @@ def build(job: TraceJob, fake_mode):
         tc.vlm_targets = trace_vlm.lora_regex(model, pp, job.llm_lora.targets) if job.llm_lora else None
         tc.modules_to_save = (*tc.modules_to_save, *(pp["projector"] if job.train_projector else ()))
     model = prepare(model, tc)
+    if job.vlm is not None and job.train_projector:  # the inner model's own projector weights (query_tokens)
+        for n, p in model.named_parameters():
+            if n.rpartition(".")[2] in {x.rpartition(".")[2] for x in pp["params"]}:
+                p.requires_grad_(True)
     if fake_mode is not None:
         adopt_fake_tensors(model, fake_mode)
     if job.engine == "deepspeed":

@@ -64,9 +64,12 @@ def meta_groups(cfg, lora: dict | None, quant: str = "none") -> dict:
     try:
         with torch.device("meta"):
             model = trace_vlm.build_meta(cfg) if vlm else AutoModelForCausalLM.from_config(cfg)
-    except (ValueError, KeyError) as e:
-        raise TraceError("unsupported", f"{type(cfg).__name__}: no causal-LM class in transformers "
-                                        f"({str(e).splitlines()[0][:160]})") from None
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001  (ValueError, KeyError, a config the modeling code asserts on)
+        what = "image-text-to-text" if vlm else "causal-LM"
+        raise TraceError("unsupported", f"{type(cfg).__name__}: transformers builds no {what} model of it "
+                                        f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
     pp = trace_vlm.parts(model) if vlm else {"llm": [""], "vision": [], "projector": []}
     dims = _dims(cfg.get_text_config() if vlm else cfg)
     head = head_name(model)

@@ -63,9 +63,9 @@ def hf_config(d: dict):
         raise TraceError("unsupported", f"model_type {mt!r} is unknown to transformers {_versions()['transformers']}")
     try:
         return AutoConfig.for_model(mt, **d)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise TraceError("unsupported", f"model_type {mt!r}: transformers cannot read this config "
-                                        f"({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # noqa: BLE001  (ValueError, huggingface_hub's StrictDataclassClassValidationError...)
+        msg = " ".join(str(e).split())[:160]
+        raise TraceError("unsupported", f"model_type {mt!r}: transformers cannot read this config ({msg})") from None
 
 
 def prepare_peft(model, tc):

@@ -61,12 +61,14 @@ def parts(model) -> dict:
         raise TraceError("unsupported", f"{type(model).__name__}: its language model is not a submodule")
     parent = model.get_submodule(llm.rpartition(".")[0]) if "." in llm else model
     base = llm.rpartition(".")[0]
-    out = {"llm": [llm], "vision": [], "projector": []}
+    out = {"llm": [llm], "vision": [], "projector": [], "params": []}
     for n, c in parent.named_children():
         full = f"{base}.{n}" if base else n
         if full == llm or not any(True for _ in c.parameters()):
             continue
         out["vision" if any(w in n for w in VISION_NAMES) else "projector"].append(full)
+    # the inner model's own parameters (BLIP-2's query_tokens): the projector's
+    out["params"] = [f"{base}.{n}" if base else n for n, _ in parent.named_parameters(recurse=False)]
     if not out["vision"]:
         raise TraceError("unsupported", f"{type(model).__name__}: no vision tower found beside {llm}")
     return out
@@ -76,7 +78,7 @@ def component(name: str, pp: dict) -> str:
     for comp in ("vision", "projector"):
         if any(name == p or name.startswith(p + ".") for p in pp[comp]):
             return comp
-    return "llm"
+    return "projector" if name in pp.get("params", ()) else "llm"
 
 
 def image_inputs(model_type: str, processor: dict | None, image_size) -> dict:
@@ -129,6 +131,10 @@ def image_tokens(cfg, tensors: dict) -> int:
         model = build_meta(cfg)
     pp = parts(model)
     inner = model.get_submodule(pp["llm"][0].rpartition(".")[0]) if "." in pp["llm"][0] else model
+    for name in pp["params"]:
+        parent, _, k = name.rpartition(".")
+        mod = model.get_submodule(parent) if parent else model
+        mod._parameters[k] = torch.nn.Parameter(torch.full(mod._parameters[k].shape, 0.01), requires_grad=False)
     for name in pp["vision"] + pp["projector"]:
         for mod in model.get_submodule(name).modules():
             for k, p in mod._parameters.items():
@@ -137,7 +143,8 @@ def image_tokens(cfg, tensors: dict) -> int:
                                                             requires_grad=False)
     fn = getattr(inner, "get_image_features", None)
     if fn is None:
-        raise TraceError("unsupported", f"{type(model).__name__}: no get_image_features to count image tokens by")
+        raise TraceError("unsupported", f"{type(model).__name__}: no get_image_features to count image tokens by "
+                                        "(the trace needs images that enter the LLM sequence as tokens)")
     sig = inspect.signature(fn).parameters
     try:
         with torch.no_grad():
