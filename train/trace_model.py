@@ -225,9 +225,9 @@ def run(req: dict) -> dict:
     from train import trace_vlm
     from train.trace_meta import meta_groups
 
+    vlm = trace_vlm.setup(cfg, req)  # first: what a VLM lacks is said before the meta build
     out = {"schema": TRACE_SCHEMA, **meta_groups(cfg, req.get("llm_lora"), req["quant"]), "versions": _versions(),
            "steps": []}
-    vlm = trace_vlm.setup(cfg, req)
     if vlm is not None:  # counted once here; each step reuses the count
         out["vlm"] = {"image_size": vlm["image_size"], "image_tokens_per_image": vlm["image_tokens"],
                       "images_per_sample": int(req.get("images_per_sample", 1))}

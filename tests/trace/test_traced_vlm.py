@@ -61,16 +61,32 @@ def test_unknown_vlm_plans_through_the_trace(tmp_path):
     assert g["trainable_vision_lora"] == 0
 
 
-def test_what_the_trace_cannot_do_is_one_refusal():
-    """No processor config: no image inputs. The trace side's answer (kind "unsupported" = exit 2 in
-    `vramplan estimate`, tests/trace/test_traced_path.py), without the subprocess."""
+def test_a_vlm_without_its_processor_config_is_one_refusal(tmp_path, capsys):
+    """The tracer's own entry point in this process (the subprocess `vramplan estimate` runs would add seconds of
+    imports): exit 2 with an "unsupported" answer, which vramplan turns into one usage line (exit 2)."""
+    from types import SimpleNamespace
+
+    from train.trace_model import main
+    from vramplan.errors import UsageError
+    from vramplan.plan.traced import _error, parse
+
+    req = {"schema": "vramplan-trace-request/1", "config": AYA, "quant": "nf4", "double_quant": True,
+           "llm_lora": None, "seq_len": 128, "micro_batch": 1, "attn": "sdpa", "steps": [], "processor": None}
+    (tmp_path / "req.json").write_text(json.dumps(req))
+    assert main([str(tmp_path / "req.json"), str(tmp_path / "out.json")]) == 2
+    out = parse(json.loads((tmp_path / "out.json").read_text()), "out.json")
+    assert out["error"]["kind"] == "unsupported"
+    err = _error(out["error"], SimpleNamespace(name="aya"))
+    assert isinstance(err, UsageError) and err.exit_code == 2
+    assert "'aya_vision'" in err.message and "preprocessor_config.json" in err.message and "\n" not in err.message
+    assert capsys.readouterr().err.count("\n") == 1  # the tracer's own stderr: one line
+
+
+def test_an_image_longer_than_the_sequence_is_refused():
+    """The trace side's answer (kind "unsupported": exit 2 in `vramplan estimate`), without the subprocess."""
     from train import trace_vlm
     from train.trace_model import TraceError, hf_config
 
     with pytest.raises(TraceError) as e:
-        trace_vlm.setup(hf_config(AYA), {"processor": None, "seq_len": 128, "steps": [{}]})
-    assert e.value.kind == "unsupported" and "'aya_vision'" in e.value.message
-    assert "preprocessor_config.json" in e.value.message
-    with pytest.raises(TraceError) as e:  # an image longer than the sequence
         trace_vlm.setup(hf_config(AYA), {"processor": PROCESSOR, "seq_len": 16, "steps": [{}]})
-    assert "16 tokens" in e.value.message and "--seq-len" in e.value.message
+    assert e.value.kind == "unsupported" and "16 tokens" in e.value.message and "--seq-len" in e.value.message
