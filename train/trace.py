@@ -65,6 +65,7 @@ class TraceJob:
     modules_to_save: tuple = ()  # peft modules_to_save (embed_tokens, lm_head)
     trainable_dtype: str = "fp32"  # the trained weights' dtype under plain PyTorch (train.model.prepare)
     model_type: str = "llama"  # the decoder's config.json model_type (text-only jobs: any AutoModelForCausalLM)
+    vlm: dict | None = None  # hf_config of a VLM: image_tokens, image_token, tensors (train/trace_vlm.py)
 
 
 def _config(job: TraceJob):
@@ -73,7 +74,7 @@ def _config(job: TraceJob):
     if job.hf_config is not None:
         from train.trace_model import hf_config
 
-        return hf_config(job.hf_config), 0
+        return hf_config(job.hf_config), (job.vlm or {}).get("image_tokens", 0)
     if job.vision is None:
         return AutoConfig.for_model(job.model_type, **job.text), 0
     text = LlamaConfig(**job.text)
@@ -100,6 +101,10 @@ def build(job: TraceJob, fake_mode):
         from train.trace_model import prepare_peft as prepare
 
         make = AutoModelForCausalLM.from_config
+        if job.vlm is not None:
+            from train import trace_vlm
+
+            make = trace_vlm.build_meta
     else:
         make = (LlavaForConditionalGeneration if job.vision is not None
                 else MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)])._from_config
@@ -116,6 +121,9 @@ def build(job: TraceJob, fake_mode):
         skip = SKIP_QUANT_LLAVA if job.vision is not None else ("lm_head",)
         if job.hf_config is not None:
             skip = (head_name(model),)
+            if job.vlm is not None:  # the tower and projector stay 16-bit (train.model.SKIP_QUANT)
+                pp = trace_vlm.parts(model)
+                skip += (*pp["vision"], *pp["projector"])
         quantize_linears(model, skip, job.double_quant, torch.bfloat16, fake=job.fake)
         model.is_loaded_in_4bit = True
     recipe = "qlora" if job.quant == "nf4" else "lora"
@@ -124,7 +132,15 @@ def build(job: TraceJob, fake_mode):
                          gradient_checkpointing=job.grad_ckpt, modules_to_save=job.modules_to_save,
                          trainable_dtype=job.trainable_dtype,
                          ds_config={} if job.engine == "deepspeed" else None)
+    if job.vlm is not None:  # LoRA on the language model, the projector trained (train/trace_vlm.py)
+        pp = trace_vlm.parts(model)
+        tc.vlm_targets = trace_vlm.lora_regex(model, pp, job.llm_lora.targets) if job.llm_lora else None
+        tc.modules_to_save = (*tc.modules_to_save, *(pp["projector"] if job.train_projector else ()))
     model = prepare(model, tc)
+    if job.vlm is not None and job.train_projector:  # the inner model's own projector weights (query_tokens)
+        for n, p in model.named_parameters():
+            if n.rpartition(".")[2] in {x.rpartition(".")[2] for x in pp["params"]}:
+                p.requires_grad_(True)
     if fake_mode is not None:
         adopt_fake_tensors(model, fake_mode)
     if job.engine == "deepspeed":
@@ -152,7 +168,13 @@ def batch(job: TraceJob, n_img: int, image_token: int) -> dict:
     ids = torch.ones((b, s), dtype=torch.long)
     # the fake run passes no mask: a real run drops an all-ones mask (see trace_fake); it is allocated alike
     out = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones((b, s), dtype=torch.long)}
-    if job.vision is not None and job.images_per_sample:
+    if job.vlm is not None and job.images_per_sample:  # the image processor's tensors, one set per image
+        ids[:, : n_img * job.images_per_sample] = image_token
+        out["labels"][:, : n_img * job.images_per_sample] = -100
+        for k, t in job.vlm["tensors"].items():
+            rep = t.repeat(b * job.images_per_sample, *([1] * (t.dim() - 1)))
+            out[k] = torch.zeros(rep.shape, dtype=t.dtype) if t.is_floating_point() else rep
+    elif job.vision is not None and job.images_per_sample:
         ids[:, : n_img * job.images_per_sample] = image_token
         out["labels"][:, : n_img * job.images_per_sample] = -100
         size = job.vision["image_size"]
@@ -296,12 +318,14 @@ def trace_step(job: TraceJob) -> dict:
     fake = FakeTensorMode(allow_non_fake_inputs=True) if job.fake else None
     _, n_img = _config(job)
     overrides = {torch.ops.bitsandbytes.gemm_4bit.default: _gemm_4bit_dequant(job.dequant_rows)}
-    if job.fake and job.vision is not None:
-        count = job.micro_batch * job.images_per_sample * n_img * job.text["hidden_size"]
+    if job.fake and (job.vision is not None or job.vlm is not None):
+        hidden = job.vlm["hidden_size"] if job.vlm is not None else job.text["hidden_size"]
+        count = job.micro_batch * job.images_per_sample * n_img * hidden
         overrides[torch.ops.aten.masked_select.default] = masked_select_known(count)
     with patched(fake), (fake if fake is not None else nullcontext()):
         model = build(job, fake)
         image_token = model.config.image_token_index if job.vision is not None else 0
+        image_token = job.vlm["image_token"] if job.vlm is not None else image_token
         inputs = batch(job, n_img, image_token)
         params = [p for p in model.parameters() if p.requires_grad]
         tr = MemTracker(overrides)

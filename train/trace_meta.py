@@ -53,17 +53,25 @@ def _dims(cfg) -> dict:
 
 
 def meta_groups(cfg, lora: dict | None, quant: str = "none") -> dict:
-    """Parameter groups of the model built on the meta device (see the module text)."""
+    """Parameter groups of the model built on the meta device (see the module text). A vision-language model
+    (train/trace_vlm.py): every Linear with its component, the tower's and projector's other parameters apart."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from train import trace_vlm
+
+    vlm = trace_vlm.is_vlm(cfg)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-    except (ValueError, KeyError) as e:
-        raise TraceError("unsupported", f"{type(cfg).__name__}: no causal-LM class in transformers "
-                                        f"({str(e).splitlines()[0][:160]})") from None
-    dims = _dims(cfg)
+            model = trace_vlm.build_meta(cfg) if vlm else AutoModelForCausalLM.from_config(cfg)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001  (ValueError, KeyError, a config the modeling code asserts on)
+        what = "image-text-to-text" if vlm else "causal-LM"
+        raise TraceError("unsupported", f"{type(cfg).__name__}: transformers builds no {what} model of it "
+                                        f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    pp = trace_vlm.parts(model) if vlm else {"llm": [""], "vision": [], "projector": []}
+    dims = _dims(cfg.get_text_config() if vlm else cfg)
     head = head_name(model)
     in_linear, groups = set(), {}
     for name, m in model.named_modules():
@@ -73,35 +81,41 @@ def meta_groups(cfg, lora: dict | None, quant: str = "none") -> dict:
         if quant == "nf4" and not isinstance(m, torch.nn.Linear):
             raise TraceError("unsupported", f"{name}: a {type(m).__name__} layer (GPT-2 style); the trace quantizes "
                                             "nn.Linear only: plan it unquantized (--recipe lora)")
-        key = (name.rpartition(".")[2], *shape, m.bias is not None)
+        key = (name.rpartition(".")[2], *shape, m.bias is not None, trace_vlm.component(name, pp))
         groups[key] = groups.get(key, 0) + 1
         in_linear.update(id(p) for p in m.parameters())
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
-    other = {"embed": 0, "lm_head": 0, "norms": 0}
-    for _, p in model.named_parameters():  # tied weights once (remove_duplicate)
+    other = {"embed": 0, "lm_head": 0, "norms": 0, **({"vision": 0, "projector": 0} if vlm else {})}
+    for name, p in model.named_parameters():  # tied weights once (remove_duplicate)
         if id(p) in in_linear:
             continue
         kind = "embed" if p is emb else ("lm_head" if out is not None and p is out.weight else "norms")
-        other[kind] += p.numel()
-    layers = _layers(model, dims["num_layers"])
+        comp = trace_vlm.component(name, pp)
+        other[kind if comp == "llm" else comp] += p.numel()
+    layers = _layers(model.get_decoder() if vlm else model, dims["num_layers"])
     layer_params = sum(p.numel() for p in layers[0].parameters()) if layers is not None else 0
     largest = max(p.numel() for p in model.parameters())
-    adapted = _lora_modules(model, lora) if lora else []  # last: get_peft_model adds adapters in place
+    # last: get_peft_model adds adapters in place
+    adapted = _lora_modules(model, lora, pp if vlm else None) if lora else []
     return {"model_type": cfg.model_type, "architecture": type(model).__name__, "dims": dims,
-            "linears": [{"name": n, "d_in": i, "d_out": o, "bias": b, "count": c}
-                        for (n, i, o, b), c in sorted(groups.items())],
+            "linears": [{"name": n, "d_in": i, "d_out": o, "bias": b, "count": c, "component": comp}
+                        for (n, i, o, b, comp), c in sorted(groups.items())],
             "other_params": other, "layer_params": layer_params, "largest_tensor_params": largest,
             "lora_modules": adapted}
 
 
-def _lora_modules(model, lora: dict) -> list[str]:
-    """The Linear name suffixes PEFT adapts for these targets (get_peft_model on the meta model)."""
+def _lora_modules(model, lora: dict, pp: dict | None = None) -> list[str]:
+    """The Linear name suffixes PEFT adapts for these targets (get_peft_model on the meta model); a VLM's on
+    its language model only (train/trace_vlm.py lora_regex)."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from train.trace_vlm import lora_regex
+
     t = lora["targets"]
-    lc = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=ALL_LINEAR if ALL_LINEAR in t else list(t))
+    target = lora_regex(model, pp, t) if pp else ALL_LINEAR if ALL_LINEAR in t else list(t)
+    lc = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=target)
     try:
         peft_model = get_peft_model(model, lc)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"

@@ -67,9 +67,9 @@ def hf_config(d: dict):
                                         + (f" (did you mean {near[0]!r}?)" if near else ""))
     try:
         return AutoConfig.for_model(mt, **d)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise TraceError("unsupported", f"model_type {mt!r}: transformers cannot read this config "
-                                        f"({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # noqa: BLE001  (ValueError, huggingface_hub's StrictDataclassClassValidationError...)
+        msg = " ".join(str(e).split())[:160]
+        raise TraceError("unsupported", f"model_type {mt!r}: transformers cannot read this config ({msg})") from None
 
 
 def prepare_peft(model, tc):
@@ -91,8 +91,9 @@ def prepare_peft(model, tc):
             p.requires_grad_(True)
         return model
     t = tc.llm_lora.targets
+    target = getattr(tc, "vlm_targets", None) or (ALL_LINEAR if ALL_LINEAR in t else list(t))
     lc = LoraConfig(r=tc.llm_lora.r, lora_alpha=tc.llm_lora.alpha, lora_dropout=tc.llm_lora.dropout, bias="none",
-                    target_modules=ALL_LINEAR if ALL_LINEAR in t else list(t),
+                    target_modules=target,
                     modules_to_save=list(tc.modules_to_save) or None)
     try:
         model = get_peft_model(model, lc)
@@ -118,17 +119,26 @@ def step_peaks(rep: dict) -> dict:
 
 def trace_one(cfg_dict: dict, req: dict, engine: str, grad_ckpt: bool) -> dict:
     """One traced step (run in its own process by main)."""
+    from train import trace_vlm
     from train.trace import TraceJob, trace_step
 
+    vlm = trace_vlm.setup(hf_config(cfg_dict), req, req.get("vlm", {}).get("image_tokens_per_image"))
     lora = req.get("llm_lora")
     spec = LoraSpec(lora["r"], lora["alpha"], lora["dropout"], tuple(lora["targets"])) if lora else None
     job = TraceJob(text={}, hf_config=cfg_dict, quant=req["quant"], double_quant=req["double_quant"],
-                   llm_lora=spec, micro_batch=req["micro_batch"], seq=req["seq_len"], images_per_sample=0,
+                   llm_lora=spec, micro_batch=req["micro_batch"], seq=req["seq_len"],
+                   images_per_sample=int(req.get("images_per_sample", 1)) if vlm else 0, vlm=vlm,
+                   train_projector=bool(req.get("train_projector", True)),
                    grad_ckpt=grad_ckpt, attn=req["attn"], engine=engine,
                    modules_to_save=tuple(req.get("modules_to_save") or ()),
                    trainable_dtype=req.get("trainable_dtype") or "fp32")
     t0 = time.time()
-    out = step_peaks(trace_step(job))
+    try:
+        out = step_peaks(trace_step(job))
+    except Exception as e:
+        if vlm is None or not trace_vlm.data_dependent(e):
+            raise
+        raise TraceError("unsupported", trace_vlm.data_dependent_message(job.hf_config["model_type"], e)) from None
     return {"engine": engine, "grad_ckpt": grad_ckpt, "micro_batch": req["micro_batch"], "seq_len": req["seq_len"],
             **out, "attn": job.attn, "notes": list(job.notes), "seconds": round(time.time() - t0, 2)}
 
@@ -158,6 +168,13 @@ def read_request(path: str) -> dict:
         require(req, "attn", str, where, choices=("sdpa", "eager"))
         require(req, "steps", list, where)
         require(req, "llm_lora", dict, where, allow_none=True, default=None)
+        # a vision-language model's (optional: a request without them traces a causal LM)
+        require(req, "processor", dict, where, allow_none=True, default=None)
+        size = require(req, "image_size", list, where, allow_none=True, default=None)
+        if size is not None and (len(size) != 2 or not all(isinstance(x, int) and x > 0 for x in size)):
+            raise ContractError(f"{where}: image_size must be [height, width] in pixels")
+        require(req, "images_per_sample", int, where, min=1, default=1)
+        require(req, "train_projector", bool, where, default=True)
     except ContractError as e:
         raise TraceError("failed", e.message) from None
     return req
@@ -209,10 +226,16 @@ def run(req: dict) -> dict:
         raise TraceError("missing_extra", f"{e}") from None
     cfg = hf_config(req["config"])
     _import_stack()
+    from train import trace_vlm
     from train.trace_meta import meta_groups
 
+    vlm = trace_vlm.setup(cfg, req)  # first: what a VLM lacks is said before the meta build
     out = {"schema": TRACE_SCHEMA, **meta_groups(cfg, req.get("llm_lora"), req["quant"]), "versions": _versions(),
            "steps": []}
+    if vlm is not None:  # counted once here; each step reuses the count
+        out["vlm"] = {"image_size": vlm["image_size"], "image_tokens_per_image": vlm["image_tokens"],
+                      "images_per_sample": int(req.get("images_per_sample", 1))}
+        req = {**req, "vlm": out["vlm"]}
     steps = req["steps"]
     for i, st in enumerate(steps):
         what = f"tracing engine {st['engine']}, checkpointing {'on' if st['grad_ckpt'] else 'off'}"
@@ -241,5 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the imported module: one TraceError class for train/trace_*.py
+    from train.trace_model import main as _main
+
+    sys.exit(_main())

@@ -53,6 +53,9 @@ class ParamCounts:
         return self.llm_total + self.vision_total + self.projector
 
 
+TRACED_VLM = ("vision", "projector")  # a traced VLM's other parameters, under its text spec (families/traced.py)
+
+
 def count_params(model: ModelSpec) -> ParamCounts:
     groups = linear_groups(model)
     by = {c: sum(g.params for g in groups if g.component == c) for c in ("llm", "vision", "projector")}
@@ -60,9 +63,9 @@ def count_params(model: ModelSpec) -> ParamCounts:
     vision_other = sum(module_for(model.vision).other_params(model.vision).values()) if model.vision else 0
     projector_other = sum(module_for(model.projector).other_params(model.projector).values()) if model.projector else 0
     return ParamCounts(llm_linear=by["llm"], llm_embed=text["embed"], llm_lm_head=text["lm_head"],
-                       llm_norms=sum(v for k, v in text.items() if k not in ("embed", "lm_head")),
-                       vision_linear=by["vision"], vision_other=vision_other,
-                       projector=by["projector"] + projector_other)
+                       llm_norms=sum(v for k, v in text.items() if k not in ("embed", "lm_head", *TRACED_VLM)),
+                       vision_linear=by["vision"], vision_other=vision_other + text.get("vision", 0),
+                       projector=by["projector"] + projector_other + text.get("projector", 0))  # traced VLM
 
 
 def lora_params(groups: list[LinearGroup], lora: LoraSpec, component: str) -> int:

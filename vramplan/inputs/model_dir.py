@@ -186,7 +186,9 @@ def load_model_dir(path: str | os.PathLike, headers: dict | None = None, name: s
         raise UsageError(f"{where}: no model_type", hint)
     from vramplan.estimate.families import traced  # docs/estimate.md#the-traced-path: vramplan/plan/traced.py
 
-    return ModelSpec(text=traced.pending(json.dumps(cfg, sort_keys=True), mt), vision=None, projector=None,
+    proc = read_processor_config(d) if isinstance(cfg.get("vision_config"), dict) else None  # a VLM's
+    text = traced.pending(json.dumps(cfg, sort_keys=True), mt, json.dumps(proc, sort_keys=True) if proc else "")
+    return ModelSpec(text=text, vision=None, projector=None,
                      hf_ids={"llm": hf_id}, image_token_added=False, **common)
 
 

@@ -49,8 +49,9 @@ def default_note(model) -> str:
 def resolve_image_size(o, model, report, assumptions: list[str]):
     """The model with its planned image size: --image-size, else --dataset's largest image (`report`, a
     DatasetReport or None), else the processor's default (image_size None). Says which in `assumptions`."""
-    if model.vision is None:
-        return model
+    if model.vision is None:  # a VLM no family knows takes --image-size to its trace (plan/traced.py)
+        traced = model.text.family == "traced" and o.image_size is not None
+        return replace(model, image_size=parse_image_size(o.image_size)) if traced else model
     if o.image_size is not None:
         size, source = parse_image_size(o.image_size), f"--image-size {o.image_size}"
     elif report is not None and report.largest_image is not None and size_matters(model):

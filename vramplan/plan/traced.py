@@ -46,17 +46,23 @@ def trace_request(job, train: bool = True) -> dict:
     False) needs the parameter groups only: no step is traced."""
     m, r = job.model, job.recipe
     if m.vision is not None:
-        raise UsageError(f"--model {m.name}: the traced path traces causal LMs (a vision-language model is not "
-                         "traced yet)", "use a family vramplan derives (docs/estimate.md#parameters)")
+        raise UsageError(f"--model {m.name}: --trace on a vision-language model a family derives is not done yet "
+                         "(a VLM no family knows is traced)", "drop --trace (docs/estimate.md#the-traced-path)")
     spec = job.model.text
     if spec.family == "traced" and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec.model_type):
         raise UsageError(f"{job.model.source}: model_type {spec.model_type!r} is no transformers model type",
                          "fix or re-download config.json")
     cfg = json.loads(spec.config_json) if spec.family == "traced" else _config_of(job.model)
+    vlm = {}  # a vision-language model's image: its processor config and the planned size
+    if spec.family == "traced" and isinstance(cfg.get("vision_config"), dict):
+        size = job.model.image_size
+        vlm = {"processor": json.loads(spec.processor_json) if spec.processor_json else None,
+               "image_size": list(size) if size else None, "images_per_sample": 1,
+               "train_projector": bool(r.train_projector and train)}
     if not train:
         return {"schema": TRACE_REQUEST_SCHEMA, "config": cfg, "quant": "none", "double_quant": False,
                 "llm_lora": None, "modules_to_save": [], "trainable_dtype": "fp32", "seq_len": 1, "micro_batch": 1,
-                "attn": "sdpa", "steps": []}
+                "attn": "sdpa", "steps": [], **vlm}
     if job.quant not in (Quant.NF4, Quant.NONE):
         raise UsageError(f"the traced path traces NF4 or unquantized weights, not {job.quant}", "use --quant nf4")
     if not r.llm_lora and not r.train_llm_full:
@@ -69,7 +75,7 @@ def trace_request(job, train: bool = True) -> dict:
                                                    "targets": list(lora.targets)},
             "modules_to_save": list(r.modules_to_save), "trainable_dtype": r.trainable_dtype,
             "seq_len": job.seq_len, "micro_batch": job.micro_batches[0] if len(job.micro_batches) == 1 else 1,
-            "attn": "eager" if job.attn == "eager" else "sdpa", "steps": steps}
+            "attn": "eager" if job.attn == "eager" else "sdpa", "steps": steps, **vlm}
 
 
 def _config_of(model) -> dict:
@@ -150,6 +156,8 @@ def parse(data, where: str) -> dict:
         for k in ("d_in", "d_out", "count"):
             require(g, k, int, where, label=f"{lab}.{k}", min=1)
         require(g, "bias", bool, where, label=f"{lab}.bias")
+        require(g, "component", str, where, label=f"{lab}.component", choices=("llm", "vision", "projector"),
+                default="llm")
     other = require(data, "other_params", dict, where)
     for k in ("embed", "lm_head", "norms"):
         require(other, k, int, where, label=f"other_params.{k}", min=0)
@@ -167,6 +175,12 @@ def parse(data, where: str) -> dict:
             require(st, k, int, where, label=f"{lab}.{k}", min=lo)
         require(st, "peak_phase", str, where, label=f"{lab}.peak_phase")
     require(data, "seconds", float, where, min=0)
+    vlm = require(data, "vlm", dict, where, default=None)
+    if vlm is not None:
+        require(vlm, "image_tokens_per_image", int, where, label="vlm.image_tokens_per_image", min=1)
+        size = require(vlm, "image_size", list, where, label="vlm.image_size")
+        if len(size) != 2 or not all(isinstance(x, int) and x > 0 for x in size):
+            raise ContractError(f"{where}: vlm.image_size must be [height, width]")
     return data
 
 
@@ -175,13 +189,15 @@ def _error(err: dict, model) -> VramplanError:
         return UsageError(MISSING_EXTRA, code="missing_extra")
     if err["kind"] == "unsupported":
         return UsageError(f"--model {model.name}: {err['message']}",
-                          "transformers cannot build a causal LM of it: check config.json's model_type")
+                          "docs/estimate.md#the-traced-path says what the trace builds and what it refuses")
     return VramplanError(f"the trace of --model {model.name} failed: {err['message']}")
 
 
 def _spec(data: dict, base, cached: str) -> TracedSpec:
     d = data["dims"]
-    lin = tuple(LinearGroup("llm", g["name"], g["d_in"], g["d_out"], g["bias"], g["count"]) for g in data["linears"])
+    lin = tuple(LinearGroup(g.get("component", "llm"), g["name"], g["d_in"], g["d_out"], g["bias"], g["count"])
+                for g in data["linears"])
+    vlm = data.get("vlm") or {}
     steps = tuple(TracedStep(s["engine"], s["grad_ckpt"], s["micro_batch"], s["seq_len"], s["saved_bytes"],
                              s["transient_bytes"], s["peak_phase"]) for s in data["steps"])
     cfg = base.config_json if base.family == "traced" else ""
@@ -195,12 +211,15 @@ def _spec(data: dict, base, cached: str) -> TracedSpec:
                       layer_param_count=data["layer_params"], largest_tensor=data["largest_tensor_params"],
                       lora_modules=tuple(data["lora_modules"]), steps=steps, seconds=float(data["seconds"]),
                       cached=cached, versions=tuple(sorted(data.get("versions", {}).items())),
-                      analytic_family="" if base.family == "traced" else base.family)
+                      analytic_family="" if base.family == "traced" else base.family,
+                      processor_json=getattr(base, "processor_json", ""),
+                      image_tokens_per_image=vlm.get("image_tokens_per_image", 0),
+                      image_size=tuple(vlm.get("image_size", ())))
 
 
 def _check_targets(spec: TracedSpec, lora) -> None:
     """vramplan's suffix rule (families.targeted) must pick the Linears PEFT adapted in the trace."""
-    ours = sorted({g.name for g in spec.linears if targeted(g, lora.targets)})
+    ours = sorted({g.name for g in spec.linears if g.component == "llm" and targeted(g, lora.targets)})
     if lora and ours != sorted(spec.lora_modules):
         raise UsageError(f"--lora-targets {','.join(lora.targets)}: PEFT adapts {', '.join(spec.lora_modules)} "
                          f"in this model, vramplan's name rule {', '.join(ours) or 'none'}",
@@ -258,6 +277,10 @@ def trace_note(spec: TracedSpec, path: Path) -> str:
     if spec.steps:
         what += (f" and activation peaks (whole-step trace: {steps}; micro-batch {spec.steps[0].micro_batch} "
                  "scaled)")
+    if spec.image_tokens_per_image:
+        h, w = spec.image_size
+        what += (f"; {spec.image_tokens_per_image} image tokens per image ({h}x{w} image through the model's own "
+                 "image processor and get_image_features), 1 image per sample")
     if spec.analytic_family:
         what += f" instead of the {spec.analytic_family} family's formulas (--trace)"
     if spec.cached:
@@ -271,6 +294,8 @@ def traced_info(text) -> dict | None:
         return None
     return {"architecture": text.architecture, "model_type": text.model_type, "seconds": text.seconds,
             "cached": bool(text.cached), "cache_file": text.cached or None, "instead_of": text.analytic_family or None,
+            "image_tokens_per_image": text.image_tokens_per_image or None,
+            "image_size": list(text.image_size) or None,
             "steps": [{"engine": s.engine, "grad_ckpt": s.grad_ckpt, "micro_batch": s.micro_batch,
                        "seq_len": s.seq_len, "saved_bytes": s.saved_bytes, "transient_bytes": s.transient_bytes,
                        "peak_phase": s.peak_phase} for s in text.steps]}

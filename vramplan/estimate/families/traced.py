@@ -61,15 +61,18 @@ class TracedSpec(TextSpec):
     cached: str = ""  # the cache file it was read from ("" = traced now)
     versions: tuple[tuple[str, str], ...] = field(default=())
     analytic_family: str = ""  # --trace on a known family: the family module it stands in for
+    processor_json: str = ""  # a VLM's preprocessor_config.json text (the trace runs its image processor)
+    image_tokens_per_image: int = 0  # a VLM: the image tokens per image the trace used (0: a causal LM)
+    image_size: tuple[int, ...] = ()  # a VLM: the (height, width) the trace's image had
 
 
 SPEC = TracedSpec
 
 
-def pending(config_json: str, model_type: str) -> TracedSpec:
-    """The spec of a config.json no family module reads, before its trace."""
+def pending(config_json: str, model_type: str, processor_json: str = "") -> TracedSpec:
+    """The spec of a config.json no family module reads, before its trace (with the dir's processor config)."""
     return TracedSpec(num_layers=0, hidden_size=0, intermediate_size=0, num_attention_heads=1, num_key_value_heads=1,
-                      vocab_size=0, model_type=model_type, config_json=config_json)
+                      vocab_size=0, model_type=model_type, config_json=config_json, processor_json=processor_json)
 
 
 def from_hf_config(cfg: dict, where: str) -> TracedSpec:
@@ -85,6 +88,7 @@ def linear_groups(t: TracedSpec) -> list[LinearGroup]:
 
 
 def other_params(t: TracedSpec) -> dict[str, int]:
+    """embed, lm_head, norms; a VLM's also "vision" and "projector" (params.py counts them there)."""
     return {"embed": 0, "lm_head": 0, "norms": 0, **dict(t.other)}
 
 
