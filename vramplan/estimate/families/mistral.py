@@ -77,7 +77,8 @@ def window_mask_bytes_per_token(t, attn: str, seq: int, compute_bytes: int = 2) 
         copies k and v to every query head and SDPA keeps the copies: `2 * compute_bytes * (q - kv)` per token.
     Nothing under eager (one additive mask for all layers, added to the scores by an op that keeps nothing; the
     scores are the family's per-score terms) or flash (the window is the kernel's own). Full-attention layers
-    without padding keep is_causal=True and no mask. Pinned at two lengths by
+    without padding keep is_causal=True and no mask (a right-padded micro-batch gives every layer the same mask
+    and cost: not counted, docs/estimate.md#activations). Pinned at two lengths by
     tests/estimate/test_window_mask.py."""
     window = getattr(t, "sliding_window", 0)
     if attn != "sdpa" or not window or seq < window:
