@@ -182,10 +182,10 @@ def test_an_unsupported_config_is_one_line_and_exit_2(tmp_path, case):
 # --- activation coefficients against the whole-step trace (train/trace.py) ------------------------------------
 TEXT_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
                  "qwen3_moe"]
-# Gemma 3 at a sequence past its sliding window (64 < 512): transformers hands SDPA an explicit window mask and
-# the traced layer holds 824,320 B more (at 512 tokens, window 64 or 128 alike) than families/gemma.py counts;
-# with the window over the whole sequence its layer is exact (-0.05%)
-KNOWN_GAPS = {"gemma3_text": "SDPA with a sliding-window mask: the traced layer holds ~1.6 KB/token more"}
+# Gemma 3 at a sequence past its sliding window (64 < 512): transformers hands SDPA an explicit window mask, which
+# each sliding layer keeps with k/v repeated to every head (families/mistral.py window_mask_bytes_per_token:
+# 819,200 B of the 824,320 B per layer the trace shows beyond the rest; the layer is within 0.05%)
+KNOWN_GAPS: dict = {}
 # A small shape with a released model's vocabulary-to-width ratio (Llama-3-8B: 128256 / 4096 = 31; here 32): the
 # tiny configs' widths, vocabulary and expert sizes scaled up, each family's own options kept
 SMALL = dict(hidden_size=256, intermediate_size=704, vocab_size=8192, num_attention_heads=4, num_key_value_heads=2)

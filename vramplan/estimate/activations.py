@@ -12,6 +12,9 @@ sequence lengths. This module composes them for one micro-batch (docs/estimate.m
     and the log_softmax_backward output. The bf16 logits are gone by then: HF Trainer's compute_loss returns
     the loss only and drops the model output before backward (transformers trainer.py compute_loss,
     training_step). Seen in the whole-step trace (benchmarks/trace_step.py, docs/estimate.md#checked-against-reality).
+  * under SDPA, layers with a sliding window the sequence reaches keep an explicit (b, 1, s, s) mask and k/v
+    repeated to every head (the text family's window_mask_bytes_per_token, families/mistral.py): the one
+    per-layer term that grows with s^2 besides eager attention's scores;
   * the loss forward peaks at LOGIT_FORWARD_BYTES per logit: the 16-bit logits, their fp32 upcast and the
     fp32 log-softmax (loss_utils.py ForCausalLMLoss; torch cross_entropy = log_softmax + nll_loss). It is below
     the backward's 12 B unless something lives through the forward only (the autocast cache, below).
@@ -109,13 +112,17 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
                                            kbit_saves_inputs, residual_bytes, cast_params > 0) * tokens
     if hasattr(text, "saved_bytes_per_layer"):  # saves that do not scale with tokens (merged MoE adapter weights)
         per_layer += text.saved_bytes_per_layer(t, llm_lora, compute_bytes)
+    # the layers whose SDPA takes an explicit sliding-window mask keep it (b*s^2) and repeated k/v besides
+    mask_layers, mask_per_token = getattr(text, "window_mask_bytes_per_token", lambda *a: (0, 0.0))(
+        t, attn, seq, compute_bytes)
     if grad_ckpt:
         llm_saved = t.num_layers * text.checkpointed_bytes_per_token(t, rb) * tokens  # layer inputs only
         llm_recompute = per_layer + llm_cast_params * compute_bytes / t.num_layers  # + that layer's casts
+        llm_recompute += mask_per_token * tokens if mask_layers else 0  # the largest layer: a sliding one
         if hasattr(text, "dispatch_bytes_per_token"):  # + a MoE layer's dispatch buffers (families/mixtral.py)
             llm_recompute += text.dispatch_bytes_per_token(t) * tokens
     else:
-        llm_saved = t.num_layers * per_layer
+        llm_saved = t.num_layers * per_layer + mask_layers * mask_per_token * tokens
         llm_recompute = 0
     vision_saved = vision_transient = projector_saved = 0
     if v is not None and images_per_sample > 0:

@@ -29,10 +29,9 @@ against saved_tensors_hooks, 2% tolerance):
   * the GeGLU: gate (read by gelu), gelu's output and up, 6i, plus their product 2i when down_proj is trainable;
   * LoRA: Llama's adapter terms (families/llama.py _lora_bytes_per_token), plus o_proj's input under eager
     attention when lora_A keeps it (no dropout).
-Not counted (as for Llama): each norm's (1 + w) fp32 constant (4w per layer, not per token) and, under SDPA, the
-16-bit bias a boolean mask becomes (torch aten/src/ATen/native/transformers/attention.cpp
-convert_boolean_attn_mask) when a sliding window shorter than the sequence forces an explicit mask:
-2 B per query-key pair per sliding layer.
+Under SDPA, a sliding layer whose window the sequence reaches keeps the additive mask (2 B per query-key pair) and
+k, v repeated to every query head (families/mistral.py window_mask_bytes_per_token; Gemma 2 runs eager: none).
+Not counted (as for Llama): each norm's (1 + w) fp32 constant (4w per layer, not per token).
 
 The final soft-cap (Gemma 2) runs on the 16-bit logits before the loss (modeling_gemma2.py
 Gemma2ForCausalLM.forward: logits / cap, tanh, * cap): tanh keeps its output for backward, so both loss peaks
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from vramplan.contract import ContractError, require
-from vramplan.estimate.families import llama
+from vramplan.estimate.families import llama, mistral
 from vramplan.estimate.families.llama import TextSpec
 
 ROLE = "text"
@@ -176,6 +175,12 @@ def saved_bytes_per_token(t: GemmaSpec, mode: str, lora, attn: str, seq: int, co
     if kbit_saves_inputs and not full:
         b += llama.kbit_input_bytes_per_token(t, lora, "eager" if eager else attn, rb)
     return b * (compute_bytes / 2) if compute_bytes != 2 else b
+
+
+def window_mask_bytes_per_token(t: GemmaSpec, attn: str, seq: int, compute_bytes: int = 2) -> tuple[int, float]:
+    """The sliding layers' SDPA mask and repeated k/v (families/mistral.py window_mask_bytes_per_token); none for
+    Gemma 2, whose "sdpa" is eager (soft-capped scores)."""
+    return (0, 0.0) if t.attn_softcap else mistral.window_mask_bytes_per_token(t, attn, seq, compute_bytes)
 
 
 def _o_adapted_without_dropout(t: GemmaSpec, lora) -> bool:

@@ -10,6 +10,9 @@ tests/estimate/test_families.py.
 What differs is the KV cache at inference: with `sliding_window` W set (MistralConfig's default 4096 when the
 key is absent; null in Mistral-7B v0.2+ configs means full attention), transformers' cache keeps the last
 W - 1 tokens per layer (cache_utils.py DynamicSlidingWindowLayer), so a layer holds min(context, W) tokens.
+
+In training, a window the sequence reaches costs SDPA an explicit mask (window_mask_bytes_per_token; shared with
+every family that has a window: Qwen2/3, Phi-3, Mixtral, Qwen-MoE, Gemma 3).
 """
 
 from __future__ import annotations
@@ -58,6 +61,30 @@ def read_window(cfg: dict, where: str, prefix: str, default: int | None) -> int:
 def kv_cache_tokens(t: MistralSpec, context: int) -> float:
     """Tokens each layer's KV cache holds: the window caps it."""
     return min(context, t.sliding_window) if t.sliding_window else context
+
+
+def window_mask_bytes_per_token(t, attn: str, seq: int, compute_bytes: int = 2) -> tuple[int, float]:
+    """The sliding-window mask under SDPA: (layers that pay it, saved bytes per token in each such layer).
+
+    transformers masking_utils.py create_sliding_window_causal_mask -> sdpa_mask materialises a boolean
+    (b, 1, s, s) mask once `s >= sliding_window` (_ignore_causal_mask_sdpa cannot hand SDPA is_causal=True then),
+    and every layer of the window's type gets it. Per such layer:
+      * torch's SDPA turns it into an additive mask of the query dtype (aten attention.cpp
+        convert_boolean_attn_mask), a fresh (b, 1, s, s) tensor per call that the kernel keeps for backward (CPU:
+        _scaled_dot_product_flash_attention_for_cpu; CUDA: flash takes no mask, so the memory-efficient kernel,
+        which keeps it as attn_bias, is assumed): compute bytes per query-key pair, `compute_bytes * s` per token;
+      * integrations/sdpa_attention.py use_gqa_in_sdpa refuses enable_gqa with a mask (CPU, CUDA), so repeat_kv
+        copies k and v to every query head and SDPA keeps the copies: `2 * compute_bytes * (q - kv)` per token.
+    Nothing under eager (one additive mask for all layers, added to the scores by an op that keeps nothing; the
+    scores are the family's per-score terms) or flash (the window is the kernel's own). Full-attention layers
+    without padding keep is_causal=True and no mask (a right-padded micro-batch gives every layer the same mask
+    and cost: not counted, docs/estimate.md#activations). Pinned at two lengths by
+    tests/estimate/test_window_mask.py."""
+    window = getattr(t, "sliding_window", 0)
+    if attn != "sdpa" or not window or seq < window:
+        return 0, 0.0
+    layers = getattr(t, "sliding_layers", t.num_layers)  # Mistral, Phi-3, Mixtral: every layer
+    return layers, compute_bytes * (seq + 2 * (t.q_dim - t.kv_dim))
 
 
 chat_template = llama.chat_template

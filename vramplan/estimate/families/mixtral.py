@@ -334,6 +334,7 @@ def prefill_bytes_per_token(t, dtype_bytes: int) -> float:
 
 
 kv_cache_tokens = mistral.kv_cache_tokens
+window_mask_bytes_per_token = mistral.window_mask_bytes_per_token
 chat_template = llama.chat_template
 final_norm_bytes_per_token = llama.final_norm_bytes_per_token
 attention_flops_per_token = llama.attention_flops_per_token

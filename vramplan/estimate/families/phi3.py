@@ -111,6 +111,7 @@ def _lora_bytes_per_token(t: Phi3Spec, lora, adapter_casts: bool, as_llama) -> i
 
 
 kv_cache_tokens = mistral.kv_cache_tokens  # the window caps every layer
+window_mask_bytes_per_token = mistral.window_mask_bytes_per_token  # every layer's SDPA mask
 other_params = llama.other_params
 checkpointed_bytes_per_token = llama.checkpointed_bytes_per_token
 final_norm_bytes_per_token = llama.final_norm_bytes_per_token

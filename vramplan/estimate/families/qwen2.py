@@ -18,7 +18,7 @@ from typing import ClassVar
 from vramplan.contract import ContractError, require
 from vramplan.estimate.families import LinearGroup, llama
 from vramplan.estimate.families.llama import TextSpec
-from vramplan.estimate.families.mistral import read_window
+from vramplan.estimate.families.mistral import read_window, window_mask_bytes_per_token  # noqa: F401 (hook)
 
 ROLE = "text"
 HF_MODEL_TYPES = ("qwen2",)

@@ -97,6 +97,7 @@ def dispatch_bytes_per_token(t: Qwen2MoeSpec) -> float:
 
 
 kv_cache_tokens = qwen2.kv_cache_tokens
+window_mask_bytes_per_token = qwen2.window_mask_bytes_per_token
 chat_template = llama.chat_template
 largest_tensor_params = mixtral.largest_tensor_params
 checkpointed_bytes_per_token = mixtral.checkpointed_bytes_per_token

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vramplan.estimate.families import llama
+from vramplan.estimate.families import llama, qwen2
 from vramplan.estimate.families.qwen2 import Qwen2Spec, kv_cache_tokens, window_fields  # noqa: F401 (hook)
 
 ROLE = "text"
@@ -73,3 +73,4 @@ final_norm_bytes_per_token = llama.final_norm_bytes_per_token
 attention_flops_per_token = llama.attention_flops_per_token
 kv_bytes_per_token = llama.kv_bytes_per_token
 prefill_bytes_per_token = llama.prefill_bytes_per_token
+window_mask_bytes_per_token = qwen2.window_mask_bytes_per_token

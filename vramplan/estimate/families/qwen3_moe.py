@@ -92,3 +92,4 @@ def saved_bytes_per_token(t: Qwen3MoeSpec, mode: str, lora, attn: str, seq: int,
 
 
 kv_cache_tokens = qwen2.kv_cache_tokens
+window_mask_bytes_per_token = qwen2.window_mask_bytes_per_token
