@@ -30,7 +30,19 @@ def _has_cuda_gpu() -> bool:
         return False
 
 
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) these tests run one after another on
+# one worker: they launch trainers, time-out children, kill processes, hold run-dir locks or time a preflight, and
+# stay deterministic when only the other worker's CPU-bound tests (the estimate, the traces) run beside them.
+PROCESS_TESTS = ("reliability/", "train/", "test_run_e2e.py", "test_run_cli.py", "test_run_loop.py", "test_run_lock.py",
+                 "test_launch.py", "test_preflight_cli.py", "test_preflight_unit.py", "test_calibrate.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        rel = Path(str(item.fspath)).relative_to(REPO / "tests").as_posix()
+        if rel.startswith(PROCESS_TESTS) or rel in PROCESS_TESTS:
+            item.add_marker(pytest.mark.xdist_group("processes"))
     gpu_items = [i for i in items if "gpu" in i.keywords]
     if gpu_items and not _has_cuda_gpu():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (none present)")
