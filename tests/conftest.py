@@ -19,6 +19,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
+@pytest.fixture(scope="session")
+def ds_ops() -> None:
+    """JIT-build DeepSpeed's CPU ops once, in one process, before any test that launches DeepSpeed ranks (cached in
+    TORCH_EXTENSIONS_DIR; ~1-2 min cold on 2 cores). Otherwise the first multi-rank test builds them inside its own
+    timeout while the other xdist worker takes a core (a cold CI clone timed out so, 300 s)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    code = ("from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder, CPUAdamBuilder, FusedAdamBuilder\n"
+            "for b in (ShareMemCommBuilder, CPUAdamBuilder, FusedAdamBuilder): b().load()\n")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def _has_cuda_gpu() -> bool:
     if shutil.which("nvidia-smi") is None:
         return False
