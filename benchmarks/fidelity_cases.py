@@ -26,16 +26,18 @@ QWENVL = "Qwen-VL (ViT + resampler): no such vision family in vramplan (CLIP-LLa
 
 # torchtune single-device recipes: plain PyTorch, the whole model in bf16 (LoRA and optimizer states too),
 # lora_dropout 0.0 (torchtune recipes' default)
-TT = dict(zero="none", trainable_dtype="bf16", lora_dropout=0.0, stat="allocated", unit="GiB")
+# --no-pad-mask: torchtune and LitGPT pad a micro-batch but call SDPA with is_causal and no padding mask (padding is
+# masked in the loss only); fms-hf-tuning and peft's ZeRO-3 example pack (TRL packing=True): no padding at all
+TT = dict(zero="none", trainable_dtype="bf16", lora_dropout=0.0, stat="allocated", unit="GiB", pad_mask=False)
 # LitGPT finetune/lora.py at 8641822 and its 2024 tables: plain PyTorch, --precision bf16-true, LoRA on q,v
 # with dropout 0.05, no activation checkpointing on one device; the longest sample sets the peak
 LIT = dict(zero="none", trainable_dtype="bf16", lora_dropout=0.05, lora_targets="q_proj,v_proj",
-           grad_ckpt=False, stat="allocated", unit="GB")
+           grad_ckpt=False, stat="allocated", unit="GB", pad_mask=False)
 # HF Trainer + PEFT without DeepSpeed (fms-acceleration 'none'/'baseline-peft-bnb', Qwen finetune.py
 # single GPU, LLaMA-Factory, unsloth's HF baseline): LoRA weights fp32 (peft autocast_adapter_dtype)
 HF = dict(zero="none", trainable_dtype="fp32")
 FMS = dict(HF, lora_r=16, lora_dropout=0.1, lora_targets="q_proj,k_proj,v_proj,o_proj", seq_len=4096,
-           grad_ckpt=True, stat="allocated", unit="bytes")
+           grad_ckpt=True, stat="allocated", unit="bytes", pad_mask=False)
 QWEN = dict(HF, lora_r=64, lora_dropout=0.05, lora_targets="all-linear", grad_ckpt=True, micro_batch=1,
             stat="smi", unit="GB")
 INFER = dict(task="infer", batch=1)
@@ -122,7 +124,7 @@ CASES: dict[str, dict] = {
     "C073": dict(missing=FSDP), "C075": dict(missing=FSDP), "C076": dict(missing=FSDP), "C078": dict(missing=FSDP),
     "C079": dict(model=M + "llama-2-70b", recipe="qlora", zero=3, offload="none", lora_r=8, lora_dropout=0.1,
                  lora_targets="all-linear", micro_batch=2, seq_len=2048, grad_ckpt=True, gpus="2xA100-40G",
-                 double_quant=True, stat="smi", unit="GB"),
+                 double_quant=True, stat="smi", unit="GB", pad_mask=False),
     "C080": dict(missing=FSDP),
     "C082": dict(HF, model=M + "bloomz-7b1", recipe="full", quant="none", micro_batch=8, seq_len=64, grad_ckpt=False,
                  gpus="1xA100-80G", verdict_only=True, traced=True),
@@ -177,11 +179,11 @@ CASES: dict[str, dict] = {
     "C122": dict(missing=QWENVL), "C123": dict(missing=QWENVL), "C126": dict(missing=QWENVL),
     "C127": dict(missing=QWENVL), "C128": dict(missing=QWENVL),
     "C132": dict(model="llava-v1.5-13b", recipe="full", zero=3, offload="none", micro_batch=16, seq_len=2048,
-                 grad_ckpt=True, gpus="8xA100-80G", verdict_only=True),
+                 grad_ckpt=True, gpus="8xA100-80G", verdict_only=True, attn="flash"),
     "C133": dict(model="llava-v1.5-7b", recipe="full", zero=3, offload="none", seq_len=2048, grad_ckpt=True,
-                 gpus="8xA100-40G", verdict_only=True, any_micro_batch=True),
+                 gpus="8xA100-40G", verdict_only=True, any_micro_batch=True, attn="flash"),
     "C135": dict(model="llava-v1.5-7b", recipe="lora", zero=3, offload="none", seq_len=2048, grad_ckpt=True,
-                 gpus="8xRTX3090", verdict_only=True, any_micro_batch=True),
+                 gpus="8xRTX3090", verdict_only=True, any_micro_batch=True, attn="flash"),
     "C136": dict(missing="no figure (an upper bound '<8 GB') and no GPU named"),
     # `srun --ntasks-per-node=1 --nodes=2 deepspeed train_mem.py ...` with no hostfile: each node's DeepSpeed
     # launcher finds none and "will proceed with training with local resources only" (launcher/runner.py
@@ -189,7 +191,8 @@ CASES: dict[str, dict] = {
     # separate 4-GPU jobs. ZeRO-2 shards over 4, not 8. Buckets as LLaVA's scripts/zero2.json leaves them:
     # reduce_bucket_size "auto" (hidden^2 from the HF Trainer), allgather_bucket_size unset (DeepSpeed's 5e8)
     "C137": dict(model="llava-v1.5-7b", recipe="full", zero=2, offload="none", micro_batch=1, seq_len=2048,
-                 grad_ckpt=True, gpus="4xA100-40G", world_gpus=4, ds_buckets="auto,5e8", verdict_only=True),
+                 grad_ckpt=True, gpus="4xA100-40G", world_gpus=4, ds_buckets="auto,5e8", verdict_only=True,
+                 attn="flash"),
     "C139": dict(missing="DeepSpeed stage and micro-batch not stated"),
     "C141": dict(model="llava-v1.5-13b", recipe="qlora", micro_batch=16, seq_len=2048, grad_ckpt=True,
                  gpus="1xRTX3090", verdict_only=True, any_stage=True, bnb_version=BNB_2024_H1),

@@ -206,3 +206,18 @@ def test_real_broken_torchvision(tmp_path):
     assert tf["status"] == "FAIL" and "torchvision::nms" in tf["detail"] and "broken torchvision" in tf["detail"]
     assert all("the check itself crashed" not in c["detail"] for c in env["data"]["checks"])
     # without it on the path the same venv passes: test_full_run_on_this_machine
+
+
+def test_a_killed_builds_lock_fails_a_zero_plan(tmp_path):
+    """The real probe finds the FileBaton lock a killed DeepSpeed op build left (every later build of the op would
+    wait for it forever): the deepspeed check FAILs with the rm command, exit 4."""
+    lock = tmp_path / "ext" / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    plan = _plan_file(tmp_path, strategy={"zero_stage": 2, "offload": "none", "launcher": "torchrun"},
+                      ds_config={"zero_optimization": {"stage": 2}})
+    p = _run(["preflight", "--plan", str(plan), "--json"], env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    ds = {c["name"]: c for c in _envelope(p)["data"]["checks"]}["deepspeed"]
+    assert p.returncode == 4 and ds["status"] == "FAIL", ds
+    assert str(lock) in ds["detail"] and "60 min ago" in ds["detail"] and ds["fix"].startswith(f"rm -f {lock}")

@@ -630,3 +630,17 @@ def test_in_process_checks_import_no_heavy_module(tmp_path):
             "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([PY, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_a_killed_op_builds_lock_fails_a_deepspeed_plan():
+    """torch's FileBaton lock left by a killed JIT build makes every later build wait forever (pytorch#189245)."""
+    st = {"baton_locks": True, "build_locks": [["/x/cpu_adam/lock", 3600], ["/x/fused_adam/lock", 700]]}
+    r = packages.build_lock_result("deepspeed", "deepspeed 0.19", st, uses=True)
+    assert r.status == "FAIL" and "/x/cpu_adam/lock (+1 more)" in r.detail and "60 min ago" in r.detail
+    assert r.fix.startswith("rm -f /x/cpu_adam/lock /x/fused_adam/lock")
+    assert packages.build_lock_result("deepspeed", "d", st, uses=False).status == "WARN"  # no plan: a warning
+    young = packages.build_lock_result("deepspeed", "d", {"build_locks": [["/x/a/lock", 20]]}, uses=True)
+    assert young.status == "WARN" and "20 s ago" in young.detail and "if no build is running" in young.fix
+    assert packages.build_lock_result("deepspeed", "d", {"build_locks": []}, uses=True) is None
+    # a torch whose build lock is an OS-level flock (released when its holder dies) keeps the file: not a hang
+    assert packages.build_lock_result("deepspeed", "d", dict(st, baton_locks=False), uses=True) is None

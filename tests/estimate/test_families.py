@@ -138,10 +138,11 @@ def _layer_saved_bytes(name, mode, lora, b, s):
         cls(**{**TINY, "num_hidden_layers": layers}, **extra, attn_implementation="sdpa")), mode, lora, b, s)
 
 
-def layer_saved_bytes(build, mode, lora, b, s):
+def layer_saved_bytes(build, mode, lora, b, s, attention_mask=None):
     """saved(2 layers) - saved(1 layer) of the real bf16 model `build(layers)`, as
     tests/estimate/test_activation_truth.py does (dropout as the CUDA kernel allocates it: a 1-byte mask).
-    Shared with tests/estimate/test_families_gemma_phi.py."""
+    attention_mask: the (b, s) padding mask the trainer's collate gives (None: no mask, no padding).
+    Shared with tests/estimate/test_families_gemma_phi.py and tests/estimate/test_padding_mask.py."""
     peft = pytest.importorskip("peft")
     from train.trace_fake import cuda_dropout
 
@@ -160,7 +161,8 @@ def layer_saved_bytes(build, mode, lora, b, s):
             inner = m.base_model.model.model if mode == "lora" else m.model
             m.train()
             emb = torch.randn(b, s, m.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-            out.append(saved_bytes(lambda: inner(inputs_embeds=emb).last_hidden_state, list(m.parameters())))
+            out.append(saved_bytes(lambda: inner(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state,
+                                   list(m.parameters())))
     return out[1] - out[0]
 
 

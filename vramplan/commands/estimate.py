@@ -101,6 +101,11 @@ def estimate_options(f):
                      help="reduce,allgather bucket sizes in elements of the DeepSpeed config the run uses (reduce: "
                      "ZeRO-1/2/3; allgather: ZeRO-1/2), "
                      "e.g. auto,5e8 (auto = hidden^2, as the HF Trainer fills it; default: vramplan's 2e8,2e8)."),
+        click.option("--pad-mask/--no-pad-mask", "pad_mask", default=None,
+                     help="Micro-batches of 2+ samples are right-padded and the attention takes the padding mask, as "
+                     "the bundled trainer does (default: yes, unless --dataset's records are one length). "
+                     "--no-pad-mask: packed batches, or a trainer that masks padding in the loss only (LitGPT); "
+                     "under SDPA the mask costs 2 B per query-key pair per layer."),
         click.option("--trace", is_flag=True, default=False,
                      help="Trace the training step (needs the train extra) instead of deriving it, for a known "
                      "architecture too: a cross-check. Unknown architectures are always traced."),

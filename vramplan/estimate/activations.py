@@ -15,6 +15,9 @@ sequence lengths. This module composes them for one micro-batch (docs/estimate.m
   * under SDPA, layers with a sliding window the sequence reaches keep an explicit (b, 1, s, s) mask and k/v
     repeated to every head (the text family's window_mask_bytes_per_token, families/mistral.py): the one
     per-layer term that grows with s^2 besides eager attention's scores;
+  * a right-padded micro-batch (2+ samples of different lengths: train/data.py collate pads to the longest) gives
+    every SDPA layer that explicit mask and the repeated k/v, window or not (padding_mask_bytes_per_token; pinned
+    by tests/estimate/test_padding_mask.py);
   * the loss forward peaks at LOGIT_FORWARD_BYTES per logit: the 16-bit logits, their fp32 upcast and the
     fp32 log-softmax (loss_utils.py ForCausalLMLoss; torch cross_entropy = log_softmax + nll_loss). It is below
     the backward's 12 B unless something lives through the forward only (the autocast cache, below).
@@ -72,6 +75,24 @@ class ActivationBreakdown:
     weight_casts: int = 0  # autocast copies of fp32 trainable weights (saved without checkpointing)
     logits_forward: int = 0  # loss forward peak
     head_cast: int = 0  # autocast copy of a frozen fp32 lm_head, live in both loss peaks
+    sdpa_masks: int = 0  # of llm_saved (or llm_recompute with checkpointing): SDPA's explicit masks + repeated k/v
+
+
+def padding_mask_bytes_per_token(t: TextSpec, attn: str, seq: int, compute_bytes: int = 2) -> tuple[int, float]:
+    """A right-padded micro-batch under SDPA: (layers that pay, saved bytes per token in each).
+
+    train/data.py collate pads a micro-batch to its longest sample and passes the 0/1 attention_mask, so
+    transformers cannot hand SDPA is_causal=True (masking_utils.py _ignore_causal_mask_sdpa: only an all-ones
+    mask is dropped) and gives every layer the boolean (b, 1, s, s) mask. Each layer then keeps what a sliding
+    window costs (families/mistral.py window_mask_bytes_per_token): the additive mask torch makes per call
+    (aten attention.cpp convert_boolean_attn_mask, `compute_bytes * s` per token) and k, v repeated to every
+    query head (integrations/sdpa_attention.py use_gqa_in_sdpa refuses enable_gqa with a mask:
+    `2 * compute_bytes * (q - kv)`). Eager attention (and Gemma 2's soft-capped "sdpa", which runs eager) adds
+    the mask to its scores and keeps nothing more; flash attention unpads instead. Not counted: the shared
+    boolean mask itself (1 B per query-key pair, once), which checkpointing keeps until backward."""
+    if attn != "sdpa" or getattr(t, "attn_softcap", False):
+        return 0, 0.0
+    return t.num_layers, compute_bytes * (seq + 2 * (t.q_dim - t.kv_dim))
 
 
 def _vision(
@@ -97,14 +118,15 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
                      projector: ProjectorSpec | None = None, projector_trained: bool = True,
                      kbit_saves_inputs: bool = False, residual_bytes: int = 0, cast_params: int = 0,
                      llm_cast_params: int = 0, head_cast: bool = False, tower_tokens: int | None = None,
-                     projector_tokens: int | None = None) -> ActivationBreakdown:
+                     projector_tokens: int | None = None, padded: bool = False) -> ActivationBreakdown:
     """kbit_saves_inputs: the LLM's Linears are 4-bit ones of a bitsandbytes release that keeps each
     Linear's input for backward (Job.kbit_saves_inputs; the text family's kbit_input_bytes_per_token).
     Plain PyTorch under autocast (module text): residual_bytes, the residual stream's dtype (0: the compute
     dtype); cast_params, the fp32 trainable parameters autocast casts (llm_cast_params of them in the
     decoder layers); head_cast, the lm_head is a frozen fp32 weight cast per forward. tower_tokens and
     projector_tokens: per image, from the projector family at the planned image size (ModelSpec.tower_tokens,
-    .projector_tokens); None: one crop of the vision family's."""
+    .projector_tokens); None: one crop of the vision family's. padded: the micro-batch's samples differ in length
+    (right-padded, padding_mask_bytes_per_token)."""
     text = module_for(t)
     tokens = micro_batch * seq
     rb = residual_bytes or compute_bytes
@@ -115,6 +137,11 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
     # the layers whose SDPA takes an explicit sliding-window mask keep it (b*s^2) and repeated k/v besides
     mask_layers, mask_per_token = getattr(text, "window_mask_bytes_per_token", lambda *a: (0, 0.0))(
         t, attn, seq, compute_bytes)
+    if padded:  # every layer gets a mask now, the sliding ones included (at the same cost)
+        pad_layers, pad_per_token = padding_mask_bytes_per_token(t, attn, seq, compute_bytes)
+        if pad_layers:
+            mask_layers, mask_per_token = pad_layers, pad_per_token
+    masks = mask_per_token * tokens * (min(mask_layers, 1) if grad_ckpt else mask_layers)
     if grad_ckpt:
         llm_saved = t.num_layers * text.checkpointed_bytes_per_token(t, rb) * tokens  # layer inputs only
         llm_recompute = per_layer + llm_cast_params * compute_bytes / t.num_layers  # + that layer's casts
@@ -141,4 +168,4 @@ def activation_bytes(t: TextSpec, v: VisionSpec | None, *, micro_batch: int, seq
     final_norm = text.final_norm_bytes_per_token(t, compute_bytes) * tokens
     return ActivationBreakdown(int(llm_saved), int(llm_recompute), int(vision_saved), int(vision_transient),
                                int(projector_saved), int(logits), int(final_norm), int(cast_params * compute_bytes),
-                               int((LOGIT_FORWARD_BYTES + extra) * tokens * t.vocab_size), int(head))
+                               int((LOGIT_FORWARD_BYTES + extra) * tokens * t.vocab_size), int(head), int(masks))

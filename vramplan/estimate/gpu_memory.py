@@ -208,6 +208,8 @@ def _activation_transients(
             "transient",
             "decoder layers"
             + (" inputs only (checkpointing)" if s.grad_ckpt else "")
+            + (" + SDPA's explicit mask and repeated k/v per layer (padded micro-batch or sliding window)"
+               if act.sdpa_masks and not s.grad_ckpt else "")
             + " + vision LoRA layers + projector, per micro-batch",
             "Korthikanti 2022 (arXiv:2205.05198); measured, docs/estimate.md#activations",
         ),
@@ -223,7 +225,9 @@ def _activation_transients(
     ]
     if act.llm_recompute:
         out.append(Component("recompute_layer", act.llm_recompute, "transient",
-                             "one decoder layer's activations while it is recomputed",
+                             "one decoder layer's activations while it is recomputed"
+                             + (" (with SDPA's explicit mask and repeated k/v: padded micro-batch or sliding window)"
+                                if act.sdpa_masks else ""),
                              "gradient checkpointing; docs/estimate.md#activations"))
     if act.weight_casts or act.head_cast:  # plain PyTorch under autocast (activations.py)
         out.append(Component("logits_loss_forward", act.logits_forward + act.head_cast, "transient",

@@ -108,7 +108,7 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
                                projector=job.model.projector, projector_trained=r.train_projector,
                                kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4,
                                tower_tokens=job.model.tower_tokens, projector_tokens=job.model.projector_tokens,
-                               **autocast_upcast(job, groups, s))
+                               padded=s.micro_batch > 1 and job.padded_batches, **autocast_upcast(job, groups, s))
     buckets = buckets_for(job.model.text.hidden_size, groups.trainable, job.ds_buckets)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
     mem = gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,

@@ -93,6 +93,10 @@ class Job:
     # bitsandbytes' MatMul4Bit keeps each 4-bit Linear's input for backward (releases before
     # priors.BNB_DROPS_KBIT_INPUT; set by vramplan.plan.resolve from the installed version or --bnb-version)
     kbit_saves_inputs: bool = False
+    # a micro-batch of 2+ samples is right-padded to its longest (train/data.py collate), so SDPA gets an explicit
+    # mask in every layer (activations.py padding_mask_bytes_per_token); False when --dataset's records are all
+    # one length
+    padded_batches: bool = True
     # (reduce, allgather) bucket elements of a DeepSpeed config the user gives (--ds-buckets; 0 = "auto",
     # which the HF Trainer fills with hidden^2); () = vramplan's own (ds_config.buckets_for)
     ds_buckets: tuple[int, ...] = ()

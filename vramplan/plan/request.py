@@ -60,6 +60,10 @@ class EstimateOptions:
     transformers_version: str | None = None  # --transformers-version 4.45.2: a MoE's expert layout (plan/moe_layout.py)
     ds_buckets: str | None = None  # --ds-buckets auto,5e8: ZeRO-1/2 reduce,allgather bucket elements of a given config
     trace: bool = False  # --trace: the traced path for a known family too (docs/estimate.md#the-traced-path)
+    # --pad-mask/--no-pad-mask: micro-batches of 2+ samples are right-padded and attention takes the padding mask
+    # (the bundled trainer; None: yes unless --dataset's records are one length); --no-pad-mask: packed batches or a
+    # trainer that masks padding in the loss only (LitGPT). More memory under SDPA (activations.py)
+    pad_mask: bool | None = None
 
     def __post_init__(self) -> None:
         def bad(flag, msg, hint=""):
@@ -196,7 +200,7 @@ TRAIN_ONLY = {"--samples": "samples", "--epochs": "epochs", "--micro-batch": "mi
               "--grad-accum": "grad_accum", "--global-batch": "global_batch", "--lora-r": "lora_r",
               "--save-steps": "save_steps", "--keep-checkpoints": "keep_checkpoints", "--zero": "zero",
               "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt", "--bnb-version": "bnb_version",
-              "--ds-buckets": "ds_buckets"}
+              "--ds-buckets": "ds_buckets", "--pad-mask/--no-pad-mask": "pad_mask"}
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:

@@ -31,6 +31,7 @@ class DataFacts:
     mean_seq_len: int  # 0 = unknown (time assumes seq_len)
     dataset_source: str = "assumed"  # measured (--dataset) | scaled (--samples) | assumed (the recipe's default)
     dataset_on_disk: bool = False  # --dataset: its files already occupy this machine's disk
+    uniform_lengths: bool = False  # --dataset: every record has the same length (micro-batches need no padding)
 
 
 def _apply_overrides(recipe, o: EstimateOptions, model):
@@ -136,7 +137,7 @@ def resolve_data(o: EstimateOptions, model, recipe, ctx: Context, rep=None) -> D
     recipe's defaults."""
     samples, dataset_bytes = recipe.samples, recipe.dataset_bytes
     images_per_sample = 1.0 if model.vision else 0.0
-    text_tokens, mean_seq = recipe.text_tokens, 0
+    text_tokens, mean_seq, uniform = recipe.text_tokens, 0, False
     if o.dataset:
         from vramplan.inputs.token_count import token_stats
 
@@ -155,6 +156,7 @@ def resolve_data(o: EstimateOptions, model, recipe, ctx: Context, rep=None) -> D
             # the mean sets the time
             text_tokens = int(ts["max"])
             mean_seq = int(model.image_tokens * images_per_sample + ts["mean"])
+            uniform = ts["max"] == ts["mean"] and images_per_sample in (0.0, 1.0)
             ctx.assumptions.append(
                 f"--dataset: longest record {ts['max']} text tokens, mean {ts['mean']:.0f} "
                 f"({ts['method']}{'; mean over a sample' if ts['sampled'] else ''})")
@@ -174,7 +176,7 @@ def resolve_data(o: EstimateOptions, model, recipe, ctx: Context, rep=None) -> D
                                f"text after {image} image tokens (--seq-len sets it)")
     seq = max(seq, 1)
     return DataFacts(max(1, samples), dataset_bytes, images_per_sample, seq, min(mean_seq, seq) if mean_seq else 0,
-                     source, bool(o.dataset))
+                     source, bool(o.dataset), uniform)
 
 
 def _dataset_disk(o: EstimateOptions, recipe, samples: int, dataset_bytes: int, ctx: Context) -> tuple[int, str]:
@@ -267,7 +269,8 @@ def build_job(o: EstimateOptions):
               engines=(("torch",) if o.zero == "none" else ("deepspeed",)) if o.zero is not None
               else ("deepspeed", "torch"),
               offloads=(o.offload,) if o.offload else Offload.ALL,
-              mean_seq_len=data.mean_seq_len, calibration=calibration, speed_tolerance=o.speed_tolerance)
+              mean_seq_len=data.mean_seq_len, calibration=calibration, speed_tolerance=o.speed_tolerance,
+              padded_batches=o.pad_mask if o.pad_mask is not None else not data.uniform_lengths)
     from vramplan.plan import traced
 
     if traced.wanted(job, o):  # docs/estimate.md#the-traced-path

@@ -241,6 +241,20 @@ def probe_deepspeed():
     built = glob.glob(os.path.join(ext, "**", "cpu_adam*.so"), recursive=True)
     d["cpu_adam_jit_cached"] = built[:1]
     d["extensions_dir"] = ext
+    # a JIT build killed mid-way (Ctrl-C, OOM killer, scancel) leaves torch's FileBaton `lock` in the op's build
+    # dir; every later build of that op waits for it to vanish, forever (torch/utils/cpp_extension.py
+    # _jit_compile, file_baton.py; pytorch/pytorch#189245). Seconds since each was written.
+    try:
+        import inspect
+
+        from torch.utils import cpp_extension
+
+        d["baton_locks"] = "FileBaton" in inspect.getsource(cpp_extension._jit_compile)
+    except Exception:  # noqa: BLE001 - source unavailable: assume the baton, as every torch to 2.13 has it
+        d["baton_locks"] = True
+    now = time.time()
+    locks = glob.glob(os.path.join(ext, "*", "lock")) + glob.glob(os.path.join(ext, "*", "*", "lock"))
+    d["build_locks"] = [[p, round(now - os.path.getmtime(p))] for p in sorted(locks) if os.path.isfile(p)][:5]
     try:
         from torch.utils.cpp_extension import verify_ninja_availability
 

@@ -1,5 +1,5 @@
 """The training packages the plan needs, at minimum versions; bitsandbytes 4-bit on the device;
-DeepSpeed and its CPU-Adam op for offload; the ZeRO-3 + 4-bit version floor.
+DeepSpeed and its CPU-Adam op for offload; a stale JIT-build lock; the ZeRO-3 + 4-bit version floor.
 
 Versions come from package metadata (no import). Minimums are pyproject.toml's `train` extra. ZeRO-3 with
 4-bit weights: PEFT docs `accelerate/deepspeed.md` require bitsandbytes>=0.43.3, accelerate>=1.0.1,
@@ -11,6 +11,7 @@ prebuilt (DS_BUILD_CPU_ADAM=1) or JIT-compiled on first use with ninja + a C++ c
 from __future__ import annotations
 
 import re
+import shlex
 from importlib import metadata
 
 from vramplan.estimate.types import offloads_optimizer
@@ -185,6 +186,12 @@ def check_deepspeed(ctx: Context) -> CheckResult:
             return CheckResult(name, "FAIL", f"{found}, but the plan runs on {ctx.device}",
                                f"export DS_ACCELERATOR={ctx.device}", st)
         found += f" (no {ctx.device} device here, see 'accelerators'; on the training machine it picks {ctx.device})"
+    res = _ops_result(ctx, name, found, st)
+    lock = build_lock_result(name, found, st, bool(uses))
+    return lock if lock and (res.status != "FAIL" or lock.status == "FAIL") else res
+
+
+def _ops_result(ctx: Context, name: str, found: str, st: dict) -> CheckResult:
     offload = ctx.offload if ctx.plan is not None else None
     cpu_adam, missing = _cpu_adam(st)
     if offloads_optimizer(offload):
@@ -196,6 +203,31 @@ def check_deepspeed(ctx: Context) -> CheckResult:
         return CheckResult(name, "WARN", f"{found}; CPU Adam (needed by offload plans) cannot be built here: "
                                          f"{'; '.join(missing)}", _cpu_adam_fix(st), st)
     return CheckResult(name, "PASS", f"{found}; CPU Adam (offload plans): {cpu_adam}", "", st)
+
+
+STALE_LOCK_S = 600  # a DeepSpeed op's JIT build takes 0.5-3 min (CPU Adam ~28 s on 2 cores): 10 min is no live build
+
+
+def build_lock_result(name: str, found: str, st: dict, uses: bool) -> CheckResult | None:
+    """torch's FileBaton `lock` files in the extensions dir (the probe lists them with their age). A JIT build
+    killed mid-way (Ctrl-C, the OOM killer, scancel) leaves its lock, and every later build of that op waits for
+    the file to vanish, forever, after printing 'Using ... as PyTorch extensions root' (torch/utils/
+    cpp_extension.py _jit_compile, file_baton.py FileBaton.wait; pytorch/pytorch#189245). None: no lock."""
+    locks = st.get("build_locks") or []
+    if not locks or not st.get("baton_locks", True):
+        return None
+    path, age = locks[0]
+    more = f" (+{len(locks) - 1} more)" if len(locks) > 1 else ""
+    rm = "rm -f " + " ".join(shlex.quote(p) for p, _ in locks)
+    if age >= STALE_LOCK_S:
+        return CheckResult(name, "FAIL" if uses else "WARN",
+                           f"{found}; {path}{more} is the lock of a JIT op build killed {age // 60} min ago: torch "
+                           "waits for it to vanish before building that op again, forever (the launch would hang "
+                           "after 'Using ... as PyTorch extensions root')",
+                           f"{rm}   # no build is running; the next one starts clean", st)
+    return CheckResult(name, "WARN", f"{found}; an op build holds {path}{more} (written {age} s ago): another process "
+                                     "is JIT-building a DeepSpeed op now, or one was just killed",
+                       f"wait for it to finish; if no build is running: {rm}", st)
 
 
 def _device_present(ctx: Context, device: str) -> bool:
