@@ -110,3 +110,69 @@ def test_pad_mask_flag_overrides_the_dataset_and_is_train_only():
         assert job.padded_batches is flag
     with pytest.raises(UsageError, match="--pad-mask"):
         EstimateOptions(task="infer", pad_mask=False)
+
+
+def test_one_kv_head_repeats_by_view():
+    """Multi-query attention (Gemma-2B, Gemma 3 1B): repeat_kv's expand + reshape stays a view, only the mask is kept
+    (families/mistral.py repeated_kv_bytes_per_token)."""
+    b, s, mqa = 2, 48, dict(SHAPE, num_key_value_heads=1)
+
+    def build(n):
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**mqa, num_hidden_layers=n,
+                                                                      attn_implementation="sdpa"))
+
+    t = llama.from_hf_config({"model_type": "llama", **mqa, "num_hidden_layers": 1}, "config.json")
+    assert padding_mask_bytes_per_token(t, "sdpa", s) == (1, 2 * s)
+    padded = layer_saved_bytes(build, "frozen", None, b, s, _mask(b, s, 5))
+    assert padded - layer_saved_bytes(build, "frozen", None, b, s) == 2 * s * b * s
+
+
+def _vlm_layer_bytes(cfg, cls, token_type_ids: bool, b: int = 2, s: int = 48) -> int:
+    """saved(2 text layers) - saved(1) of a tiny bf16 PaliGemma / Gemma 3, trained text norms, frozen tower."""
+    from train.trace_fake import cuda_dropout
+
+    from .act_measure import saved_bytes
+
+    out = []
+    for layers in (1, 2):
+        cfg.text_config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        m = cls(cfg).to(torch.bfloat16).train().requires_grad_(False)
+        for n, p in m.named_parameters():
+            p.requires_grad_("language_model" in n and "norm" in n)
+        n_img = getattr(cfg, "mm_tokens_per_image", None) or cfg.text_config.num_image_tokens
+        ids = torch.randint(0, 200, (b, s))
+        ids[:, :n_img] = getattr(cfg, "image_token_id", None) or cfg.image_token_index
+        kw = {"input_ids": ids, "pixel_values": torch.randn(b, 3, cfg.vision_config.image_size,
+                                                             cfg.vision_config.image_size, dtype=torch.bfloat16)}
+        if token_type_ids:
+            kw["token_type_ids"] = (ids == ids[0, 0]).long()  # 1 on the image tokens, as the processors make them
+        with cuda_dropout():
+            out.append(saved_bytes(lambda: m(**kw).logits, list(m.parameters())))
+    return out[1] - out[0]
+
+
+@pytest.mark.parametrize("name", ["paligemma", "paligemma2", "gemma3"])
+def test_paligemma_and_gemma3_train_with_a_mask_in_every_layer(tmp_path, name):
+    """token_type_ids (training) make the image attend both ways: an explicit mask per layer at any micro-batch,
+    as padding makes one (MASK_IN_TRAINING); PaliGemma 2's Gemma 2 runs eager and keeps none."""
+    from tests.estimate.test_gemma_vlms import tiny, tiny_gemma3
+    from vramplan.inputs.model_dir import load_model_dir
+
+    cfg = {"paligemma": lambda: tiny(transformers.GemmaConfig), "paligemma2": lambda: tiny(transformers.Gemma2Config),
+           "gemma3": tiny_gemma3}[name]()
+    cls = (transformers.Gemma3ForConditionalGeneration if name == "gemma3"
+           else transformers.PaliGemmaForConditionalGeneration)
+    cfg.save_pretrained(tmp_path)
+    t = load_model_dir(tmp_path).text
+    b, s = 2, 48
+    measured = _vlm_layer_bytes(cfg, cls, True, b, s) - _vlm_layer_bytes(cfg, cls, False, b, s)
+    layers, per_token = padding_mask_bytes_per_token(t, "sdpa", s)
+    assert measured == (per_token * b * s if layers else 0)
+    assert (measured > 0) is (name != "paligemma2")
+    from vramplan.estimate.search import _mask_in_training
+    from vramplan.plan.request import EstimateOptions
+    from vramplan.plan.resolve import build_job
+
+    job, _ = build_job(EstimateOptions(model=str(tmp_path), recipe="lora", gpus="1x80G", micro_batch=1))
+    assert _mask_in_training(job)  # counted at micro-batch 1 too (nothing for PaliGemma 2: its layers run eager)

@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.estimate.families import module_for
+from vramplan.estimate.families.mistral import repeated_kv_bytes_per_token
 from vramplan.estimate.specs import LoraSpec, ProjectorSpec, TextSpec, VisionSpec
 
 LOGIT_PEAK_BYTES = 12  # s*b*V*(4 + 4 + 4) at the log-softmax backward (whole-step trace; see above)
@@ -87,12 +88,13 @@ def padding_mask_bytes_per_token(t: TextSpec, attn: str, seq: int, compute_bytes
     window costs (families/mistral.py window_mask_bytes_per_token): the additive mask torch makes per call
     (aten attention.cpp convert_boolean_attn_mask, `compute_bytes * s` per token) and k, v repeated to every
     query head (integrations/sdpa_attention.py use_gqa_in_sdpa refuses enable_gqa with a mask:
-    `2 * compute_bytes * (q - kv)`). Eager attention (and Gemma 2's soft-capped "sdpa", which runs eager) adds
+    `2 * compute_bytes * (q - kv)`, none with one kv head: families/mistral.py repeated_kv_bytes_per_token).
+    Eager attention (and Gemma 2's soft-capped "sdpa", which runs eager) adds
     the mask to its scores and keeps nothing more; flash attention unpads instead. Not counted: the shared
     boolean mask itself (1 B per query-key pair, once), which checkpointing keeps until backward."""
     if attn != "sdpa" or getattr(t, "attn_softcap", False):
         return 0, 0.0
-    return t.num_layers, compute_bytes * (seq + 2 * (t.q_dim - t.kv_dim))
+    return t.num_layers, compute_bytes * seq + repeated_kv_bytes_per_token(t, compute_bytes)
 
 
 def _vision(

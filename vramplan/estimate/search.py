@@ -108,7 +108,8 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
                                projector=job.model.projector, projector_trained=r.train_projector,
                                kbit_saves_inputs=job.kbit_saves_inputs and job.quant == Quant.NF4,
                                tower_tokens=job.model.tower_tokens, projector_tokens=job.model.projector_tokens,
-                               padded=s.micro_batch > 1 and job.padded_batches, **autocast_upcast(job, groups, s))
+                               padded=(s.micro_batch > 1 and job.padded_batches) or _mask_in_training(job),
+                               **autocast_upcast(job, groups, s))
     buckets = buckets_for(job.model.text.hidden_size, groups.trainable, job.ds_buckets)
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
     mem = gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
@@ -117,6 +118,12 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
     if traced:  # docs/estimate.md#the-traced-path
         mem.components = traced.relabel(mem.components, job.model.text)
     return mem
+
+
+def _mask_in_training(job: Job) -> bool:
+    """A wrapper whose training step always gives the decoder an explicit mask (families/paligemma.py, gemma3.py)."""
+    p = job.model.projector
+    return p is not None and getattr(module_for(p), "MASK_IN_TRAINING", False)
 
 
 def _trainable_bytes(job: Job, g: ParamGroups) -> float:

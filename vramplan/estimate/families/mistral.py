@@ -74,7 +74,8 @@ def window_mask_bytes_per_token(t, attn: str, seq: int, compute_bytes: int = 2) 
         _scaled_dot_product_flash_attention_for_cpu; CUDA: flash takes no mask, so the memory-efficient kernel,
         which keeps it as attn_bias, is assumed): compute bytes per query-key pair, `compute_bytes * s` per token;
       * integrations/sdpa_attention.py use_gqa_in_sdpa refuses enable_gqa with a mask (CPU, CUDA), so repeat_kv
-        copies k and v to every query head and SDPA keeps the copies: `2 * compute_bytes * (q - kv)` per token.
+        copies k and v to every query head and SDPA keeps the copies: `2 * compute_bytes * (q - kv)` per token
+        (repeated_kv_bytes_per_token: nothing with one kv head, where the expand-and-reshape stays a view).
     Nothing under eager (one additive mask for all layers, added to the scores by an op that keeps nothing; the
     scores are the family's per-score terms) or flash (the window is the kernel's own). Full-attention layers
     without padding keep is_causal=True and no mask (a right-padded micro-batch gives every layer the same mask
@@ -84,7 +85,14 @@ def window_mask_bytes_per_token(t, attn: str, seq: int, compute_bytes: int = 2) 
     if attn != "sdpa" or not window or seq < window:
         return 0, 0.0
     layers = getattr(t, "sliding_layers", t.num_layers)  # Mistral, Phi-3, Mixtral: every layer
-    return layers, compute_bytes * (seq + 2 * (t.q_dim - t.kv_dim))
+    return layers, compute_bytes * seq + repeated_kv_bytes_per_token(t, compute_bytes)
+
+
+def repeated_kv_bytes_per_token(t, compute_bytes: int = 2) -> int:
+    """k and v copied to every query head when SDPA gets a mask (modeling_*.py repeat_kv: expand + reshape). With
+    one kv head (multi-query: Gemma-2B, Gemma 3 1B) the reshape merges a size-1 dim and stays a view: no copy
+    (measured, tests/estimate/test_padding_mask.py); with one query head per kv head there is nothing to repeat."""
+    return 0 if t.num_key_value_heads <= 1 else 2 * compute_bytes * (t.q_dim - t.kv_dim)
 
 
 chat_template = llama.chat_template

@@ -9,8 +9,8 @@ image takes (image_size / patch_size)^2 tokens in the tower and in the LLM's seq
 448 px; PaliGemmaConfig sets text_config.num_image_tokens the same way, configuration_paligemma.py).
 
 The text model is families/gemma.py's (lm_head tied to its embeddings). PaliGemma attends bidirectionally over
-the image and the prompt (text_config.use_bidirectional_attention), so SDPA takes an explicit mask: 2 B per
-query-key pair per layer that families/gemma.py does not count (as for a padding mask).
+the image and the prompt (token_type_ids in training), so SDPA takes an explicit mask in every layer: 2 B per
+query-key pair per layer (MASK_IN_TRAINING; PaliGemma 2's Gemma 2 runs eager: nothing).
 
 A config.json without a vision_config or text_config takes PaliGemmaConfig's sub-config defaults (SigLIP
 So400m/14 at 224 px without its head; Gemma-2B: 18 layers, hidden 2048, one kv head, 257,152 tokens).
@@ -28,6 +28,10 @@ from vramplan.estimate.families.llava import LlavaParts
 ROLE = "projector"
 HF_MODEL_TYPES = ("paligemma",)
 IMAGE_SIZE_MATTERS = False  # every image is resized to the tower's size
+# training passes token_type_ids (the processor makes them), and the image (and prompt) attend both ways:
+# PaliGemmaForConditionalGeneration builds an explicit mask for every layer, padded or not, which SDPA keeps per layer
+# (activations.py padding_mask_bytes_per_token; measured in tests/estimate/test_padding_mask.py)
+MASK_IN_TRAINING = True
 PROFILE_FIELDS = {"kind": (str, True, None)}
 DEFAULT_VISION = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4096,
                   "patch_size": 14, "image_size": 224, "num_hidden_layers": 27, "num_attention_heads": 16,
