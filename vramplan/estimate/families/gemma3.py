@@ -28,10 +28,7 @@ from vramplan.estimate.families.llava import LlavaParts
 ROLE = "projector"
 HF_MODEL_TYPES = ("gemma3",)
 IMAGE_SIZE_MATTERS = False  # every image is resized to the tower's size
-# training passes token_type_ids (the processor makes them), and the image (and prompt) attend both ways:
-# Gemma3ForConditionalGeneration builds an explicit mask for every layer, padded or not, which SDPA keeps per layer
-# (activations.py padding_mask_bytes_per_token; measured in tests/estimate/test_padding_mask.py)
-MASK_IN_TRAINING = True
+MASK_IN_TRAINING = True  # token_type_ids: an explicit SDPA mask in every layer, as families/paligemma.py says
 PROFILE_FIELDS = {"kind": (str, True, None)}
 DEFAULT_VISION = {"model_type": "siglip_vision_model"}  # SiglipVisionConfig's own defaults
 DEFAULT_IMAGE_TOKEN_INDEX = 262144  # Gemma3Config.image_token_index
