@@ -41,6 +41,12 @@ FMS = dict(HF, lora_r=16, lora_dropout=0.1, lora_targets="q_proj,k_proj,v_proj,o
 QWEN = dict(HF, lora_r=64, lora_dropout=0.05, lora_targets="all-linear", grad_ckpt=True, micro_batch=1,
             stat="smi", unit="GB")
 INFER = dict(task="infer", batch=1)
+# unsloth's "Hugging Face + FA2" baseline (README 2025-01, C117/C120/C121): QLoRA r 32 on all linear layers,
+# batch 1, every sample padded to the length; the baseline's trainer is TRL's SFTTrainer (the README points to the
+# Hugging Face "unsloth-trl" benchmark, which ran both on TRL), which under bf16 casts the frozen embeddings and
+# lm_head back to bf16 after peft's k-bit upcast (trl trainer/utils.py peft_module_casting_to_bf16): --kbit-embed-dtype
+UNSLOTH_HF = dict(HF, recipe="qlora", lora_r=32, lora_dropout=0.0, lora_targets="all-linear", micro_batch=1,
+                  grad_ckpt=True, double_quant=False, attn="flash", kbit_embed_dtype="bf16", verdict_only=True)
 # bitsandbytes release of each QLoRA case (--bnb-version): before 0.43.2 MatMul4Bit keeps every 4-bit Linear's
 # input for backward (bitsandbytes PR #1270, merged 2024-07-16; vramplan/estimate/priors.py BNB_DROPS_KBIT_INPUT).
 # Cases not listed here ran after the fix and take the pinned release (fidelity.py's default):
@@ -131,7 +137,8 @@ CASES: dict[str, dict] = {
     "C083": dict(HF, model=M + "llama-65b", recipe="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all-linear",
                  micro_batch=1, seq_len=528, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=True,
                  optimizer="paged_adamw_32bit", attn="eager", verdict_only=True, trainable_dtype="bf16",
-                 note="qlora.py casts the LoRA layers to bf16 under --bf16", bnb_version=BNB_QLORA_2023),
+                 kbit_embed_dtype="bf16", bnb_version=BNB_QLORA_2023,
+                 note="qlora.py casts the LoRA layers, embed_tokens and lm_head to bf16 under --bf16"),
     # finetune.py's LoRA (emb): peft's ModulesToSaveWrapper deep-copies wte and lm_head in the model's bf16 (Qwen's
     # modeling_qwen.py casts the model to bf16), and only the LoRA factors are fp32: --trainable-dtype peft
     "C087": dict(QWEN, model=M + "qwen-7b", recipe="lora", seq_len=2048, gpus="1xA100-80G",
@@ -167,15 +174,9 @@ CASES: dict[str, dict] = {
                  unit="GiB", traced=True),
     "C115": dict(missing="prompt length not stated (\"several thousand tokens\"); GPT-BigCode itself is traced "
                          "(C113, C114)"),
-    "C117": dict(HF, model=M + "llama-3.1-8b", recipe="qlora", lora_r=32, lora_dropout=0.0, lora_targets="all-linear",
-                 micro_batch=1, seq_len=5789, grad_ckpt=True, gpus="1xRTX4090", double_quant=False,
-                 verdict_only=True),
-    "C120": dict(HF, model=M + "llama-3.1-70b", recipe="qlora", lora_r=32, lora_dropout=0.0, lora_targets="all-linear",
-                 micro_batch=1, seq_len=6916, grad_ckpt=True, gpus="1xA100-80G", double_quant=False,
-                 verdict_only=True),
-    "C121": dict(HF, model=M + "llama-3.1-70b", recipe="qlora", lora_r=32, lora_dropout=0.0, lora_targets="all-linear",
-                 micro_batch=1, seq_len=1024, grad_ckpt=True, gpus="1xRTX-A6000", double_quant=False,
-                 verdict_only=True),
+    "C117": dict(UNSLOTH_HF, model=M + "llama-3.1-8b", seq_len=5789, gpus="1xRTX4090"),
+    "C120": dict(UNSLOTH_HF, model=M + "llama-3.1-70b", seq_len=6916, gpus="1xA100-80G"),
+    "C121": dict(UNSLOTH_HF, model=M + "llama-3.1-70b", seq_len=1024, gpus="1xRTX-A6000"),
     "C122": dict(missing=QWENVL), "C123": dict(missing=QWENVL), "C126": dict(missing=QWENVL),
     "C127": dict(missing=QWENVL), "C128": dict(missing=QWENVL),
     "C132": dict(model="llava-v1.5-13b", recipe="full", zero=3, offload="none", micro_batch=16, seq_len=2048,

@@ -76,7 +76,8 @@ def trace_job(job, ckpt: bool, micro: int, engine: str):
     return TraceJob(text=text, vision=vision, quant=job.quant, double_quant=r.double_quant, llm_lora=r.llm_lora,
                     vision_lora=r.vision_lora if v is not None else None, train_projector=r.train_projector,
                     micro_batch=micro, seq=job.seq_len, images_per_sample=1 if v is not None else 0,
-                    grad_ckpt=ckpt, attn=job.attn, engine=engine)
+                    grad_ckpt=ckpt, attn=job.attn, engine=engine, trainable_dtype=r.trainable_dtype,
+                    kbit_embed_dtype=r.kbit_embed_dtype)
 
 
 def compare(trace: dict, cand) -> list[tuple[str, int, int]]:

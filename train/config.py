@@ -71,6 +71,9 @@ class TrainConfig:
     optimizer: str = RECIPE_DEFAULT
     trainable_dtype: str = "fp32"  # without DeepSpeed: the trained weights' dtype (bf16 = pure bf16)
     modules_to_save: tuple = ()  # peft modules_to_save trained in full: embed_tokens, lm_head
+    # k-bit without DeepSpeed: frozen embeddings + lm_head after peft's fp32 upcast: fp32, or bf16 = cast back to
+    # the compute dtype as TRL's SFTTrainer does (less memory, no per-step lm_head cast copy)
+    kbit_embed_dtype: str = "fp32"
     epochs: float = RECIPE_DEFAULT
     max_steps: int | None = None
     max_length: int = RECIPE_DEFAULT
@@ -138,6 +141,8 @@ class TrainConfig:
             bad("--deepspeed", "the DeepSpeed config must be a JSON object")
         if self.trainable_dtype not in ("fp32", "bf16", "peft"):
             bad("recipe.trainable_dtype", f"must be fp32, bf16 or peft, not {self.trainable_dtype!r}")
+        if self.kbit_embed_dtype not in ("fp32", "bf16"):
+            bad("recipe.kbit_embed_dtype", f"must be fp32 or bf16, not {self.kbit_embed_dtype!r}")
 
     def _fill_recipe_defaults(self) -> None:
         unset = [k for k in RECIPE_FIELDS if getattr(self, k) is RECIPE_DEFAULT]
@@ -214,7 +219,7 @@ def from_plan(path: str, overrides: dict) -> TrainConfig:
     for key in ("quant", "double_quant", "compute_dtype", "train_projector", "train_llm_full",
                 "learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler", "optimizer", "epochs",
                 "max_steps", "max_length", "gradient_checkpointing", "attn_implementation", "save_steps",
-                "keep_checkpoints", "dataloader_workers", "seed", "trainable_dtype"):
+                "keep_checkpoints", "dataloader_workers", "seed", "trainable_dtype", "kbit_embed_dtype"):
         if r.get(key) is not None:
             kw[key] = r[key]
     if r.get("modules_to_save"):

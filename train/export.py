@@ -84,7 +84,8 @@ def export_final(model, cfg: TrainConfig, dest: Path, is_main: bool) -> Path:
         vc.save_pretrained(str(vdir))
         save_file(vis_sd if cfg.llm_lora else sd, str(vdir / "adapter_model.safetensors"))
     (dest / "train_meta.json").write_text(json.dumps({"recipe": cfg.recipe, "quant": cfg.quant,
-                                                      "compute_dtype": cfg.compute_dtype}, indent=1))
+                                                      "compute_dtype": cfg.compute_dtype,
+                                                      "kbit_embed_dtype": cfg.kbit_embed_dtype}, indent=1))
     return dest
 
 
@@ -93,13 +94,15 @@ def load_for_inference(model_dir: str, final_dir: str, cfg: TrainConfig, device:
     import torch
     from peft import PeftModel
 
-    from train.model import load_base
+    from train.model import cast_embeddings_back, load_base, torch_dtype
 
     base, tok, ip = load_base(model_dir, cfg, device)
     if getattr(base, "is_quantized", False):  # the same numerics as training: prepare_model_for_kbit_training
         for p in base.parameters():          # keeps every non-quantized weight in fp32
             if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
                 p.data = p.data.float()
+        if cfg.kbit_embed_dtype == "bf16":  # and the recipe may have cast the embeddings + lm_head back
+            cast_embeddings_back(base, torch_dtype(cfg.compute_dtype))
     final = Path(final_dir)
     if (final / "adapter_config.json").exists():
         model = PeftModel.from_pretrained(base, str(final), adapter_name="default")

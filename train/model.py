@@ -281,6 +281,15 @@ def target_regex(model, cfg: TrainConfig) -> str:
     return "|".join(f"(?:{p})" for p in parts)
 
 
+def cast_embeddings_back(model, dtype) -> None:
+    """Undo prepare_model_for_kbit_training's fp32 upcast for the input embeddings and the lm_head (recipe
+    kbit_embed_dtype bf16), as TRL's SFTTrainer does under bf16 (trl trainer/utils.py peft_module_casting_to_bf16)
+    and qlora.py before it; the norms stay fp32. Before peft wraps the model, so modules_to_save copies follow."""
+    both = (model.get_input_embeddings(), model.get_output_embeddings())
+    for m in {id(m): m for m in both if m is not None}.values():  # tied: one module
+        m.to(dtype)
+
+
 def prepare(model, cfg: TrainConfig):
     """Freeze, add LoRA (LLM and vision: one adapter, per-tower rank/alpha via rank_pattern/alpha_pattern),
     make the projector trainable. Returns the model to train."""
@@ -293,6 +302,8 @@ def prepare(model, cfg: TrainConfig):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
+        if getattr(cfg, "kbit_embed_dtype", "fp32") == "bf16":
+            cast_embeddings_back(model, torch_dtype(getattr(cfg, "compute_dtype", "bf16")))
     elif cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)

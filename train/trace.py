@@ -64,6 +64,7 @@ class TraceJob:
     hf_config: dict | None = None
     modules_to_save: tuple = ()  # peft modules_to_save (embed_tokens, lm_head)
     trainable_dtype: str = "fp32"  # the trained weights' dtype under plain PyTorch (train.model.prepare)
+    kbit_embed_dtype: str = "fp32"  # bf16: k-bit's frozen embeddings + lm_head cast back (train.model.prepare)
     model_type: str = "llama"  # the decoder's config.json model_type (text-only jobs: any AutoModelForCausalLM)
     vlm: dict | None = None  # hf_config of a VLM: image_tokens, image_token, tensors (train/trace_vlm.py)
 
@@ -130,7 +131,8 @@ def build(job: TraceJob, fake_mode):
     tc = SimpleNamespace(recipe=recipe, llm_lora=job.llm_lora, vision_lora=job.vision_lora,
                          train_projector=job.train_projector and job.vision is not None, train_llm_full=False,
                          gradient_checkpointing=job.grad_ckpt, modules_to_save=job.modules_to_save,
-                         trainable_dtype=job.trainable_dtype,
+                         trainable_dtype=job.trainable_dtype, kbit_embed_dtype=job.kbit_embed_dtype,
+                         compute_dtype="bf16",
                          ds_config={} if job.engine == "deepspeed" else None)
     if job.vlm is not None:  # LoRA on the language model, the projector trained (train/trace_vlm.py)
         pp = trace_vlm.parts(model)

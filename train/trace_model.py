@@ -83,6 +83,10 @@ def prepare_peft(model, tc):
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tc.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
+        if getattr(tc, "kbit_embed_dtype", "fp32") == "bf16":
+            from train.model import cast_embeddings_back
+
+            cast_embeddings_back(model, torch.bfloat16)
     elif tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
@@ -131,7 +135,8 @@ def trace_one(cfg_dict: dict, req: dict, engine: str, grad_ckpt: bool) -> dict:
                    train_projector=bool(req.get("train_projector", True)),
                    grad_ckpt=grad_ckpt, attn=req["attn"], engine=engine,
                    modules_to_save=tuple(req.get("modules_to_save") or ()),
-                   trainable_dtype=req.get("trainable_dtype") or "fp32")
+                   trainable_dtype=req.get("trainable_dtype") or "fp32",
+                   kbit_embed_dtype=req.get("kbit_embed_dtype") or "fp32")
     t0 = time.time()
     try:
         out = step_peaks(trace_step(job))

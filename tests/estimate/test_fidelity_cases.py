@@ -44,7 +44,9 @@ def test_pinned_figures(scored):
     # allocator-reserve prior tips them): one fewer agreement, and no OOM predicted to fit among the QLoRA runs
     # 39 since C137 is expressed as launched (one 4-GPU DeepSpeed job per node: no hostfile) with zero2.json's buckets
     # 41/44 with C053 (Gemma-7B, predicted OOM as it was) and C065 (Mixtral) expressed by their families
-    assert s["verdicts_agree"] >= 41 and s["verdicts_agree"] / s["verdicts"] >= 0.93
+    # 42/44 with unsloth's HF baseline run as TRL runs it (--kbit-embed-dtype bf16: the frozen embeddings and
+    # lm_head cast back to bf16): C117 fits; C120 stays 3% over the card
+    assert s["verdicts_agree"] >= 42 and s["verdicts_agree"] / s["verdicts"] >= 0.95
     assert set(s["oom_predicted_fit"]) <= {"C092"}  # docs/estimate.md#checked-against-reality
 
 

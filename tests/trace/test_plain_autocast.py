@@ -26,15 +26,16 @@ from train.trace import trace_step
 ACT = "activations + transients"
 
 
-def _plain_job(ckpt, layers=2, vocab=None):
+def _plain_job(ckpt, layers=2, vocab=None, embed_dtype="fp32"):
     job, _ = _job("llama-3-8b-instruct", "qlora", ckpt)
     t = job.model.text
-    return replace(job, model=replace(job.model, text=replace(t, num_layers=layers, vocab_size=vocab or t.vocab_size)))
+    return replace(job, model=replace(job.model, text=replace(t, num_layers=layers, vocab_size=vocab or t.vocab_size)),
+                   recipe=replace(job.recipe, kbit_embed_dtype=embed_dtype))
 
 
-def rows(ckpt):
+def rows(ckpt, embed_dtype="fp32"):
     """benchmarks/trace_step.py's rows of one traced plain step (run in a subprocess: tests/trace/isolated.py)."""
-    job = _plain_job(ckpt)
+    job = _plain_job(ckpt, embed_dtype=embed_dtype)
     return compare(trace_step(trace_job(job, ckpt, 1, "plain")), candidate(job, 1, ckpt, "plain"))
 
 
@@ -55,6 +56,23 @@ def test_plain_qlora_step_matches_the_trace(ckpt):
     for k in (ACT, "step peak: weights + gradients + activations"):
         tr, es = got[k]
         assert abs(es - tr) <= 0.03 * tr, (k, tr, es, (es - tr) / tr)
+
+
+def test_embeddings_cast_back_match_the_trace():
+    """--kbit-embed-dtype bf16 (TRL's peft_module_casting_to_bf16): the frozen embeddings and lm_head back in bf16,
+    no per-step cast copy of the lm_head; the real 128K vocabulary makes both visible at this size."""
+    got = {name.split(" (")[0]: (tr, es) for name, tr, es in run("tests.trace.test_plain_autocast", "rows", True,
+                                                                  "bf16")}
+    fp32 = {name.split(" (")[0]: es for name, _, es in run("tests.trace.test_plain_autocast", "rows", True)}
+    for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients"):
+        assert got[k][0] == got[k][1], (k, got[k])
+    job = _plain_job(True)
+    t = job.model.text
+    assert fp32["weights_frozen"] - got["weights_frozen"][1] == 2 * 2 * t.vocab_size * t.hidden_size
+    for k in (ACT, "step peak: weights + gradients + activations"):
+        tr, es = got[k]
+        assert abs(es - tr) <= 0.03 * tr, (k, tr, es, (es - tr) / tr)
+    assert got[ACT][1] < fp32[ACT]  # no 16-bit copy of an fp32 lm_head
 
 
 def test_plain_qlora_layer_activations_match_the_trace():

@@ -515,6 +515,41 @@ def test_plan_state_fields_reach_the_model(tiny, tmp_path):
         _cfg(tiny, trainable_dtype="fp8")
 
 
+def test_kbit_embed_dtype_casts_embeddings_back_and_trains(tiny, tmp_path):
+    """recipe kbit_embed_dtype bf16 (vramplan --kbit-embed-dtype): after prepare_model_for_kbit_training the frozen
+    embeddings and lm_head are bf16 again, the norms stay fp32 (TRL peft_module_casting_to_bf16), and the mixed
+    model trains: a bf16-autocast forward/backward gives a finite loss and LoRA gradients."""
+    import torch
+
+    from train.config import from_plan
+    from train.model import load_base, prepare
+
+    plan = {"schema": "vramplan-plan/1", "model": {"path": str(tiny / "model")},
+            "recipe": {"name": "qlora", "quant": "nf4", "compute_dtype": "bf16", "kbit_embed_dtype": "bf16",
+                       "llm_lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]},
+                       "vision_lora": None},
+            "data": {"dataset": str(tiny / "data.json"), "images": str(tiny / "images")}, "output_dir": str(tmp_path),
+            "ds_config": None}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cfg = from_plan(str(tmp_path / "plan.json"), {})
+    assert cfg.kbit_embed_dtype == "bf16"
+    model, tok, ip = load_base(cfg.model_path, cfg, "cpu")
+    model = prepare(model, cfg)
+    dt = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dt.items() if "embed_tokens" in n or "lm_head" in n} == {torch.bfloat16}
+    assert {d for n, d in dt.items() if "language_model" in n and n.endswith("norm.weight")} == {torch.float32}
+    recs = D.load_records(str(tiny / "data.json"), str(tiny / "images"))
+    ds = D.LlavaDataset(recs, tok, ip, "llama3", model.config.image_token_index, model.config.image_seq_length, 512,
+                        str(tiny / "images"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerate's bf16 autocast, as in training
+        loss = model(**D.collate([ds[0], ds[1]], tok.pad_token_id)).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and "language_model" in n]
+    assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(UsageError, match="kbit_embed_dtype"):
+        _cfg(tiny, kbit_embed_dtype="fp16")
+
+
 def test_attn_flash_is_flash_attention_2_and_needs_cuda(tiny, tmp_path):
     from train.config import from_args
     from train.model import load_base

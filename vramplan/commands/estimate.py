@@ -67,6 +67,10 @@ def estimate_options(f):
                      help="NF4 double quantization of the absmax values."),
         click.option("--modules-to-save", "modules_to_save",
                      help="Modules trained in full beside LoRA (peft modules_to_save): embed_tokens,lm_head."),
+        click.option("--kbit-embed-dtype", "kbit_embed_dtype", type=click.Choice(["fp32", "bf16"]),
+                     help="QLoRA without DeepSpeed: dtype of the frozen embeddings and lm_head after peft's "
+                     "k-bit preparation upcast them (fp32: peft alone, the default; bf16: cast back, as TRL's "
+                     "SFTTrainer and qlora.py do under bf16: less memory)."),
         click.option("--offload", type=click.Choice(list(Offload.ALL)), help="Only this offload."),
         click.option("--grad-ckpt/--no-grad-ckpt", "grad_ckpt", default=None, help="Only with/without checkpointing."),
         click.option("--dataset", type=click.Path(), help="LLaVA-format JSON: samples and text lengths come from it."),

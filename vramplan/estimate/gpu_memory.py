@@ -62,7 +62,8 @@ def _div(x: float, n: int) -> int:
     return int(-(-x // n)) if n > 1 else int(x)
 
 
-def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: float = 4) -> list[Component]:
+def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: float = 4,
+             frozen_16bit: int = 0) -> list[Component]:
     n, part_w, off_par = s.gpus, s.zero_stage == 3, offloads_params(s.offload)
     plain = s.engine == TORCH
     out = []
@@ -75,13 +76,18 @@ def _weights(g: ParamGroups, s: Strategy, bc: int, quant: str, trainable_bytes: 
             "QLoRA arXiv:2305.14314 §3; bitsandbytes quantize_4bit (blocksize 64, nested 256)"))
     # Without DeepSpeed nothing casts the module back to 16 bit after peft's prepare_model_for_kbit_training
     # upcast every non-quantized weight to fp32 (peft utils/other.py), so with k-bit weights they stay fp32.
+    # TRL's SFTTrainer and qlora.py cast the frozen embeddings and lm_head back to bf16 (`frozen_16bit` of them)
     fbytes = 4 if plain and g.quantized_bytes else bc
-    fb = g.frozen_params * fbytes
+    back = frozen_16bit if fbytes != bc else 0
+    fb = (g.frozen_params - back) * fbytes + back * bc
     out.append(Component("weights_frozen", 0 if off_par else (_div(fb, n) if part_w else fb), "persistent",
                          f"frozen params x {fbytes} B"
                          + (" (fp32: prepare_model_for_kbit_training, no engine cast)" if fbytes != bc
                             else " (module cast to the compute dtype)")
-                         + (" / GPUs" if part_w else " (replicated)"), ZERO_SOURCE))
+                         + (f", the embeddings + lm_head ({back:,}) x {bc} B: cast back (TRL "
+                            "peft_module_casting_to_bf16, qlora.py)" if back else "")
+                         + (" / GPUs" if part_w else " (replicated)"),
+                         ZERO_SOURCE + ("; trl trainer/utils.py peft_module_casting_to_bf16" if back else "")))
     T, tb = g.trainable, (trainable_bytes if plain else bc)
     out.append(Component("weights_trainable", 0 if off_par else int(_div(T * tb, n) if part_w else T * tb),
                          "persistent", f"trainable params x {tb:.3g} B" + (" / GPUs" if part_w else "")
@@ -308,10 +314,11 @@ def _overheads(peak: int, gpus: int, device: str) -> list[Component]:
 def gpu_memory(g: ParamGroups, act: ActivationBreakdown, s: Strategy, buckets: DsBuckets, *,
                compute_bytes: int = 2, quant: str = Quant.NF4, device: str = "cuda",
                load_bytes_per_param: int = 2, optimizer: str = "adamw_torch", trainable_bytes: float = 4,
-               largest_trainable: int = 0) -> GpuMemory:
+               largest_trainable: int = 0, frozen_16bit: int = 0) -> GpuMemory:
     """Per-GPU peak memory of one candidate, as named components. `trainable_bytes`: the trainable weights'
-    dtype under plain PyTorch (DeepSpeed casts them to the compute dtype and keeps an fp32 master)."""
-    comps = (_weights(g, s, compute_bytes, quant, trainable_bytes)
+    dtype under plain PyTorch (DeepSpeed casts them to the compute dtype and keeps an fp32 master);
+    `frozen_16bit`: frozen weights cast back to the compute dtype after peft's k-bit fp32 upcast."""
+    comps = (_weights(g, s, compute_bytes, quant, trainable_bytes, frozen_16bit)
              + _optimizer_states(g, s, compute_bytes, optimizer, trainable_bytes)
              + [_deepspeed_buffers(g, s, buckets, compute_bytes, trainable_bytes),
                 _save_gather(s, compute_bytes, largest_trainable)]

@@ -33,6 +33,7 @@ TRAINABLE_DTYPES = {"fp32": 4, "bf16": 2, "peft": 4}
 # tuners_utils `cast_adapter_dtype`, autocast_adapter_dtype=True, only BaseTunerLayer adapters) and every other
 # trained tensor (modules_to_save copies: embed_tokens, lm_head, the projector) in the model's dtype, because
 # peft's ModulesToSaveWrapper deep-copies the original module (utils/other.py) and nothing casts it
+KBIT_EMBED_DTYPES = ("fp32", "bf16")  # frozen embeddings + lm_head of k-bit training without DeepSpeed
 
 
 def mean_trainable_bytes(trainable_dtype: str, trainable: int, adapters: int, compute_bytes: int) -> float:

@@ -90,9 +90,10 @@ def autocast_upcast(job: Job, groups: ParamGroups, s: Strategy) -> dict:
                                if "embed_tokens" in r.modules_to_save else 0)
     if r.trainable_dtype == "peft" and not kbit:  # only the fp32 adapters are cast; the copies are 16-bit
         cast = groups.trainable_llm_lora + groups.trainable_vision_lora
+    # a bf16 lm_head (--kbit-embed-dtype bf16) needs no per-forward cast copy
     return dict(residual_bytes=4 if kbit else 0, cast_params=cast,
                 llm_cast_params=groups.trainable_llm_lora if cast else 0,
-                head_cast=kbit and "lm_head" not in r.modules_to_save)
+                head_cast=kbit and "lm_head" not in r.modules_to_save and r.kbit_embed_dtype == "fp32")
 
 
 def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
@@ -114,10 +115,22 @@ def _memory(job: Job, groups: ParamGroups, s: Strategy) -> GpuMemory:
     load_b = 4 if job.quant in Quant.KBIT else bc  # prepare_model_for_kbit_training upcasts to fp32
     mem = gpu_memory(groups, act, s, buckets, compute_bytes=bc, quant=job.quant, device=job.device,
                      load_bytes_per_param=load_b, optimizer=r.optimizer,
-                     trainable_bytes=_trainable_bytes(job, groups), largest_trainable=_largest_trainable(job, groups))
+                     trainable_bytes=_trainable_bytes(job, groups), largest_trainable=_largest_trainable(job, groups),
+                     frozen_16bit=_embeddings_cast_back(job, s))
     if traced:  # docs/estimate.md#the-traced-path
         mem.components = traced.relabel(mem.components, job.model.text)
     return mem
+
+
+def _embeddings_cast_back(job: Job, s: Strategy) -> int:
+    """Frozen weights a k-bit plain-PyTorch run casts back to 16 bit after prepare_model_for_kbit_training's fp32
+    upcast (--kbit-embed-dtype bf16): the input embeddings and the lm_head, as TRL's SFTTrainer does under bf16
+    (trl trainer/utils.py peft_module_casting_to_bf16: modules named embed_tokens/lm_head/wte/wpe; norms stay
+    fp32) and artidoro/qlora's qlora.py before it. peft's modules_to_save keeps the original frozen beside the copy."""
+    t = job.model.text
+    if s.engine != TORCH or job.quant not in Quant.KBIT or job.recipe.kbit_embed_dtype != "bf16":
+        return 0
+    return t.vocab_size * t.hidden_size * (1 if t.tie_word_embeddings else 2)
 
 
 def _mask_in_training(job: Job) -> bool:

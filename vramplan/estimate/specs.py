@@ -148,6 +148,9 @@ class RecipeSpec:
     optimizer: str = "adamw_torch"  # HF `optim`: adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit
     trainable_dtype: str = "fp32"  # plain PyTorch: the trainable weights' dtype (bf16 = "pure bf16" training)
     modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: "embed_tokens", "lm_head" trained in full
+    # k-bit without DeepSpeed: the frozen embeddings + lm_head after prepare_model_for_kbit_training: fp32 (peft
+    # alone) or bf16 (cast back, as TRL and qlora.py do under bf16): less memory, no per-step lm_head copy
+    kbit_embed_dtype: str = "fp32"
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     samples: int = 0  # default dataset size when no --dataset/--samples

@@ -66,6 +66,7 @@ RECIPE = {**COMMON, "quant": _f(str, choices=("nf4", "int8", "none")), "double_q
           "save_steps": _f(int, lo=1), "keep_checkpoints": _f(int, lo=1, hi=1000),
           "optimizer": _f(str, False, choices=("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")),
           "trainable_dtype": _f(str, False, choices=("fp32", "bf16", "peft")), "modules_to_save": _f(list, False),
+          "kbit_embed_dtype": _f(str, False, choices=("fp32", "bf16")),
           "weight_decay": _f(NUM, False, lo=0, hi=1), "warmup_ratio": _f(NUM, False, lo=0, hi=1),
           "samples": _f(int, False, lo=0), "dataset_bytes": _f(int, False, lo=0)}
 SCHEMAS = {"model": MODEL, "llm": MODEL, "vision": MODEL, "hardware": HARDWARE, "recipe": RECIPE}

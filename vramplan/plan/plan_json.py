@@ -54,6 +54,7 @@ def plan_dict(res: EstimateResult, index: int | None = None, output_dir: str | N
                    "learning_rate": r.learning_rate, "weight_decay": r.weight_decay, "warmup_ratio": r.warmup_ratio,
                    "lr_scheduler": "cosine", "optimizer": r.optimizer,
                    "trainable_dtype": r.trainable_dtype, "modules_to_save": list(r.modules_to_save),
+                   "kbit_embed_dtype": r.kbit_embed_dtype,
                    "epochs": r.epochs, "max_steps": None,
                    "max_length": j.seq_len, "image_tokens": j.model.image_tokens,
                    "gradient_checkpointing": s.grad_ckpt, "attn_implementation": j.attn,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from vramplan.errors import UsageError
-from vramplan.estimate.optimizers import OPTIMIZERS, TRAINABLE_DTYPES
+from vramplan.estimate.optimizers import KBIT_EMBED_DTYPES, OPTIMIZERS, TRAINABLE_DTYPES
 from vramplan.estimate.types import ATTN_IMPLEMENTATIONS, DEVICES, SPEED_TOLERANCE, ZERO_STAGES, Offload, Quant
 
 DEFAULT_MODEL = "llava-llama3-8b-instruct"
@@ -56,6 +56,7 @@ class EstimateOptions:
     lora_dropout: float | None = None  # --lora-dropout
     double_quant: bool | None = None  # --double-quant/--no-double-quant
     modules_to_save: str | None = None  # --modules-to-save embed_tokens,lm_head
+    kbit_embed_dtype: str | None = None  # --kbit-embed-dtype fp32|bf16: frozen embeddings/lm_head of k-bit training
     bnb_version: str | None = None  # --bnb-version 0.41.1: plan for another machine's bitsandbytes
     transformers_version: str | None = None  # --transformers-version 4.45.2: a MoE's expert layout (plan/moe_layout.py)
     ds_buckets: str | None = None  # --ds-buckets auto,5e8: ZeRO-1/2 reduce,allgather bucket elements of a given config
@@ -114,6 +115,8 @@ class EstimateOptions:
             bad("--optimizer", f"must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.trainable_dtype is not None and self.trainable_dtype not in TRAINABLE_DTYPES:
             bad("--trainable-dtype", f"must be fp32, bf16 or peft, not {self.trainable_dtype!r}")
+        if self.kbit_embed_dtype is not None and self.kbit_embed_dtype not in KBIT_EMBED_DTYPES:
+            bad("--kbit-embed-dtype", f"must be fp32 or bf16, not {self.kbit_embed_dtype!r}")
         if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
             bad("--lora-dropout", f"must be a fraction in [0, 1), got {self.lora_dropout}")
         if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
@@ -200,7 +203,8 @@ TRAIN_ONLY = {"--samples": "samples", "--epochs": "epochs", "--micro-batch": "mi
               "--grad-accum": "grad_accum", "--global-batch": "global_batch", "--lora-r": "lora_r",
               "--save-steps": "save_steps", "--keep-checkpoints": "keep_checkpoints", "--zero": "zero",
               "--offload": "offload", "--grad-ckpt/--no-grad-ckpt": "grad_ckpt", "--bnb-version": "bnb_version",
-              "--ds-buckets": "ds_buckets", "--pad-mask/--no-pad-mask": "pad_mask"}
+              "--ds-buckets": "ds_buckets", "--pad-mask/--no-pad-mask": "pad_mask",
+              "--kbit-embed-dtype": "kbit_embed_dtype"}
 
 
 def options_from_kwargs(**kwargs) -> EstimateOptions:

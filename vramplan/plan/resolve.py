@@ -53,7 +53,7 @@ def _apply_overrides(recipe, o: EstimateOptions, model):
     if o.modules_to_save is not None:
         changes["modules_to_save"] = tuple(m.strip() for m in o.modules_to_save.split(",") if m.strip())
     for key in ("epochs", "save_steps", "keep_checkpoints", "global_batch", "optimizer", "trainable_dtype",
-                "double_quant"):
+                "double_quant", "kbit_embed_dtype"):
         if getattr(o, key) is not None:
             changes[key] = getattr(o, key)
     if o.seq_len is not None:

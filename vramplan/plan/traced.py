@@ -75,7 +75,9 @@ def trace_request(job, train: bool = True) -> dict:
                                                    "targets": list(lora.targets)},
             "modules_to_save": list(r.modules_to_save), "trainable_dtype": r.trainable_dtype,
             "seq_len": job.seq_len, "micro_batch": job.micro_batches[0] if len(job.micro_batches) == 1 else 1,
-            "attn": "eager" if job.attn == "eager" else "sdpa", "steps": steps, **vlm}
+            "attn": "eager" if job.attn == "eager" else "sdpa", "steps": steps, **vlm,
+            # only when set: the requests (and their cached traces) of the default stay as they were
+            **({"kbit_embed_dtype": r.kbit_embed_dtype} if r.kbit_embed_dtype != "fp32" else {})}
 
 
 def _config_of(model) -> dict:
