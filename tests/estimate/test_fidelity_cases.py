@@ -3,6 +3,7 @@ nothing regresses (docs/estimate.md#checked-against-reality), and the GPU script
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,19 @@ def test_gpu_fidelity_dry_run_prints_grid_commands_and_estimates():
     for want in ("'qlora'", "'lora'", "--offload none", "--offload optimizer", "--micro-batch 1", "--micro-batch 2",
                  "--seq-len 1024", "--seq-len 2048", "estimate allocated"):
         assert want in text, want
+
+
+def test_gpu_fidelity_zero3_grid_estimates_the_model_it_will_build(tmp_path):
+    """--grid zero3-full: a 16-layer random LLaVA-Llama-3-8B fine-tuned in full under ZeRO-3 (case C092's question);
+    the dry run estimates from that model's own config.json, written without weights."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_fidelity.py"), "--dry-run", "--grid", "zero3-full",
+                        "--work", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    est = [ln for ln in p.stdout.splitlines() if ln.startswith("# {")]
+    assert len(est) == 4 and all("'zero': 3" in ln and "'full'" in ln for ln in est)
+    assert json.loads((tmp_path / "model-l16-config/config.json").read_text())["text_config"]["num_hidden_layers"] == 16
+    assert not list((tmp_path / "model-l16-config").glob("*.safetensors"))
+    assert f"--model {tmp_path}/model-l16 --recipe full" in p.stdout and "--zero 3" in p.stdout
 
 
 def test_old_bitsandbytes_cases_keep_the_4bit_inputs(scored):
