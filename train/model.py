@@ -302,8 +302,8 @@ def prepare(model, cfg: TrainConfig):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
-        if getattr(cfg, "kbit_embed_dtype", "fp32") == "bf16":
-            cast_embeddings_back(model, torch_dtype(getattr(cfg, "compute_dtype", "bf16")))
+        if cfg.kbit_embed_dtype == "bf16":
+            cast_embeddings_back(model, torch_dtype(cfg.compute_dtype))
     elif cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)

@@ -9,7 +9,7 @@ import click
 
 from vramplan.commands.output import CommandResult, run_command
 from vramplan.errors import ExitCode, UsageError
-from vramplan.estimate.optimizers import OPTIMIZERS
+from vramplan.estimate.optimizers import KBIT_EMBED_DTYPES, OPTIMIZERS
 from vramplan.estimate.types import SPEED_TOLERANCE, Offload
 
 
@@ -67,7 +67,7 @@ def estimate_options(f):
                      help="NF4 double quantization of the absmax values."),
         click.option("--modules-to-save", "modules_to_save",
                      help="Modules trained in full beside LoRA (peft modules_to_save): embed_tokens,lm_head."),
-        click.option("--kbit-embed-dtype", "kbit_embed_dtype", type=click.Choice(["fp32", "bf16"]),
+        click.option("--kbit-embed-dtype", "kbit_embed_dtype", type=click.Choice(list(KBIT_EMBED_DTYPES)),
                      help="QLoRA without DeepSpeed: dtype of the frozen embeddings and lm_head after peft's "
                      "k-bit preparation upcast them (fp32: peft alone, the default; bf16: cast back, as TRL's "
                      "SFTTrainer and qlora.py do under bf16: less memory)."),
