@@ -63,3 +63,11 @@ def test_flag_checked_and_carried_to_the_plan():
 
     plan = plan_from_options(EstimateOptions(**KW, kbit_embed_dtype="bf16"))
     assert json.loads(json.dumps(plan))["recipe"]["kbit_embed_dtype"] == "bf16"
+
+
+def test_said_when_it_changes_nothing():
+    for kw, why in ((dict(recipe="lora"), "no k-bit weights here"), (dict(zero=2), "DeepSpeed casts the whole module")):
+        _, ctx = build_job(EstimateOptions(**{**KW, **kw}, kbit_embed_dtype="bf16"))
+        assert any(a.startswith("--kbit-embed-dtype bf16 changes only") and why in a for a in ctx.assumptions), kw
+    _, ctx = build_job(EstimateOptions(**KW, kbit_embed_dtype="bf16"))
+    assert not any("--kbit-embed-dtype" in a for a in ctx.assumptions)

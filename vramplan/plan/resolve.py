@@ -249,6 +249,9 @@ def build_job(o: EstimateOptions):
     refuse_untrainable(o, recipe, device, sel.hardware)
     ctx.assumptions += untrained_family_note(o, model, recipe)
     recipe, quant, compute = _dtypes(recipe, sel.hardware, device, ctx)
+    if recipe.kbit_embed_dtype == "bf16" and (quant not in Quant.KBIT or o.zero not in (None, "none")):
+        ctx.assumptions.append("--kbit-embed-dtype bf16 changes only k-bit plain-PyTorch candidates (" + (
+            "no k-bit weights here" if quant not in Quant.KBIT else "DeepSpeed casts the whole module to bf16") + ")")
     kbit_saves_inputs = resolve_bnb(o, quant, ctx)
     data = resolve_data(o, model, recipe, ctx, rep)
     cpu_ram, disk = resolve_host(o, ctx)
